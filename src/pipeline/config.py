@@ -1,0 +1,146 @@
+"""Typed schemas for the extraction config, registered in Hydra's ConfigStore.
+
+Hydra merges the YAML in `conf/` into these dataclasses, so a misspelled key or a value of the
+wrong type fails at compose time, before any model is built or image read. The values live in
+the YAML; the schemas only say what may be there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A mistake in the config or its inputs: reported as one line, exit code 2, nothing written."""
+
+
+class DatasetKind(Enum):
+    demo = "demo"
+    folder = "folder"
+    csv = "csv"
+
+
+class Pool(Enum):
+    auto = "auto"
+    avg = "avg"
+    max = "max"
+    flatten = "flatten"
+    cls = "cls"
+    mean = "mean"
+
+
+class Precision(Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class KeyMatch(Enum):
+    """How a checkpoint's tensors are matched to the model's parameters."""
+
+    name = "name"
+    # By order, every shape checked: for the same architecture saved by another codebase.
+    position = "position"
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    kind: DatasetKind = MISSING
+    root: str | None = None
+    path: str | None = None
+    path_column: str = "path"
+    label_column: str | None = None
+    labels_from_folders: bool = False
+    extensions: list[str] = MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    pretrained: bool = False
+    checkpoint: str | None = None
+    checkpoint_keys: KeyMatch = KeyMatch.name
+    num_classes: int | None = None
+    # A Hydra `_target_` spec that builds any torch.nn.Module; when set, timm is not asked.
+    module: dict[str, Any] | None = None
+    # The layer whose output is the model's image embedding; the default for `layers`.
+    embedding_layer: str = MISSING
+    # Preprocessing; null takes the value from the model's own data config.
+    input_size: list[int] | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = MISSING
+    uri: str | None = None
+    experiment: str = "embeddings"
+    required: bool = False
+
+
+@dataclass
+class ExtractConfig:
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    layers: list[str] = MISSING
+    pool: Pool = Pool.auto
+    # Which element to take from a layer that returns a tuple, list or dict (index or key).
+    output_key: str | None = None
+    output_dir: str = MISSING
+    device: str = "auto"
+    precision: Precision = Precision.auto
+    batch_size: int = 32
+    num_workers: int | None = None
+    seed: int = 0
+
+
+# Keys that change where or how fast a run goes, not the numbers it writes.
+UNHASHED_KEYS = ("output_dir", "batch_size", "num_workers", "tracking")
+
+
+def config_hash(cfg: ExtractConfig) -> str:
+    """A short digest of everything that decides the embedding values, to tell runs apart."""
+    values = {k: v for k, v in asdict(cfg).items() if k not in UNHASHED_KEYS}
+    text = json.dumps(
+        values, sort_keys=True, default=lambda v: v.value if isinstance(v, Enum) else str(v)
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def package_file(package: str, *parts: str) -> str:
+    """Path of a data file shipped inside an installed package (an OmegaConf resolver)."""
+    try:
+        return str(importlib.resources.files(package).joinpath(*parts))
+    except ModuleNotFoundError as err:
+        raise ValueError(f"package {package!r} is not installed: pip install it") from err
+
+
+def path_name(path: str) -> str:
+    """Last component of a path (an OmegaConf resolver), for naming outputs after a folder."""
+    return Path(path).expanduser().resolve().name
+
+
+def register() -> None:
+    """Register the schema and resolvers; safe to call more than once."""
+    ConfigStore.instance().store(name="extract_schema", node=ExtractConfig)
+    for name, resolver in {"package_file": package_file, "path_name": path_name}.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+register()
