@@ -172,7 +172,8 @@ class LayerHooks:
         return pool_output(tensor, pool, self.prefix_tokens)
 
     def _pool_for(self, name: str, tensor: torch.Tensor) -> Pool:
-        if self.pool is Pool.auto:
+        # A vector per image is already an embedding, whatever pooling the maps get.
+        if self.pool is Pool.auto or tensor.ndim == 2:
             return auto_pool(tensor.ndim, self.prefix_tokens)
         if self.pool in POOL_RANKS and tensor.ndim not in POOL_RANKS[self.pool]:
             fitting = ["auto", "flatten"] + [

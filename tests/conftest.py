@@ -1,0 +1,54 @@
+"""Shared fixtures: small real photos on disk and a way to run the CLI as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+
+REPO = Path(__file__).resolve().parents[1]
+# A tiny timm model with random weights: fast, offline, and a real architecture.
+TINY_MODEL = ["model=timm", "model.name=test_efficientnet", "model.pretrained=false"]
+
+
+def write_image(path: Path, rgb: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bgr = rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    assert cv2.imwrite(str(path), bgr)
+    return path
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six real photos from scikit-image, small, in two labelled folders."""
+    root = tmp_path_factory.mktemp("photos")
+    for label, names in {
+        "animals": ["chelsea", "astronaut", "coffee"],
+        "scenes": ["rocket", "camera", "coins"],
+    }.items():
+        for name in names:
+            image = getattr(skimage.data, name)()
+            small = cv2.resize(image, (96, 96), interpolation=cv2.INTER_AREA)
+            write_image(root / label / f"{name}.png", small)
+    return root
+
+
+def run_cli(
+    *args: str, module: str = "pipeline", cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m <module> args...` in a subprocess, offline, as a user would type it."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

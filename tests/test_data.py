@@ -1,0 +1,134 @@
+"""Manifests, decoding and preprocessing, on real photos and files the tests make."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import skimage.data
+import timm
+import torch
+from conftest import write_image
+from PIL import Image
+
+from pipeline import demo
+from pipeline.config import ConfigError
+from pipeline.data import (
+    ImageError,
+    build_transform,
+    decode_image,
+    folder_manifest,
+    resolve_preprocess,
+    table_manifest,
+)
+
+
+def _encode(ext: str, image: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(ext, image)
+    assert ok
+    return data.tobytes()
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.full((5, 7), 200, np.uint8),  # grey
+        np.full((5, 7, 4), 200, np.uint8),  # alpha
+        np.full((5, 7, 3), 200 * 257, np.uint16),  # 16-bit colour
+        np.full((5, 7), 200 * 257, np.uint16),  # 16-bit grey
+    ],
+    ids=["grey", "alpha", "16-bit", "16-bit-grey"],
+)
+def test_every_png_kind_decodes_to_8bit_rgb(image: np.ndarray) -> None:
+    rgb = decode_image(_encode(".png", image))
+    assert rgb.shape == (5, 7, 3) and rgb.dtype == np.uint8
+    assert abs(int(rgb[0, 0, 0]) - 200) <= 1
+
+
+def test_palette_png_and_channel_order(tmp_path: Path) -> None:
+    path = tmp_path / "p.png"
+    Image.fromarray(np.array([[[255, 0, 0]]], np.uint8)).convert("P").save(path)
+    assert decode_image(path.read_bytes())[0, 0].tolist() == [255, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"not an image at all", _encode(".jpg", np.zeros((32, 32, 3), np.uint8))[:40]],
+    ids=["empty", "text", "truncated"],
+)
+def test_unreadable_bytes_raise_image_error(data: bytes) -> None:
+    with pytest.raises(ImageError):
+        decode_image(data)
+
+
+def test_transform_matches_timm_eval_transform() -> None:
+    """Our OpenCV/albumentations preprocessing sees what timm's PIL transform sees."""
+    model = timm.create_model("resnet18", pretrained=False)
+    preprocess = resolve_preprocess(model, input_size=[3, 128, 128])
+    photo = skimage.data.chelsea()
+    ours = build_transform(preprocess)(image=photo)["image"]
+    config = {k: v for k, v in preprocess.as_dict().items()}
+    theirs = timm.data.create_transform(**config)(Image.fromarray(photo))
+    assert ours.shape == theirs.shape == (3, 128, 128) and ours.dtype == torch.float32
+    assert (ours - theirs).abs().mean() < 0.05  # resampling differs a little, content not
+
+
+def test_preprocess_overrides_win_over_the_model_config() -> None:
+    model = timm.create_model("test_efficientnet", pretrained=False)
+    assert resolve_preprocess(model).input_size == (3, 160, 160)
+    custom = resolve_preprocess(model, input_size=[3, 64, 96], crop_pct=1.0, mean=[0.5] * 3)
+    assert custom.input_size == (3, 64, 96) and custom.mean == (0.5, 0.5, 0.5)
+    assert build_transform(custom)(image=np.zeros((50, 200, 3), np.uint8))["image"].shape == (
+        3,
+        64,
+        96,
+    )
+    with pytest.raises(ConfigError, match="interpolation"):
+        resolve_preprocess(model, interpolation="cubic-ish")
+
+
+def test_folder_manifest_sorted_recursive_with_folder_labels(photos: Path) -> None:
+    manifest = folder_manifest(photos, [".png"], labels_from_folders=True)
+    assert manifest["image_id"].tolist() == sorted(manifest["image_id"])
+    assert manifest["image_id"].iloc[0] == "animals/astronaut.png"
+    assert set(manifest["label"]) == {"animals", "scenes"}
+    with pytest.raises(ConfigError, match="no images"):
+        folder_manifest(photos, [".webp"], labels_from_folders=False)
+
+
+def test_csv_manifest_checks_columns_ids_and_root(tmp_path: Path, photos: Path) -> None:
+    csv = tmp_path / "train.csv"
+    pd.DataFrame({"image_id": ["scenes/rocket.png", "animals/coffee.png"], "label": [1, 0]}).to_csv(
+        csv, index=False
+    )
+    manifest = table_manifest(csv, photos, "image_id", "label")
+    assert manifest["image_id"].tolist() == ["scenes/rocket.png", "animals/coffee.png"]
+    assert manifest["label"].tolist() == ["1", "0"]
+    assert Path(manifest["path"].iloc[0]).is_file()
+    with pytest.raises(ConfigError, match=r"no column 'path'.*\['image_id', 'label'\]"):
+        table_manifest(csv, photos, "path", None)
+
+    pd.DataFrame({"p": ["../../etc/passwd"]}).to_csv(csv, index=False)
+    with pytest.raises(ConfigError, match="outside dataset.root"):
+        table_manifest(csv, photos, "p", None)
+    pd.DataFrame({"p": ["a.png", "./a.png"]}).to_csv(csv, index=False)
+    with pytest.raises(ConfigError, match="more than once"):
+        table_manifest(csv, photos, "p", None)
+
+
+def test_demo_set_is_deterministic_with_planted_groups(tmp_path: Path) -> None:
+    first, second = demo.build(tmp_path / "a"), demo.build(tmp_path / "b")
+    pd.testing.assert_frame_equal(first, second)
+    assert len(first) == 6 * len(demo.photos()) and first["group"].nunique() == len(demo.photos())
+    for path in first["path"][:12]:
+        assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
+    image = decode_image((tmp_path / "a" / first["path"].iloc[1]).read_bytes())
+    assert image.ndim == 3
+
+
+def test_write_image_helper_roundtrip(tmp_path: Path) -> None:
+    path = write_image(tmp_path / "x.png", np.full((4, 4, 3), (10, 20, 30), np.uint8))
+    assert decode_image(path.read_bytes())[0, 0].tolist() == [10, 20, 30]
