@@ -112,7 +112,7 @@ def test_csv_manifest_checks_columns_ids_and_root(tmp_path: Path, photos: Path) 
         table_manifest(csv, photos, "path", None)
 
     pd.DataFrame({"p": ["../../etc/passwd"]}).to_csv(csv, index=False)
-    with pytest.raises(ConfigError, match="outside dataset.root"):
+    with pytest.raises(ConfigError, match=r"outside dataset\.root"):
         table_manifest(csv, photos, "p", None)
     pd.DataFrame({"p": ["a.png", "./a.png"]}).to_csv(csv, index=False)
     with pytest.raises(ConfigError, match="more than once"):

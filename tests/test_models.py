@@ -1,4 +1,4 @@
-"""Building models and loading weights: local checkpoints, the offline hub cache, shipped weights."""
+"""Building models and loading weights: local checkpoints, the hub cache, weights from pip."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path: Path, trained: torch.nn.
     state = trained.state_dict()
     state["extra.weight"] = state.pop("conv_stem.weight")
     torch.save(state, path)
-    with pytest.raises(ConfigError, match="missing: conv_stem.weight; unexpected: extra.weight"):
+    with pytest.raises(ConfigError, match=r"missing: conv_stem\.weight; unexpected: extra\.weight"):
         build_model(model_config(checkpoint=str(path), num_classes=7))
 
 
@@ -74,7 +74,7 @@ def test_pickled_code_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     with path.open("wb") as f:
         pickle.dump({"w": os.system}, f, protocol=2)
-    with pytest.raises(ConfigError, match="refusing checkpoint .* Python objects"):
+    with pytest.raises(ConfigError, match=r"refusing checkpoint .* Python objects"):
         build_model(model_config(checkpoint=str(path)))
 
 
