@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import TINY_MODEL, run_cli, write_image
 
 pytestmark = pytest.mark.slow
@@ -148,3 +149,19 @@ def test_gray_and_alpha_images_in_a_folder(tmp_path: Path) -> None:
         "grey.png",
         "rgba.png",
     ]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_autocast_matches_cpu(tmp_path: Path, photos: Path) -> None:
+    """On a GPU, `device=auto` takes CUDA with autocast; the embeddings agree with the CPU's."""
+    args = [*TINY_MODEL, "dataset=folder", f"dataset.root={photos}", "layers=[global_pool]"]
+    gpu = run_cli(*args, f"output_dir={tmp_path}/gpu")
+    cpu = run_cli(*args, f"output_dir={tmp_path}/cpu", "device=cpu")
+    assert gpu.returncode == 0 and cpu.returncode == 0, gpu.stderr + cpu.stderr
+    meta = json.loads(pq.read_schema(tmp_path / "gpu/global_pool.parquet").metadata[b"pipeline"])
+    assert meta["device"] == "cuda" and meta["precision"] in {"bf16", "fp16"}
+    a = np.stack(pd.read_parquet(tmp_path / "gpu/global_pool.parquet")["embedding"].to_numpy())
+    b = np.stack(pd.read_parquet(tmp_path / "cpu/global_pool.parquet")["embedding"].to_numpy())
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.99

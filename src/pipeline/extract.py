@@ -65,7 +65,8 @@ def resolve_workers(num_workers: int | None, batches: int) -> int:
     """null: one loader process per core (at most 8), and none for a single batch."""
     if num_workers is not None:
         return num_workers
-    return 0 if batches <= 1 else min(8, len(os.sched_getaffinity(0)), batches)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 0 if batches <= 1 else min(8, cores or 1, batches)
 
 
 def run(cfg: ExtractConfig) -> Summary:
