@@ -13,8 +13,13 @@ import pytest
 import skimage.data
 
 REPO = Path(__file__).resolve().parents[1]
-# A tiny timm model with random weights: fast, offline, and a real architecture.
-TINY_MODEL = ["model=timm", "model.name=test_efficientnet", "model.pretrained=false"]
+# A tiny timm model with random weights (fast, offline, a real architecture), untracked.
+TINY_MODEL = [
+    "model=timm",
+    "model.name=test_efficientnet",
+    "model.pretrained=false",
+    "tracking=none",
+]
 
 
 def write_image(path: Path, rgb: np.ndarray) -> Path:
@@ -40,14 +45,16 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_cli(
-    *args: str, module: str = "pipeline", cwd: Path | None = None, env: dict[str, str] | None = None
+    *args: str, cwd: Path, module: str = "pipeline", env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """`python -m <module> args...` in a subprocess, offline, as a user would type it."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    """`python -m <module> args...` in a subprocess, offline, as a user would type it, in `cwd`
+    (where its outputs/ folder goes). Tracking goes to `cwd` unless `env` says otherwise."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    full_env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(
         [sys.executable, "-m", module, *args],
-        cwd=cwd or REPO,
-        env=full_env,
+        cwd=cwd,
+        env={**full_env, **(env or {})},
         capture_output=True,
         text=True,
         timeout=600,

@@ -13,6 +13,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
+
 from conftest import TINY_MODEL, run_cli, write_image
 
 pytestmark = pytest.mark.slow
@@ -57,6 +58,7 @@ def test_folder_several_layers_logits_and_a_corrupt_file(tmp_path: Path, photos:
         "batch_size=4",
         "model.input_size=[3,64,64]",
         f"output_dir={tmp_path}/out",
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
@@ -88,8 +90,8 @@ def test_csv_manifest_and_same_config_same_bytes(tmp_path: Path, photos: Path) -
         "layers=[blocks.2]",
         "pool=max",
     ]
-    first = run_cli(*args, f"output_dir={tmp_path}/a")
-    second = run_cli(*args, f"output_dir={tmp_path}/b", "num_workers=0")
+    first = run_cli(*args, f"output_dir={tmp_path}/a", cwd=tmp_path)
+    second = run_cli(*args, f"output_dir={tmp_path}/b", "num_workers=0", cwd=tmp_path)
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     a = pq.read_table(tmp_path / "a/blocks.2.parquet")
     b = pq.read_table(tmp_path / "b/blocks.2.parquet")
@@ -143,6 +145,7 @@ def test_gray_and_alpha_images_in_a_folder(tmp_path: Path) -> None:
         f"dataset.root={root}",
         "model.input_size=[3,32,32]",
         f"output_dir={tmp_path}/out",
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     assert pd.read_parquet(tmp_path / "out/global_pool.parquet")["image_id"].tolist() == [
@@ -156,8 +159,8 @@ def test_gray_and_alpha_images_in_a_folder(tmp_path: Path) -> None:
 def test_cuda_autocast_matches_cpu(tmp_path: Path, photos: Path) -> None:
     """On a GPU, `device=auto` takes CUDA with autocast; the embeddings agree with the CPU's."""
     args = [*TINY_MODEL, "dataset=folder", f"dataset.root={photos}", "layers=[global_pool]"]
-    gpu = run_cli(*args, f"output_dir={tmp_path}/gpu")
-    cpu = run_cli(*args, f"output_dir={tmp_path}/cpu", "device=cpu")
+    gpu = run_cli(*args, f"output_dir={tmp_path}/gpu", cwd=tmp_path)
+    cpu = run_cli(*args, f"output_dir={tmp_path}/cpu", "device=cpu", cwd=tmp_path)
     assert gpu.returncode == 0 and cpu.returncode == 0, gpu.stderr + cpu.stderr
     meta = json.loads(pq.read_schema(tmp_path / "gpu/global_pool.parquet").metadata[b"pipeline"])
     assert meta["device"] == "cuda" and meta["precision"] in {"bf16", "fp16"}

@@ -11,7 +11,6 @@ import pytest
 import skimage.data
 import timm
 import torch
-from conftest import write_image
 from PIL import Image
 
 from pipeline import demo
@@ -24,6 +23,8 @@ from pipeline.data import (
     resolve_preprocess,
     table_manifest,
 )
+
+from conftest import write_image
 
 
 def _encode(ext: str, image: np.ndarray) -> bytes:

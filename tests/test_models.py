@@ -11,7 +11,6 @@ import pytest
 import skimage.data
 import timm
 import torch
-from conftest import REPO
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
@@ -19,6 +18,8 @@ from safetensors.torch import save_file
 
 from pipeline.config import ConfigError, KeyMatch, ModelConfig
 from pipeline.models import build_model, load_checkpoint
+
+from conftest import REPO
 
 TINY = "test_efficientnet"
 

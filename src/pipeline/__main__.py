@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import extract
-from pipeline.config import ConfigError
+from pipeline import extract, tracking
+from pipeline.config import config_hash, user_errors
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    try:
-        extract.run(OmegaConf.to_object(cfg))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    config = OmegaConf.to_object(cfg)
+    with (
+        user_errors(),
+        tracking.tracked(
+            config.tracking, "extract", cfg, {"config_hash": config_hash(config)}
+        ) as run,
+    ):
+        tracking.log_extraction(run, extract.run(config))
 
 
 if __name__ == "__main__":

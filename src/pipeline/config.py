@@ -7,20 +7,38 @@ the YAML; the schemas only say what may be there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.resources
 import json
+import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import MISSING, OmegaConf
 
 
 class ConfigError(ValueError):
     """A mistake in the config or its inputs: reported as one line, exit code 2, nothing written."""
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Around a stage: a ConfigError becomes one line on stderr and exit code 2. In a Hydra
+    multirun it is raised instead, so the sweep records the job as failed and goes on."""
+    try:
+        yield
+    except ConfigError as err:
+        if HydraConfig.initialized() and HydraConfig.get().mode is RunMode.MULTIRUN:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 class DatasetKind(Enum):

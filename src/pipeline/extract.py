@@ -5,6 +5,7 @@ streamed to its Parquet file, every image accounted for as a row or a failure.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import platform
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import timm
 import torch
 from tqdm import tqdm
@@ -40,6 +42,8 @@ class Summary:
     layers: dict[str, LayerInfo]
     device: str
     precision: str
+    dataset: str
+    manifest_digest: str  # of the ids and labels, in order: which images, not their bytes
 
     @property
     def images_per_s(self) -> float:
@@ -137,7 +141,15 @@ def run(cfg: ExtractConfig) -> Summary:
     ids = manifest["image_id"].tolist()
     write_failures(output_dir / FAILURES_FILE, [(ids[i], err, why) for i, err, why in failed])
     summary = Summary(
-        len(written), len(failed), seconds, output_dir, info, device.type, precision.value
+        len(written),
+        len(failed),
+        seconds,
+        output_dir,
+        info,
+        device.type,
+        precision.value,
+        cfg.dataset.name,
+        _digest(manifest),
     )
     log.info(
         "%d embedded, %d failed in %.1f s (%.1f images/s) -> %s%s",
@@ -205,6 +217,11 @@ def _check_accounted(total: int, written: list[int], failed: list[tuple[int, str
             f"{total} images in the manifest but {len(written)} written and "
             f"{len(failed)} failed: some were lost or repeated"
         )
+
+
+def _digest(manifest: pd.DataFrame) -> str:
+    columns = [c for c in ("image_id", "label") if c in manifest]
+    return hashlib.sha256(manifest[columns].to_csv(index=False).encode()).hexdigest()
 
 
 def versions() -> dict[str, str]:

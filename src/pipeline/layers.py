@@ -4,14 +4,12 @@ downloading weights: shapes do not depend on them."""
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.__main__ import CONFIG_DIR
-from pipeline.config import ConfigError, ExtractConfig
+from pipeline.config import ExtractConfig, user_errors
 from pipeline.data import resolve_preprocess
 from pipeline.hooks import list_layers
 from pipeline.models import build_model
@@ -40,11 +38,8 @@ def format_table(rows: list[dict]) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    try:
+    with user_errors():
         print(format_table(layer_table(OmegaConf.to_object(cfg))))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

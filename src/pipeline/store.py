@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 METADATA_KEY = b"pipeline"
@@ -117,15 +119,21 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads(schema.metadata[METADATA_KEY])
 
 
-def read_embeddings(path: str | Path) -> Embeddings:
-    """Read a layer's Parquet file (or folder of part files) whole."""
-    table = pq.read_table(path)
+def read_embeddings(path: str | Path, rows: Sequence[int] | None = None) -> Embeddings:
+    """Read a layer's Parquet file (or folder of part files) whole, or only the given rows."""
+    if rows is None:
+        table = pq.read_table(path)
+    else:
+        table = ds.dataset(path).take(pa.array(rows, pa.int64()))
     column = table.column("embedding").combine_chunks()
     dim = column.type.list_size
     vectors = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
     labels = table.column("label").to_pylist() if "label" in table.column_names else None
-    metadata = json.loads(table.schema.metadata[METADATA_KEY])
-    return Embeddings(table.column("image_id").to_pylist(), labels, vectors, metadata)
+    return Embeddings(table.column("image_id").to_pylist(), labels, vectors, read_metadata(path))
+
+
+def count_rows(path: str | Path) -> int:
+    return ds.dataset(path).count_rows()
 
 
 def write_failures(path: Path, failures: list[tuple[str, str, str]]) -> None:
