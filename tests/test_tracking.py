@@ -16,6 +16,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from pipeline.store import read_metadata
+
 from conftest import TINY_MODEL, run_cli
 
 pytestmark = pytest.mark.slow
@@ -195,3 +197,22 @@ def test_server_down_costs_nothing_but_a_warning(tmp_path: Path, photos: Path) -
     assert required.returncode != 0
     assert "tracking.required=true" in required.stdout + required.stderr
     assert len(pd.read_parquet(out)) == 6
+
+
+def test_sweep_jobs_never_overwrite_each_other(tmp_path: Path, photos: Path) -> None:
+    """Jobs that differ only in a key the paths do not name get a sub-folder each."""
+    args = [a if a != "model.input_size=[3,64,64]" else "tracking=none" for a in TRACKED_TINY]
+    done = run_cli(
+        "-m",
+        *args,
+        "dataset=folder",
+        f"dataset.root={photos}",
+        "dataset.name=photos",
+        "layers=[blocks.1]",
+        "pool=avg,max",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "outputs/embeddings/photos/test_efficientnet"
+    pools = {p.parent.name: read_metadata(p)["pool"] for p in out.glob("*/blocks.1.parquet")}
+    assert pools == {"pool=avg": "avg", "pool=max": "max"}

@@ -20,6 +20,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import MISSING, OmegaConf
 
@@ -153,10 +154,48 @@ def path_name(path: str) -> str:
     return Path(path).expanduser().resolve().name
 
 
+# Keys a sweep may vary while its jobs still write distinct files in the same folder: the layer
+# or folder names differ, or the numbers do not.
+SHARED_FOLDER_KEYS = {
+    "layers",
+    "model",
+    "model.name",
+    "dataset",
+    "output_dir",
+    "batch_size",
+    "num_workers",
+    "tracking",
+}
+SHARED_FOLDER_PREFIXES = ("dataset.", "tracking.", "hydra.", "hydra/")
+
+
+def sweep_suffix() -> str:
+    """In a Hydra multirun, `/key=value,...` of the swept keys that would otherwise make two
+    jobs write the same file (pool, preprocessing, precision...); empty otherwise."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode is not RunMode.MULTIRUN:
+        return ""
+    # The sweep's own command line, with its comma lists, is saved beside the jobs.
+    primary = OmegaConf.load(Path(HydraConfig.get().sweep.dir) / "multirun.yaml")
+    swept = {
+        o.key_or_group
+        for o in OverridesParser.create().parse_overrides(list(primary.hydra.overrides.task))
+        if o.is_sweep_override()
+    }
+    distinct = sorted(
+        o
+        for o in HydraConfig.get().overrides.task
+        if (key := o.split("=")[0]) in swept
+        and key not in SHARED_FOLDER_KEYS
+        and not key.startswith(SHARED_FOLDER_PREFIXES)
+    )
+    return "/" + ",".join(distinct) if distinct else ""
+
+
 def register() -> None:
     """Register the schema and resolvers; safe to call more than once."""
     ConfigStore.instance().store(name="extract_schema", node=ExtractConfig)
-    for name, resolver in {"package_file": package_file, "path_name": path_name}.items():
+    resolvers = {"package_file": package_file, "path_name": path_name, "sweep_suffix": sweep_suffix}
+    for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 
