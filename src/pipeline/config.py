@@ -128,6 +128,57 @@ class ExtractConfig:
     seed: int = 0
 
 
+class ClusterMethod(Enum):
+    kmeans = "kmeans"
+    hdbscan = "hdbscan"
+
+
+class SearchMethod(Enum):
+    exact = "exact"  # blocked matrix product: exact, memory bounded by a block of rows
+    hnsw = "hnsw"  # faiss HNSW graph: approximate, for large sets
+
+
+@dataclass
+class ClusterParams:
+    method: ClusterMethod = ClusterMethod.kmeans
+    k: int | None = None  # null: the number of distinct labels
+    pca_dim: int | None = None  # null: cluster the normalised embeddings as they are
+    min_cluster_size: int = 5  # hdbscan
+    seed: int = 0
+    sheet_images: int = 8  # thumbnails per cluster in the contact sheet
+
+
+@dataclass
+class DedupParams:
+    threshold: float = MISSING  # cosine similarity at or above which two images are duplicates
+    k: int = 10  # neighbours searched per image
+    method: SearchMethod = SearchMethod.exact
+    truth: str | None = None  # a manifest with the true near-duplicate groups
+    truth_id_column: str = "path"
+    truth_group_column: str = "group"
+    top_pairs: int = 12  # pairs shown in the picture
+
+
+@dataclass
+class StageConfig:
+    """What the downstream stages share: one layer's embeddings in, a folder of results out."""
+
+    embeddings: str = MISSING
+    images_root: str | None = None  # where image_ids point, for the pictures
+    output_dir: str = MISSING
+    tracking: TrackingConfig = MISSING
+
+
+@dataclass
+class ClusterConfig(StageConfig):
+    cluster: ClusterParams = MISSING
+
+
+@dataclass
+class DedupConfig(StageConfig):
+    dedup: DedupParams = MISSING
+
+
 # Keys that change where or how fast a run goes, not the numbers it writes.
 UNHASHED_KEYS = ("output_dir", "batch_size", "num_workers", "tracking")
 
@@ -147,6 +198,15 @@ def package_file(package: str, *parts: str) -> str:
         return str(importlib.resources.files(package).joinpath(*parts))
     except ModuleNotFoundError as err:
         raise ValueError(f"package {package!r} is not installed: pip install it") from err
+
+
+def embeddings_key(path: str) -> str:
+    """`<dataset>/<model>/<layer>` of an embeddings file (an OmegaConf resolver), so that each
+    input gets its own result folder: the path under outputs/embeddings/, or its last parts."""
+    parts = Path(path).with_suffix("").parts
+    if "embeddings" in parts:
+        return "/".join(parts[len(parts) - parts[::-1].index("embeddings") :])
+    return "/".join(parts[-3:])
 
 
 def path_name(path: str) -> str:
@@ -193,8 +253,16 @@ def sweep_suffix() -> str:
 
 def register() -> None:
     """Register the schema and resolvers; safe to call more than once."""
-    ConfigStore.instance().store(name="extract_schema", node=ExtractConfig)
-    resolvers = {"package_file": package_file, "path_name": path_name, "sweep_suffix": sweep_suffix}
+    store = ConfigStore.instance()
+    store.store(name="extract_schema", node=ExtractConfig)
+    store.store(name="cluster_schema", node=ClusterConfig)
+    store.store(name="dedup_schema", node=DedupConfig)
+    resolvers = {
+        "package_file": package_file,
+        "path_name": path_name,
+        "sweep_suffix": sweep_suffix,
+        "embeddings_key": embeddings_key,
+    }
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)

@@ -47,7 +47,7 @@ def load_manifest(dataset: DatasetConfig) -> pd.DataFrame:
             _existing_dir(dataset.root), dataset.extensions, dataset.labels_from_folders
         )
     if dataset.kind is DatasetKind.demo:
-        from pipeline import demo
+        from pipeline import demo  # only the demo needs scikit-image and scikit-learn
 
         demo.ensure(Path(dataset.root))
     return table_manifest(

@@ -47,7 +47,7 @@ DEFAULT_ROOT = Path("outputs/data/demo")
 
 def photos() -> dict[str, np.ndarray]:
     """Each source photo by name, as uint8 RGB or grey."""
-    import skimage.data
+    import skimage.data  # heavy, and only the demo needs it
     from sklearn.datasets import load_sample_images
 
     images = {name: getattr(skimage.data, name)() for name in SKIMAGE_PHOTOS}

@@ -1,0 +1,162 @@
+"""python -m pipeline.cluster [overrides]: group one layer's embeddings into clusters.
+
+Reads the layer's Parquet file, L2-normalises, optionally reduces with PCA, clusters with k-means
+(k from config, or the number of labels) or HDBSCAN, and writes `assignments.parquet`
+(`image_id`, `cluster`), `metrics.json` (silhouette; NMI and adjusted Rand index against the
+labels when there are labels; cluster sizes), `projection.png` and `contact_sheet.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+from sklearn.cluster import HDBSCAN, KMeans
+from sklearn.decomposition import PCA
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+
+from pipeline import plots, tracking
+from pipeline.__main__ import CONFIG_DIR
+from pipeline.config import ClusterConfig, ClusterMethod, ConfigError, user_errors
+from pipeline.store import Embeddings, read_embeddings
+
+log = logging.getLogger(__name__)
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, so that dot products are cosine similarities."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, np.finfo(np.float32).tiny)
+
+
+def cluster_vectors(
+    vectors: np.ndarray,
+    method: ClusterMethod,
+    k: int | None,
+    pca_dim: int | None = None,
+    min_cluster_size: int = 5,
+    seed: int = 0,
+) -> np.ndarray:
+    """A cluster number per row (-1: HDBSCAN's noise)."""
+    points = normalise(vectors)
+    if pca_dim is not None:
+        dim = min(pca_dim, *points.shape)
+        points = PCA(n_components=dim, random_state=seed).fit_transform(points)
+    if method is ClusterMethod.hdbscan:
+        return HDBSCAN(min_cluster_size=min_cluster_size).fit_predict(points)
+    if k is None or not 1 <= k <= len(points):
+        raise ConfigError(
+            f"k-means needs 1 <= cluster.k <= {len(points)} (the images), got {k}"
+            + ("; the embeddings have no labels to count" if k is None else "")
+        )
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(points)
+
+
+def cluster_metrics(vectors: np.ndarray, assignments: np.ndarray, labels: list[str] | None) -> dict:
+    """Silhouette (cosine), and agreement with the labels when there are labels."""
+    sizes = pd.Series(assignments).value_counts().sort_index()
+    metrics: dict = {
+        "n_images": len(assignments),
+        "n_clusters": int((sizes.index >= 0).sum()),
+        "sizes": {str(c): int(n) for c, n in sizes.items()},
+    }
+    if 2 <= len(sizes) < len(assignments):
+        metrics["silhouette"] = float(silhouette_score(vectors, assignments, metric="cosine"))
+    if labels is not None:
+        metrics["nmi"] = float(normalized_mutual_info_score(labels, assignments))
+        metrics["ari"] = float(adjusted_rand_score(labels, assignments))
+    return metrics
+
+
+def contact_sheet(
+    embeddings: Embeddings, assignments: np.ndarray, images_root: Path, per_cluster: int, title: str
+) -> Figure:
+    """A row of thumbnails per cluster: what each cluster holds."""
+    rows = []
+    for cluster in sorted(set(assignments.tolist())):
+        members = np.flatnonzero(assignments == cluster)[:per_cluster]
+        rows.append(
+            (
+                f"cluster {cluster}\n({(assignments == cluster).sum()})",
+                [
+                    (
+                        images_root / embeddings.ids[i],
+                        embeddings.labels[i] if embeddings.labels else "",
+                    )
+                    for i in members
+                ],
+            )
+        )
+    return plots.image_grid(rows, title)
+
+
+def run(cfg: ClusterConfig, run_log: tracking.Run) -> dict:
+    source = Path(cfg.embeddings)
+    if not source.exists():
+        raise ConfigError(
+            f"embeddings {source} do not exist: run `python -m pipeline` first, "
+            "or point embeddings= at a layer's .parquet"
+        )
+    run_log.log_params({"input_sha256": tracking.file_digest(source)})
+    embeddings = read_embeddings(source)
+    params = cfg.cluster
+    k = (
+        params.k
+        if params.k is not None
+        else (len(set(embeddings.labels)) if embeddings.labels else None)
+    )
+    assignments = cluster_vectors(
+        embeddings.vectors, params.method, k, params.pca_dim, params.min_cluster_size, params.seed
+    )
+    metrics = cluster_metrics(normalise(embeddings.vectors), assignments, embeddings.labels)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"image_id": embeddings.ids, "cluster": assignments}).to_parquet(
+        out / "assignments.parquet", index=False
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    title = f"{source.stem}: {params.method.value}, {metrics['n_clusters']} clusters"
+    pictures = [
+        plots.save(
+            plots.projection_figure(embeddings.vectors, [str(a) for a in assignments], title),
+            out / "projection.png",
+        )
+    ]
+    root = Path(cfg.images_root) if cfg.images_root else None
+    if root is not None and (root / embeddings.ids[0]).is_file():
+        pictures.append(
+            plots.save(
+                contact_sheet(embeddings, assignments, root, params.sheet_images, title),
+                out / "contact_sheet.png",
+            )
+        )
+    else:
+        log.warning("no contact sheet: images_root=%s does not hold the images", root)
+    run_log.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float | int)})
+    for path in [out / "metrics.json", *pictures]:
+        run_log.log_artifact(path)
+    log.info(
+        "%d images in %d clusters%s -> %s",
+        metrics["n_images"],
+        metrics["n_clusters"],
+        f" (NMI {metrics['nmi']:.3f}, ARI {metrics['ari']:.3f})" if "nmi" in metrics else "",
+        out,
+    )
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="cluster")
+def main(cfg: DictConfig) -> None:
+    config = OmegaConf.to_object(cfg)
+    with user_errors(), tracking.tracked(config.tracking, "cluster", cfg) as run_log:
+        run(config, run_log)
+
+
+if __name__ == "__main__":
+    main()

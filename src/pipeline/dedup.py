@@ -1,0 +1,251 @@
+"""python -m pipeline.dedup [overrides]: near-duplicate images from one layer's embeddings.
+
+Cosine similarity on L2-normalised embeddings; each image's k nearest neighbours found exactly by
+a blocked matrix product (never an N x N matrix in memory) or approximately with faiss HNSW.
+Writes `pairs.parquet` (`image_a`, `image_b`, `similarity`: pairs at or above the threshold),
+`groups.parquet` (`image_id`, `group`: connected components of those pairs),
+`exact_duplicates.parquet` (files with the same bytes), `metrics.json` (precision, recall and F1
+over pairs when the true groups are known), `pr_curve.csv` (the same over thresholds) and
+`top_pairs.png`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from pipeline import plots, tracking
+from pipeline.__main__ import CONFIG_DIR
+from pipeline.cluster import normalise
+from pipeline.config import ConfigError, DedupConfig, SearchMethod, user_errors
+from pipeline.store import read_embeddings
+
+log = logging.getLogger(__name__)
+BLOCK_BYTES = 64 * 2**20  # similarity rows computed at once: bounds memory at any N
+PR_THRESHOLDS = np.round(np.arange(0.50, 1.00, 0.01), 2)
+
+
+def knn_exact(unit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k most similar other rows (indices, cosine similarities), best first."""
+    n = len(unit)
+    k = min(k, n - 1)
+    # Per similarity computed at once: 4 bytes for it, 8 for argpartition's index.
+    block = max(1, BLOCK_BYTES // (12 * n))
+    indices = np.empty((n, k), np.int64)
+    similarities = np.empty((n, k), np.float32)
+    for start in range(0, n, block):
+        rows = np.arange(start, min(n, start + block))
+        distances = np.negative(unit[rows] @ unit.T)  # smallest first for argpartition
+        distances[np.arange(len(rows)), rows] = np.inf  # an image is not its own duplicate
+        top = np.argpartition(distances, k - 1, axis=1)[:, :k]
+        top_distances = np.take_along_axis(distances, top, axis=1)
+        order = np.argsort(top_distances, axis=1, kind="stable")
+        indices[rows] = np.take_along_axis(top, order, axis=1)
+        similarities[rows] = -np.take_along_axis(top_distances, order, axis=1)
+    return indices, similarities
+
+
+def knn_hnsw(unit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate k nearest neighbours by inner product on a faiss HNSW graph."""
+    import faiss  # only this method needs it
+
+    index = faiss.IndexHNSWFlat(unit.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efSearch = max(64, 2 * k)
+    index.add(np.ascontiguousarray(unit, dtype=np.float32))
+    sims, indices = index.search(np.ascontiguousarray(unit, dtype=np.float32), k + 1)
+    own = indices == np.arange(len(unit))[:, None]
+    # Drop each row's own entry (or, if it was not found, its weakest neighbour).
+    drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
+    keep = np.ones_like(own)
+    keep[np.arange(len(unit)), drop] = False
+    return indices[keep].reshape(len(unit), k), sims[keep].reshape(len(unit), k)
+
+
+def candidate_pairs(indices: np.ndarray, similarities: np.ndarray) -> pd.DataFrame:
+    """Neighbour lists as unordered pairs (a < b in dataset order), each once."""
+    a = np.repeat(np.arange(len(indices)), indices.shape[1])
+    b = indices.reshape(-1)
+    pairs = pd.DataFrame(
+        {"a": np.minimum(a, b), "b": np.maximum(a, b), "similarity": similarities.reshape(-1)}
+    )
+    pairs = pairs[pairs["b"] >= 0]  # faiss pads missing neighbours with -1
+    return (
+        pairs.sort_values("similarity", ascending=False, kind="stable")
+        .drop_duplicates(["a", "b"])
+        .reset_index(drop=True)
+    )
+
+
+def groups_of(n: int, pairs: pd.DataFrame) -> np.ndarray:
+    """Connected components of the pair graph; -1 for images in no pair."""
+    graph = coo_matrix((np.ones(len(pairs)), (pairs["a"], pairs["b"])), shape=(n, n))
+    _, components = connected_components(graph, directed=False)
+    in_pair = np.zeros(n, bool)
+    in_pair[pairs["a"]] = in_pair[pairs["b"]] = True
+    _, renumbered = np.unique(components[in_pair], return_inverse=True)
+    groups = np.full(n, -1)
+    groups[in_pair] = renumbered
+    return groups
+
+
+def true_pairs(groups: pd.Series) -> set[tuple[int, int]]:
+    """Every pair of positions that share a group (positions in dataset order)."""
+    pairs = set()
+    for members in groups.groupby(groups).indices.values():
+        pairs.update((int(a), int(b)) for i, a in enumerate(members) for b in members[i + 1 :])
+    return pairs
+
+
+def pair_scores(found: set[tuple[int, int]], truth: set[tuple[int, int]]) -> dict[str, float]:
+    hits = len(found & truth)
+    precision = hits / len(found) if found else 1.0
+    recall = hits / len(truth) if truth else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def pr_curve(candidates: pd.DataFrame, truth: set[tuple[int, int]]) -> pd.DataFrame:
+    """Precision, recall and F1 of `similarity >= t` for each threshold t."""
+    pairs = list(zip(candidates["a"], candidates["b"], strict=True))
+    rows = []
+    for threshold in PR_THRESHOLDS:
+        above = candidates["similarity"].to_numpy() >= threshold
+        found = {p for p, keep in zip(pairs, above, strict=True) if keep}
+        rows.append({"threshold": float(threshold), **pair_scores(found, truth)})
+    return pd.DataFrame(rows)
+
+
+def exact_duplicates(ids: list[str], root: Path) -> pd.DataFrame:
+    """Files with identical bytes, grouped by their SHA-256."""
+    digests = {
+        i: hashlib.sha256((root / i).read_bytes()).hexdigest() for i in ids if (root / i).is_file()
+    }
+    table = pd.DataFrame({"image_id": list(digests), "sha256": list(digests.values())})
+    return table[table["sha256"].duplicated(keep=False)].reset_index(drop=True)
+
+
+def truth_groups(path: Path, id_column: str, group_column: str, ids: list[str]) -> pd.Series:
+    """The true group of each embedded image (NaN where the manifest does not say)."""
+    manifest = pd.read_csv(path, dtype=str) if path.suffix != ".parquet" else pd.read_parquet(path)
+    missing = [c for c in (id_column, group_column) if c not in manifest]
+    if missing:
+        raise ConfigError(
+            f"dedup.truth {path} has no column {missing[0]!r}: set "
+            "dedup.truth_id_column / dedup.truth_group_column"
+        )
+    groups = pd.Series(ids).map(manifest.set_index(id_column)[group_column])
+    if groups.isna().all():
+        raise ConfigError(
+            f"dedup.truth {path} names none of the embedded images: "
+            "set dedup.truth=null or point it at this dataset's manifest"
+        )
+    return groups
+
+
+def run(cfg: DedupConfig, run_log: tracking.Run) -> dict:
+    params = cfg.dedup
+    if not -1 < params.threshold <= 1:
+        raise ConfigError(
+            f"dedup.threshold is a cosine similarity in (-1, 1], got {params.threshold}"
+        )
+    if params.k < 1:
+        raise ConfigError(f"dedup.k must be at least 1, got {params.k}")
+    source = Path(cfg.embeddings)
+    if not source.exists():
+        raise ConfigError(
+            f"embeddings {source} do not exist: run `python -m pipeline` first, "
+            "or point embeddings= at a layer's .parquet"
+        )
+    run_log.log_params({"input_sha256": tracking.file_digest(source)})
+    embeddings = read_embeddings(source)
+    ids, n = embeddings.ids, len(embeddings.ids)
+    unit = normalise(embeddings.vectors)
+    search = knn_hnsw if params.method is SearchMethod.hnsw else knn_exact
+    candidates = (
+        candidate_pairs(*search(unit, params.k))
+        if n > 1
+        else candidate_pairs(np.empty((n, 0), np.int64), np.empty((n, 0), np.float32))
+    )
+    pairs = candidates[candidates["similarity"] >= params.threshold]
+    groups = groups_of(n, pairs)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(
+        {
+            "image_a": [ids[a] for a in pairs["a"]],
+            "image_b": [ids[b] for b in pairs["b"]],
+            "similarity": pairs["similarity"].to_numpy(),
+        }
+    ).to_parquet(out / "pairs.parquet", index=False)
+    grouped = groups >= 0
+    pd.DataFrame({"image_id": np.array(ids)[grouped], "group": groups[grouped]}).to_parquet(
+        out / "groups.parquet", index=False
+    )
+    metrics: dict = {
+        "n_images": n,
+        "threshold": params.threshold,
+        "n_pairs": len(pairs),
+        "n_groups": int(groups.max() + 1),
+    }
+    root = Path(cfg.images_root) if cfg.images_root else None
+    if root is not None:
+        exact = exact_duplicates(ids, root)
+        exact.to_parquet(out / "exact_duplicates.parquet", index=False)
+        metrics["exact_duplicates"] = len(exact)
+    if params.truth is not None:
+        truth = true_pairs(
+            truth_groups(Path(params.truth), params.truth_id_column, params.truth_group_column, ids)
+        )
+        found = set(zip(pairs["a"].tolist(), pairs["b"].tolist(), strict=True))
+        metrics.update(pair_scores(found, truth), true_pairs=len(truth))
+        pr_curve(candidates, truth).to_csv(out / "pr_curve.csv", index=False)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    artifacts = [out / "metrics.json"]
+    if root is not None and len(pairs):
+        top = pairs.head(params.top_pairs)
+        rows = [
+            (f"{s:.3f}", [(root / ids[a], ids[a]), (root / ids[b], ids[b])])
+            for a, b, s in zip(top["a"], top["b"], top["similarity"], strict=True)
+        ]
+        artifacts.append(
+            plots.save(
+                plots.image_grid(rows, f"{source.stem}: top pairs by cosine similarity"),
+                out / "top_pairs.png",
+            )
+        )
+    if (out / "pr_curve.csv").exists():
+        artifacts.append(out / "pr_curve.csv")
+    run_log.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float | int)})
+    for path in artifacts:
+        run_log.log_artifact(path)
+    log.info(
+        "%d pairs in %d groups at cosine similarity >= %s%s -> %s",
+        len(pairs),
+        metrics["n_groups"],
+        params.threshold,
+        f" (precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f})"
+        if "precision" in metrics
+        else "",
+        out,
+    )
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="dedup")
+def main(cfg: DictConfig) -> None:
+    config = OmegaConf.to_object(cfg)
+    with user_errors(), tracking.tracked(config.tracking, "dedup", cfg) as run_log:
+        run(config, run_log)
+
+
+if __name__ == "__main__":
+    main()

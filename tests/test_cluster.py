@@ -1,0 +1,78 @@
+"""Clustering: planted structure recovered, and the CLI writes what the contract says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.cluster import cluster_metrics, cluster_vectors, normalise
+from pipeline.config import ClusterMethod, ConfigError
+from pipeline.store import EmbeddingWriter
+
+from conftest import run_cli
+
+
+def planted(
+    n_clusters: int = 4, per: int = 30, dim: int = 32, seed: int = 0
+) -> tuple[np.ndarray, list[str]]:
+    """Tight clusters around random directions: the answer is known."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_clusters, dim)) * 5
+    vectors = np.concatenate([c + rng.standard_normal((per, dim)) * 0.3 for c in centres])
+    return vectors.astype(np.float32), [f"c{i}" for i in range(n_clusters) for _ in range(per)]
+
+
+@pytest.mark.parametrize("method", [ClusterMethod.kmeans, ClusterMethod.hdbscan])
+def test_separated_clusters_are_recovered(method: ClusterMethod) -> None:
+    vectors, labels = planted()
+    assignments = cluster_vectors(vectors, method, k=4, pca_dim=8, min_cluster_size=5)
+    metrics = cluster_metrics(normalise(vectors), assignments, labels)
+    assert metrics["nmi"] > 0.99 and metrics["ari"] > 0.99 and metrics["n_clusters"] == 4
+    assert metrics["silhouette"] > 0.5 and sum(metrics["sizes"].values()) == 120
+
+
+def test_kmeans_needs_a_k() -> None:
+    with pytest.raises(ConfigError, match="no labels to count"):
+        cluster_vectors(planted()[0], ClusterMethod.kmeans, k=None)
+
+
+def write_layer(path: Path, vectors: np.ndarray, ids: list[str], labels: list[str] | None) -> Path:
+    with EmbeddingWriter(path, vectors.shape[1], labels is not None, {"layer": path.stem}) as w:
+        w.write(ids, labels, vectors)
+    return path
+
+
+@pytest.mark.slow
+def test_cli_writes_assignments_metrics_and_pictures(tmp_path: Path, photos: Path) -> None:
+    ids = sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.png"))
+    vectors, _ = planted(n_clusters=2, per=3, dim=16)
+    labels = [i.split("/")[0] for i in ids]
+    layer = write_layer(tmp_path / "embeddings/photos/tiny/pool.parquet", vectors, ids, labels)
+    done = run_cli(
+        f"embeddings={layer}",
+        f"images_root={photos}",
+        "tracking=none",
+        module="pipeline.cluster",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "outputs/cluster/photos/tiny/pool"
+    assignments = pd.read_parquet(out / "assignments.parquet")
+    assert assignments["image_id"].tolist() == ids and assignments["cluster"].nunique() == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_clusters"] == 2 and {"nmi", "ari", "silhouette"} <= set(metrics)
+    assert (out / "projection.png").stat().st_size > 0
+    assert (out / "contact_sheet.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_cli_missing_embeddings_is_one_line_exit_2(tmp_path: Path) -> None:
+    done = run_cli(
+        "embeddings=nope.parquet", "tracking=none", module="pipeline.cluster", cwd=tmp_path
+    )
+    assert done.returncode == 2 and "embeddings nope.parquet do not exist" in done.stderr
+    assert done.stderr.strip().count("\n") == 0

@@ -1,0 +1,134 @@
+"""Near-duplicate detection: exact search equals brute force, HNSW is close, planted pairs are
+found, memory stays far below an N x N matrix, and the CLI writes the contract's files."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_cluster import write_layer
+
+from pipeline.cluster import normalise
+from pipeline.dedup import (
+    candidate_pairs,
+    groups_of,
+    knn_exact,
+    knn_hnsw,
+    pair_scores,
+    pr_curve,
+    true_pairs,
+)
+
+from conftest import run_cli, write_image
+
+
+def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return normalise(rng.standard_normal((n, dim)).astype(np.float32))
+
+
+def test_exact_knn_equals_brute_force() -> None:
+    unit = unit_vectors(300, 16)
+    indices, sims = knn_exact(unit, k=5)
+    full = unit @ unit.T
+    np.fill_diagonal(full, -np.inf)
+    expected = np.argsort(-full, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(np.sort(indices, axis=1), np.sort(expected, axis=1))
+    np.testing.assert_allclose(sims, np.take_along_axis(full, expected, axis=1), rtol=1e-5)
+
+
+def test_hnsw_recall_is_near_exact() -> None:
+    unit = unit_vectors(2000, 32)
+    exact, _ = knn_exact(unit, k=10)
+    approx, _ = knn_hnsw(unit, k=10)
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
+    assert recall > 0.9
+
+
+def test_planted_duplicates_found_with_full_precision_and_recall() -> None:
+    rng = np.random.default_rng(1)
+    originals = unit_vectors(200, 64, seed=2)
+    copies = normalise(originals[:50] + rng.standard_normal((50, 64)).astype(np.float32) * 0.02)
+    unit = np.concatenate([originals, copies])
+    candidates = candidate_pairs(*knn_exact(unit, k=5))
+    found_frame = candidates[candidates["similarity"] >= 0.9]
+    found = set(zip(found_frame["a"], found_frame["b"], strict=True))
+    truth = {(i, 200 + i) for i in range(50)}
+    assert pair_scores(found, truth) == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    groups = groups_of(len(unit), found_frame)
+    assert (groups[:50] == groups[200:]).all() and (groups[50:200] == -1).all()
+    curve = pr_curve(candidates, truth)
+    assert curve.loc[curve["threshold"] == 0.9, "f1"].item() == 1.0
+
+
+def test_true_pairs_of_groups() -> None:
+    assert true_pairs(pd.Series(["a", "b", "a", "a", None])) == {(0, 2), (0, 3), (2, 3)}
+
+
+def test_memory_stays_far_below_an_n_by_n_matrix() -> None:
+    """20,000 vectors: an N x N float32 matrix would take 1.6 GB."""
+    unit = unit_vectors(20_000, 64)
+    tracemalloc.start()
+    try:
+        candidate_pairs(*knn_exact(unit, k=10))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 200 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.slow
+def test_cli_finds_planted_pairs_and_exact_copies(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    ids = []
+    for i in range(6):
+        ids.append(f"{i}.png")
+        write_image(root / ids[-1], np.full((8, 8, 3), i * 20, np.uint8))
+    (root / "6.png").write_bytes((root / "0.png").read_bytes())  # a byte-for-byte copy
+    ids.append("6.png")
+    vectors = unit_vectors(7, 16)
+    vectors[6] = vectors[0]
+    vectors[3] = normalise(vectors[1:2] + 0.01)[0]
+    layer = write_layer(tmp_path / "embeddings/set/m/l.parquet", vectors, ids, None)
+    manifest = pd.DataFrame({"path": ids, "group": ["x", "y", "2", "y", "4", "5", "x"]})
+    manifest.to_csv(root / "manifest.csv", index=False)
+    done = run_cli(
+        f"embeddings={layer}",
+        f"images_root={root}",
+        "tracking=none",
+        "dedup.threshold=0.95",
+        module="pipeline.dedup",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "outputs/dedup/set/m/l"
+    pairs = pd.read_parquet(out / "pairs.parquet")
+    assert set(zip(pairs["image_a"], pairs["image_b"], strict=True)) == {
+        ("0.png", "6.png"),
+        ("1.png", "3.png"),
+    }
+    assert pd.read_parquet(out / "groups.parquet")["group"].nunique() == 2
+    assert pd.read_parquet(out / "exact_duplicates.parquet")["image_id"].tolist() == [
+        "0.png",
+        "6.png",
+    ]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["precision"] == metrics["recall"] == 1.0 and metrics["exact_duplicates"] == 2
+    assert list(pd.read_csv(out / "pr_curve.csv").columns) == [
+        "threshold",
+        "precision",
+        "recall",
+        "f1",
+    ]
+    assert (out / "top_pairs.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override", ["dedup.threshold=1.5", "dedup.k=0"])
+def test_cli_bad_parameters_exit_2(tmp_path: Path, override: str) -> None:
+    done = run_cli(override, "tracking=none", module="pipeline.dedup", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith("error: dedup.")
