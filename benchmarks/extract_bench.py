@@ -33,7 +33,7 @@ from pipeline.data import build_transform, decode_image, load_manifest, resolve_
 from pipeline.extract import AUTOCAST_DTYPES, resolve_device, resolve_precision
 from pipeline.hooks import LayerHooks
 from pipeline.models import build_model
-from pipeline.store import EmbeddingWriter
+from pipeline.store import EmbeddingWriter, embedding_schema
 
 
 def batches_of(cfg, model, images: int) -> list[torch.Tensor]:
@@ -57,7 +57,9 @@ def ours(model, batches, device, layer, out_dir, cfg, **_) -> None:
     with LayerHooks(model, [layer], cfg.pool) as hooks:
         hooks.describe(batches[0][:1].to(device))
         dim = hooks.info[layer].dim
-        with EmbeddingWriter(out_dir / f"{layer}.parquet", dim, False, {}) as writer:
+        with EmbeddingWriter(
+            out_dir / f"{layer}.parquet", embedding_schema(dim, False, {})
+        ) as writer:
             for i, x in enumerate(batches):
                 pooled = hooks(x.to(device, non_blocking=True))[layer].float().cpu().numpy()
                 writer.write([str(i * len(x) + j) for j in range(len(x))], None, pooled)

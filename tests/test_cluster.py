@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.cluster import cluster_metrics, cluster_vectors, normalise
 from pipeline.config import ClusterMethod, ConfigError
-from pipeline.store import EmbeddingWriter
+from pipeline.store import EmbeddingWriter, embedding_schema
 
 from conftest import run_cli
 
@@ -41,7 +41,9 @@ def test_kmeans_needs_a_k() -> None:
 
 
 def write_layer(path: Path, vectors: np.ndarray, ids: list[str], labels: list[str] | None) -> Path:
-    with EmbeddingWriter(path, vectors.shape[1], labels is not None, {"layer": path.stem}) as w:
+    with EmbeddingWriter(
+        path, embedding_schema(vectors.shape[1], labels is not None, {"layer": path.stem})
+    ) as w:
         w.write(ids, labels, vectors)
     return path
 

@@ -12,12 +12,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import store
-from pipeline.store import EmbeddingWriter, read_embeddings, read_metadata, write_failures
+from pipeline.store import (
+    EmbeddingWriter,
+    embedding_schema,
+    failures_table,
+    read_embeddings,
+    read_metadata,
+    write_failures,
+)
 
 
 def _write(path: Path, n: int, dim: int, batch: int, labelled: bool = True) -> np.ndarray:
     vectors = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
-    with EmbeddingWriter(path, dim, labelled, {"layer": "x", "dim": dim}) as writer:
+    with EmbeddingWriter(
+        path, embedding_schema(dim, labelled, {"layer": "x", "dim": dim})
+    ) as writer:
         for start in range(0, n, batch):
             ids = [f"img/{i:04d}.jpg" for i in range(start, min(n, start + batch))]
             labels = [str(i % 3) for i in range(start, start + len(ids))] if labelled else None
@@ -68,7 +77,10 @@ def test_streams_in_row_groups_bounded_by_size(
 
 def test_failed_write_leaves_no_file_under_the_final_name(tmp_path: Path) -> None:
     path = tmp_path / "l.parquet"
-    with pytest.raises(RuntimeError), EmbeddingWriter(path, 4, False, {}) as writer:
+    with (
+        pytest.raises(RuntimeError),
+        EmbeddingWriter(path, embedding_schema(4, False, {})) as writer,
+    ):
         writer.write(["a"], None, np.zeros((1, 4), np.float32))
         raise RuntimeError("killed mid-run")
     assert list(tmp_path.iterdir()) == []
@@ -77,14 +89,16 @@ def test_failed_write_leaves_no_file_under_the_final_name(tmp_path: Path) -> Non
 def test_wrong_shape_is_refused(tmp_path: Path) -> None:
     with (
         pytest.raises(ValueError, match="expected"),
-        EmbeddingWriter(tmp_path / "l.parquet", 4, False, {}) as writer,
+        EmbeddingWriter(tmp_path / "l.parquet", embedding_schema(4, False, {})) as writer,
     ):
         writer.write(["a", "b"], None, np.zeros((2, 5), np.float32))
 
 
 def test_failures_table(tmp_path: Path) -> None:
-    write_failures(tmp_path / "failures.parquet", [("a.jpg", "ImageError", "empty file")])
-    write_failures(tmp_path / "none.parquet", [])
+    write_failures(
+        tmp_path / "failures.parquet", failures_table([("a.jpg", "ImageError", "empty file")])
+    )
+    write_failures(tmp_path / "none.parquet", failures_table([]))
     assert pd.read_parquet(tmp_path / "failures.parquet").to_dict("records") == [
         {"image_id": "a.jpg", "error": "ImageError", "reason": "empty file"}
     ]

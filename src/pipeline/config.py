@@ -28,18 +28,21 @@ from omegaconf import MISSING, OmegaConf
 class ConfigError(ValueError):
     """A mistake in the config or its inputs: reported as one line, exit code 2, nothing written."""
 
+    exit_code = 2
+
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Around a stage: a ConfigError becomes one line on stderr and exit code 2. In a Hydra
-    multirun it is raised instead, so the sweep records the job as failed and goes on."""
+    """Around a stage: a ConfigError becomes one line on stderr and its exit code (2, or 3 for
+    too many failed images). In a Hydra multirun it is raised instead, so the sweep records the
+    job as failed and goes on."""
     try:
         yield
     except ConfigError as err:
         if HydraConfig.initialized() and HydraConfig.get().mode is RunMode.MULTIRUN:
             raise
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_code)
 
 
 class DatasetKind(Enum):
@@ -82,6 +85,8 @@ class DatasetConfig:
     label_column: str | None = None
     labels_from_folders: bool = False
     extensions: list[str] = MISSING
+    # Manifest paths that leave `root` (../.., absolute paths elsewhere) are refused unless true.
+    allow_outside_root: bool = False
 
 
 @dataclass
@@ -126,6 +131,12 @@ class ExtractConfig:
     batch_size: int = 32
     num_workers: int | None = None
     seed: int = 0
+    # Reliability: progress is saved every `save_every` images, and a rerun of the same config
+    # resumes from there; a run where more than `max_failure_rate` of the images fail stops.
+    resume: bool = True
+    save_every: int = 2048
+    max_failure_rate: float = 0.5
+    max_image_pixels: int = 178_956_970  # decompression-bomb guard, PIL's default
 
 
 class ClusterMethod(Enum):

@@ -6,6 +6,7 @@ to the dataset root, `/`-separated), `path` (where to read it) and, when known, 
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 from albumentations.pytorch import ToTensorV2
+from PIL import Image
 from timm.data import resolve_model_data_config
 
 from pipeline.config import ConfigError, DatasetConfig, DatasetKind
@@ -55,6 +57,7 @@ def load_manifest(dataset: DatasetConfig) -> pd.DataFrame:
         _existing_dir(dataset.root),
         dataset.path_column,
         dataset.label_column,
+        dataset.allow_outside_root,
     )
 
 
@@ -80,9 +83,16 @@ def folder_manifest(
 
 
 def table_manifest(
-    path: Path, root: Path, path_column: str, label_column: str | None
+    path: Path,
+    root: Path,
+    path_column: str,
+    label_column: str | None,
+    allow_outside_root: bool = False,
 ) -> pd.DataFrame:
-    """A CSV or Parquet manifest with a path column (relative to `root`) and an optional label."""
+    """A CSV or Parquet manifest with a path column (relative to `root`) and an optional label.
+
+    A path that leaves `root` is refused unless `allow_outside_root`; its id is then its
+    absolute path."""
     if not path.is_file():
         raise ConfigError(f"manifest {path} does not exist: check dataset.path")
     table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=str)
@@ -94,7 +104,7 @@ def table_manifest(
             f"its columns are {list(table.columns)}: set dataset.path_column / "
             "dataset.label_column"
         )
-    ids = [_image_id(str(p), root) for p in table[path_column]]
+    ids = [_image_id(str(p), root, allow_outside_root) for p in table[path_column]]
     manifest = pd.DataFrame({"image_id": ids, "path": [str(root / i) for i in ids]})
     duplicated = manifest["image_id"][manifest["image_id"].duplicated()]
     if len(duplicated):
@@ -107,15 +117,17 @@ def table_manifest(
     return manifest
 
 
-def _image_id(path: str, root: Path) -> str:
+def _image_id(path: str, root: Path, allow_outside_root: bool) -> str:
     # Lexical normalisation: `..` may not climb out, but a symlink inside the root may point out.
     absolute = Path(os.path.abspath(root / path))
     try:
         return absolute.relative_to(os.path.abspath(root)).as_posix()
     except ValueError:
+        if allow_outside_root:
+            return absolute.as_posix()
         raise ConfigError(
-            f"manifest path {path!r} lies outside dataset.root ({root}): "
-            "give paths relative to the root"
+            f"manifest path {path!r} lies outside dataset.root ({root}): give paths relative "
+            "to the root, or set dataset.allow_outside_root=true"
         ) from None
 
 
@@ -135,18 +147,42 @@ class ImageError(ValueError):
     """A file that cannot be used as an image; it becomes a row of failures.parquet."""
 
 
-def decode_image(data: bytes) -> np.ndarray:
+DEFAULT_MAX_PIXELS = 178_956_970
+Image.MAX_IMAGE_PIXELS = None  # we check sizes ourselves, against max_image_pixels
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Any image OpenCV reads, as 8-bit RGB: grey, alpha, 16-bit and palette files included.
 
     IMREAD_COLOR_RGB drops alpha, expands grey, scales 16-bit to 8-bit and applies the EXIF
-    orientation, as PIL's `convert("RGB")` plus `exif_transpose` would.
+    orientation, as PIL's `convert("RGB")` plus `exif_transpose` would. Truncated JPEG and PNG
+    files, which OpenCV would half-decode, and images over `max_pixels` are refused.
     """
     if not data:
         raise ImageError("empty file")
+    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-64:]:
+        raise ImageError("truncated JPEG (no end-of-image marker)")
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-64:]:
+        raise ImageError("truncated PNG (no IEND chunk)")
+    width, height = _size_from_header(data)
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{width}x{height} pixels, over max_image_pixels={max_pixels} (a decompression bomb?)"
+        )
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
     if image is None:
         raise ImageError("not an image OpenCV can decode (corrupt or unsupported format)")
     return image
+
+
+def _size_from_header(data: bytes) -> tuple[int, int]:
+    """(width, height) from the file header alone, before anything is decoded; (0, 0) when PIL
+    does not know the format (OpenCV then applies its own limit)."""
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            return header.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return 0, 0
 
 
 @dataclass(frozen=True)
@@ -242,16 +278,19 @@ class Batch:
 class ImageDataset(torch.utils.data.Dataset):
     """Reads, decodes and transforms one image; a failure is returned, never raised."""
 
-    def __init__(self, paths: Sequence[str], transform: A.Compose) -> None:
+    def __init__(
+        self, paths: Sequence[str], transform: A.Compose, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         self.paths = list(paths)
         self.transform = transform
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, tuple[str, str] | None]:
         try:
-            image = decode_image(Path(self.paths[index]).read_bytes())
+            image = decode_image(Path(self.paths[index]).read_bytes(), self.max_pixels)
             return index, self.transform(image=image)["image"], None
         except Exception as err:
             return index, None, (type(err).__name__, str(err) or type(err).__name__)
@@ -267,11 +306,16 @@ def collate(samples: list[tuple[int, torch.Tensor | None, tuple[str, str] | None
 
 
 def image_loader(
-    paths: Sequence[str], transform: A.Compose, batch_size: int, num_workers: int, pin_memory: bool
+    paths: Sequence[str],
+    transform: A.Compose,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> torch.utils.data.DataLoader:
     """Batches in manifest order, decoded in `num_workers` processes."""
     return torch.utils.data.DataLoader(
-        ImageDataset(paths, transform),
+        ImageDataset(paths, transform, max_image_pixels),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,

@@ -4,7 +4,6 @@ streamed to its Parquet file, every image accounted for as a row or a failure.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -16,19 +15,35 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import timm
 import torch
 from tqdm import tqdm
 
 import pipeline
-from pipeline.config import ExtractConfig, Precision, config_hash
+from pipeline.config import ConfigError, ExtractConfig, Precision, config_hash
 from pipeline.data import build_transform, image_loader, load_manifest, resolve_preprocess
 from pipeline.hooks import LayerHooks, LayerInfo
 from pipeline.models import build_model
-from pipeline.store import FAILURES_FILE, EmbeddingWriter, layer_path, write_failures
+from pipeline.store import (
+    FAILURES_FILE,
+    RunParts,
+    count_rows,
+    embedding_schema,
+    failures_table,
+    layer_path,
+)
 
 log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {Precision.fp16: torch.float16, Precision.bf16: torch.bfloat16}
+CHUNK_BYTES = 64 * 2**20  # embeddings held in memory before a chunk is saved
+MIN_IMAGES_FOR_FAILURE_RATE = 100  # judge the failure rate on no fewer images
+
+
+class TooManyFailures(ConfigError):
+    """Most images fail: a wrong config, not bad data. Exit code 3."""
+
+    exit_code = 3
 
 
 @dataclass
@@ -73,8 +88,19 @@ def resolve_workers(num_workers: int | None, batches: int) -> int:
     return 0 if batches <= 1 else min(8, cores or 1, batches)
 
 
+def chunk_rows(save_every: int, batch_size: int, total_dim: int) -> int:
+    """Images per saved chunk: about `save_every`, at most ~CHUNK_BYTES of embeddings, and a
+    whole number of batches, so that a resumed run sees the very same batches."""
+    rows = min(save_every, max(1, CHUNK_BYTES // (4 * total_dim)))
+    return max(1, rows // batch_size) * batch_size
+
+
 def run(cfg: ExtractConfig) -> Summary:
     """Extract every configured layer for every image of the dataset into `cfg.output_dir`."""
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {cfg.batch_size}")
+    if not 0 <= cfg.max_failure_rate <= 1:
+        raise ConfigError(f"max_failure_rate is a fraction in [0, 1], got {cfg.max_failure_rate}")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -86,17 +112,18 @@ def run(cfg: ExtractConfig) -> Summary:
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     output_dir = Path(cfg.output_dir)
+    ids = manifest["image_id"].tolist()
     labels = manifest["label"].tolist() if "label" in manifest else None
+    digest = config_hash(cfg)
     base_metadata = {
         "model": cfg.model.name,
         "dataset": cfg.dataset.name,
         "preprocess": preprocess.as_dict(),
-        "config_hash": config_hash(cfg),
+        "config_hash": digest,
         "device": device.type,
         "precision": precision.value,
         "versions": versions(),
     }
-    started = time.perf_counter()
     with (
         LayerHooks(model, cfg.layers, cfg.pool, cfg.output_key) as hooks,
         torch.inference_mode(),
@@ -106,43 +133,55 @@ def run(cfg: ExtractConfig) -> Summary:
             enabled=precision in AUTOCAST_DTYPES,
         ),
     ):
-        example = torch.zeros((1, *preprocess.input_size), device=device)
-        info = hooks.describe(example)
+        info = hooks.describe(torch.zeros((1, *preprocess.input_size), device=device))
+        schemas = {
+            name: embedding_schema(
+                layer.dim,
+                labels is not None,
+                {
+                    **base_metadata,
+                    "layer": name,
+                    "output_shape": list(layer.shape),
+                    "pool": layer.pool.value,
+                    "dim": layer.dim,
+                },
+            )
+            for name, layer in info.items()
+        }
+        rows = chunk_rows(cfg.save_every, cfg.batch_size, sum(i.dim for i in info.values()))
+        parts = RunParts(output_dir, f"{digest}-b{cfg.batch_size}-c{rows}", schemas)
+        first_chunk = parts.start(cfg.resume)
+        start = min(len(ids), first_chunk * rows)
+        if start:
+            log.info(
+                "resuming: %d of %d images were done by an earlier run of this config "
+                "(resume=false starts afresh)",
+                start,
+                len(ids),
+            )
         loader = image_loader(
-            manifest["path"].tolist(),
+            manifest["path"].tolist()[start:],
             build_transform(preprocess),
             cfg.batch_size,
-            resolve_workers(cfg.num_workers, -(-len(manifest) // cfg.batch_size)),
+            resolve_workers(cfg.num_workers, -(-(len(ids) - start) // cfg.batch_size)),
             pin_memory=device.type == "cuda",
+            max_image_pixels=cfg.max_image_pixels,
         )
-        with contextlib.ExitStack() as files:
-            writers = {
-                name: files.enter_context(
-                    EmbeddingWriter(
-                        layer_path(output_dir, name),
-                        layer.dim,
-                        labels is not None,
-                        {
-                            **base_metadata,
-                            "layer": name,
-                            "output_shape": list(layer.shape),
-                            "pool": layer.pool.value,
-                            "dim": layer.dim,
-                        },
-                    )
-                )
-                for name, layer in info.items()
-            }
-            written, failed = _extract(
-                hooks, loader, writers, manifest["image_id"].tolist(), labels, device
-            )
-    seconds = time.perf_counter() - started
-    _check_accounted(len(manifest), written, failed)
-    ids = manifest["image_id"].tolist()
-    write_failures(output_dir / FAILURES_FILE, [(ids[i], err, why) for i, err, why in failed])
+        chunks = Chunks(parts, rows, first_chunk, ids, labels, cfg.max_failure_rate)
+        started = time.perf_counter()
+        _extract(hooks, loader, chunks, start, device)
+        seconds = time.perf_counter() - started
+    parts.merge(output_dir)
+    failures = len(pq.read_table(output_dir / FAILURES_FILE))
+    written = count_rows(layer_path(output_dir, next(iter(info))))
+    if written + failures != len(ids):  # every image a row or a failure (dinov2's check)
+        raise RuntimeError(
+            f"{len(ids)} images in the manifest but {written} written and "
+            f"{failures} failed: some were lost or repeated"
+        )
     summary = Summary(
-        len(written),
-        len(failed),
+        written,
+        failures,
         seconds,
         output_dir,
         info,
@@ -152,43 +191,122 @@ def run(cfg: ExtractConfig) -> Summary:
         _digest(manifest),
     )
     log.info(
-        "%d embedded, %d failed in %.1f s (%.1f images/s) -> %s%s",
-        summary.images,
-        summary.failures,
+        "%d embedded, %d failed%s in %.1f s (%.1f images/s) -> %s",
+        written,
+        failures,
+        f", see {output_dir / FAILURES_FILE}" if failures else "",
         seconds,
-        summary.images_per_s,
+        (len(ids) - start) / seconds if seconds else 0.0,
         output_dir,
-        f"; see {output_dir / FAILURES_FILE}" if failed else "",
     )
     return summary
+
+
+class Chunks:
+    """Collects rows and failures in dataset order and saves each finished chunk of images.
+
+    Rows whose embedding has a NaN or Inf in any layer (fp16 overflow, broken weights) become
+    failures, never rows; so does every image when too many fail, which stops the run.
+    """
+
+    def __init__(
+        self,
+        parts: RunParts,
+        rows: int,
+        first: int,
+        ids: list[str],
+        labels: list[str] | None,
+        max_failure_rate: float,
+    ) -> None:
+        self.parts, self.rows, self.chunk = parts, rows, first
+        self.ids, self.labels = ids, labels
+        self.max_failure_rate = max_failure_rate
+        self.failed_before = len(parts.failures())
+        self._reset()
+
+    def _reset(self) -> None:
+        self.indices: list[int] = []
+        self.arrays: dict[str, list[np.ndarray]] = {name: [] for name in self.parts.schemas}
+        self.failures: list[tuple[str, str, str]] = []
+        self.seen = 0
+
+    def add(
+        self,
+        indices: list[int],
+        outputs: dict[str, np.ndarray],
+        failures: list[tuple[int, str, str]],
+    ) -> None:
+        self.seen += len(indices) + len(failures)
+        finite = np.ones(len(indices), bool)
+        for name, array in outputs.items():
+            bad = ~np.isfinite(array).all(axis=1) & finite
+            failures = failures + [
+                (
+                    indices[i],
+                    "NonFiniteEmbedding",
+                    f"NaN or Inf in layer {name}: try precision=fp32, or check the weights",
+                )
+                for i in np.flatnonzero(bad)
+            ]
+            finite &= ~bad
+        self.indices += [i for i, ok in zip(indices, finite, strict=True) if ok]
+        for name, array in outputs.items():
+            self.arrays[name].append(array[finite])
+        self.failures += [(self.ids[i], error, reason) for i, error, reason in sorted(failures)]
+        if self.seen >= self.rows:
+            self.save()
+
+    def save(self) -> None:
+        if not self.seen:
+            return
+        labels = [self.labels[i] for i in self.indices] if self.labels is not None else None
+        self.parts.write_chunk(
+            self.chunk,
+            [self.ids[i] for i in self.indices],
+            labels,
+            {name: np.concatenate(arrays) for name, arrays in self.arrays.items()},
+            failures_table(self.failures),
+        )
+        done = min(len(self.ids), (self.chunk + 1) * self.rows)
+        self.failed_before += len(self.failures)
+        self.chunk += 1
+        self._reset()
+        if self.failed_before > self.max_failure_rate * done and done >= min(
+            len(self.ids), MIN_IMAGES_FOR_FAILURE_RATE
+        ):
+            raise TooManyFailures(
+                f"{self.failed_before} of the first {done} images failed, more than "
+                f"max_failure_rate={self.max_failure_rate}: the config is probably wrong for "
+                "this data (see the reasons in the failures parts under "
+                f"{self.parts.dir}); fix it, or raise max_failure_rate"
+            )
 
 
 def _extract(
     hooks: LayerHooks,
     loader: torch.utils.data.DataLoader,
-    writers: dict[str, EmbeddingWriter],
-    ids: list[str],
-    labels: list[str] | None,
+    chunks: Chunks,
+    start: int,
     device: torch.device,
-) -> tuple[list[int], list[tuple[int, str, str]]]:
-    """The batch loop. Pooled outputs are copied to the host asynchronously and written one
-    batch later, so on a GPU the next forward pass overlaps the previous batch's writing."""
-    written: list[int] = []
-    failed: list[tuple[int, str, str]] = []
-    pending: tuple[list[int], dict[str, torch.Tensor], Any] | None = None
+) -> None:
+    """The batch loop. Pooled outputs are copied to the host asynchronously and handed on one
+    batch later, so on a GPU the next forward pass overlaps the previous batch's saving."""
+    pending: tuple[list[int], list[tuple[int, str, str]], dict[str, torch.Tensor], Any] | None
+    pending = None
 
-    def flush() -> None:
-        indices, outputs, copied = pending
+    def hand_on() -> None:
+        indices, failures, outputs, copied = pending
         if copied is not None:
             copied.synchronize()
-        batch_labels = [labels[i] for i in indices] if labels is not None else None
-        for name, tensor in outputs.items():
-            writers[name].write([ids[i] for i in indices], batch_labels, tensor.numpy())
-        written.extend(indices)
+        chunks.add(indices, {name: t.numpy() for name, t in outputs.items()}, failures)
 
-    with tqdm(total=len(ids), unit="img", desc="extract", mininterval=1.0) as progress:
+    with tqdm(
+        total=len(chunks.ids), initial=start, unit="img", desc="extract", mininterval=1.0
+    ) as progress:
         for batch in loader:
-            failed.extend(batch.failures)
+            indices = [start + i for i in batch.indices]
+            failures = [(start + i, error, reason) for i, error, reason in batch.failures]
+            outputs, copied = {}, None
             if batch.images is not None:
                 images = batch.images.to(device, non_blocking=True)
                 if device.type == "cuda":
@@ -197,26 +315,18 @@ def _extract(
                     name: out.float().to("cpu", non_blocking=True)
                     for name, out in hooks(images).items()
                 }
-                copied = torch.cuda.Event() if device.type == "cuda" else None
-                if copied is not None:
+                if device.type == "cuda":
+                    copied = torch.cuda.Event()
                     copied.record()
-                if pending is not None:
-                    flush()
-                pending = (batch.indices, outputs, copied)
-            progress.update(len(batch.indices) + len(batch.failures))
+            else:
+                outputs = {name: torch.empty((0, info.dim)) for name, info in hooks.info.items()}
+            if pending is not None:
+                hand_on()
+            pending = (indices, failures, outputs, copied)
+            progress.update(len(indices) + len(failures))
         if pending is not None:
-            flush()
-    return written, failed
-
-
-def _check_accounted(total: int, written: list[int], failed: list[tuple[int, str, str]]) -> None:
-    """Every image is either a row or a failure, exactly once (dinov2's end-of-run check)."""
-    seen = sorted(written + [i for i, _, _ in failed])
-    if seen != list(range(total)):
-        raise RuntimeError(
-            f"{total} images in the manifest but {len(written)} written and "
-            f"{len(failed)} failed: some were lost or repeated"
-        )
+            hand_on()
+    chunks.save()
 
 
 def _digest(manifest: pd.DataFrame) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ import pyarrow.parquet as pq
 
 METADATA_KEY = b"pipeline"
 FAILURES_FILE = "failures.parquet"
+FAILURE_COLUMNS = ("image_id", "error", "reason")
+PARTS_DIR = ".parts"
 # Rows buffered before a row group is written: large enough for efficient reads, small enough
 # that memory stays bounded by a few batches, not by the dataset.
 ROW_GROUP_BYTES = 32 * 2**20
@@ -41,6 +44,34 @@ def embedding_schema(dim: int, labelled: bool, metadata: dict[str, Any]) -> pa.S
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
 
 
+def embedding_batch(
+    schema: pa.Schema, ids: list[str], labels: list[str] | None, embeddings: np.ndarray
+) -> pa.RecordBatch:
+    """Rows in the contract's layout; `embeddings` is float32 of shape (len(ids), dim)."""
+    dim = schema.field("embedding").type.list_size
+    if embeddings.shape != (len(ids), dim):
+        raise ValueError(
+            f"got embeddings of shape {embeddings.shape}, expected ({len(ids)}, {dim})"
+        )
+    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
+    columns = [pa.array(ids, pa.string())]
+    if "label" in schema.names:
+        columns.append(pa.array(labels, pa.string()))
+    columns.append(pa.FixedSizeListArray.from_arrays(flat, dim))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
+    return pq.ParquetWriter(
+        path,
+        schema,
+        # Floats neither dictionary-encode nor have useful min/max statistics.
+        use_dictionary=["image_id", "label"],
+        write_statistics=["image_id", "label"],
+        compression="zstd",
+    )
+
+
 class EmbeddingWriter:
     """Streams one layer's embeddings to Parquet, a row group at a time.
 
@@ -48,11 +79,11 @@ class EmbeddingWriter:
     partial file is removed, so a file under the final name is always complete.
     """
 
-    def __init__(self, path: Path, dim: int, labelled: bool, metadata: dict[str, Any]) -> None:
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
         self.path = path
-        self.dim = dim
-        self.schema = embedding_schema(dim, labelled, metadata)
+        self.schema = schema
         self._partial = path.with_name(path.name + ".partial")
+        dim = schema.field("embedding").type.list_size
         self._rows_per_group = max(1, ROW_GROUP_BYTES // (4 * dim))
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
@@ -60,32 +91,22 @@ class EmbeddingWriter:
 
     def __enter__(self) -> EmbeddingWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = pq.ParquetWriter(
-            self._partial,
-            self.schema,
-            # Floats neither dictionary-encode nor have useful min/max statistics.
-            use_dictionary=["image_id", "label"],
-            write_statistics=["image_id", "label"],
-            compression="zstd",
-        )
+        self._writer = _parquet_writer(self._partial, self.schema)
         return self
 
     def write(self, ids: list[str], labels: list[str] | None, embeddings: np.ndarray) -> None:
-        """Append rows; `embeddings` is float32 of shape (len(ids), dim)."""
-        if embeddings.shape != (len(ids), self.dim):
-            raise ValueError(
-                f"{self.path.name}: got embeddings of shape {embeddings.shape}, "
-                f"expected ({len(ids)}, {self.dim})"
-            )
-        flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
-        columns = [pa.array(ids, pa.string())]
-        if labels is not None:
-            columns.append(pa.array(labels, pa.string()))
-        columns.append(pa.FixedSizeListArray.from_arrays(flat, self.dim))
-        self._pending.append(pa.RecordBatch.from_arrays(columns, schema=self.schema))
+        """Append rows, buffered into row groups of about ROW_GROUP_BYTES."""
+        self._pending.append(embedding_batch(self.schema, ids, labels, embeddings))
         self._pending_rows += len(ids)
         if self._pending_rows >= self._rows_per_group:
             self._flush()
+
+    def write_table(self, table: pa.Table) -> None:
+        """Append a whole table as one row group of its own."""
+        self._flush()
+        self._writer.write_table(
+            table.replace_schema_metadata(self.schema.metadata), row_group_size=max(1, len(table))
+        )
 
     def _flush(self) -> None:
         if self._pending:
@@ -101,6 +122,68 @@ class EmbeddingWriter:
         else:
             self._writer.close()
             self._partial.unlink(missing_ok=True)
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    pq.write_table(table, partial)
+    os.replace(partial, path)
+
+
+class RunParts:
+    """An extraction's progress on disk, so that a run killed at any point resumes.
+
+    Images are taken in chunks, in dataset order. A finished chunk is one part file per layer
+    and one of failures, each renamed into place, then a marker; so a restart redoes only the
+    chunk that was under way. `merge` streams the parts into the final files. Parts live under
+    `<output_dir>/.parts/<key>`, the key naming everything that decides their bytes.
+    """
+
+    def __init__(self, output_dir: Path, key: str, schemas: dict[str, pa.Schema]) -> None:
+        self.root = output_dir / PARTS_DIR
+        self.dir = self.root / key
+        self.schemas = schemas
+
+    def start(self, resume: bool) -> int:
+        """How many chunks are already done; parts of other configs (or all, without resume)
+        are dropped, never mixed in."""
+        if self.root.is_dir():
+            for other in self.root.iterdir():
+                if other != self.dir or not resume:
+                    shutil.rmtree(other)
+        done = 0
+        while (self.dir / f"{done:06d}.done").is_file():
+            done += 1
+        return done
+
+    def write_chunk(
+        self,
+        chunk: int,
+        ids: list[str],
+        labels: list[str] | None,
+        embeddings: dict[str, np.ndarray],
+        failures: pa.Table,
+    ) -> None:
+        name = f"{chunk:06d}.parquet"
+        for layer, schema in self.schemas.items():
+            batch = embedding_batch(schema, ids, labels, embeddings[layer])
+            _write_atomic(pa.Table.from_batches([batch]), self.dir / "layers" / layer / name)
+        _write_atomic(failures, self.dir / "failures" / name)
+        (self.dir / f"{chunk:06d}.done").touch()
+
+    def failures(self) -> pa.Table:
+        parts = sorted((self.dir / "failures").glob("*.parquet"))
+        return pa.concat_tables([pq.read_table(p) for p in parts]) if parts else failures_table([])
+
+    def merge(self, output_dir: Path) -> None:
+        """Write the final files from the parts (a row group per chunk), then drop the parts."""
+        for layer, schema in self.schemas.items():
+            with EmbeddingWriter(layer_path(output_dir, layer), schema) as writer:
+                for part in sorted((self.dir / "layers" / layer).glob("*.parquet")):
+                    writer.write_table(pq.read_table(part))
+        write_failures(output_dir / FAILURES_FILE, self.failures())
+        shutil.rmtree(self.root)
 
 
 @dataclass
@@ -136,17 +219,17 @@ def count_rows(path: str | Path) -> int:
     return ds.dataset(path).count_rows()
 
 
-def write_failures(path: Path, failures: list[tuple[str, str, str]]) -> None:
-    """Images that could not be used, as (image_id, error, reason) rows; written atomically."""
-    ids, errors, reasons = (list(c) for c in zip(*failures, strict=True)) if failures else ([],) * 3
-    table = pa.table(
+def failures_table(rows: list[tuple[str, str, str]]) -> pa.Table:
+    """Images that could not be used, as (image_id, error, reason) rows."""
+    columns = list(zip(*rows, strict=True)) if rows else [(), (), ()]
+    return pa.table(
         {
-            "image_id": pa.array(ids, pa.string()),
-            "error": pa.array(errors, pa.string()),
-            "reason": pa.array(reasons, pa.string()),
+            name: pa.array(list(values), pa.string())
+            for name, values in zip(FAILURE_COLUMNS, columns, strict=True)
         }
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    pq.write_table(table, partial)
-    os.replace(partial, path)
+
+
+def write_failures(path: Path, failures: pa.Table) -> None:
+    """`failures.parquet`, written atomically."""
+    _write_atomic(failures, path)

@@ -1,0 +1,244 @@
+"""Bad input, interruptions and hostile files: recorded, resumed or refused, never lost."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import timm
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from pipeline.data import ImageDataset, Preprocess, build_transform, decode_image, table_manifest
+from pipeline.store import PARTS_DIR
+
+from conftest import TINY_MODEL, run_cli, write_image
+
+SMALL = [*TINY_MODEL, "model.input_size=[3,32,32]", "batch_size=4"]
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    return cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+def _png(image: np.ndarray) -> bytes:
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+def bad_and_good_files(root: Path) -> dict[str, str | None]:
+    """Every kind of file a scraped folder holds: id -> the reason it must fail, or None."""
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 255, (40, 48, 3), np.uint8)
+    cmyk = io.BytesIO()
+    Image.fromarray(photo).convert("CMYK").save(cmyk, "JPEG")
+    palette = io.BytesIO()
+    Image.fromarray(photo).convert("P").save(palette, "PNG")
+    files: dict[str, tuple[bytes, str | None]] = {
+        "empty.jpg": (b"", "empty file"),
+        "truncated.jpg": (_jpeg(photo)[:300], "truncated JPEG"),
+        "truncated.png": (_png(photo)[:200], "truncated PNG"),
+        "text.png": (b"this is not an image\n" * 20, "not an image"),
+        "huge.png": (_png(np.zeros((300, 300), np.uint8)), "over max_image_pixels"),
+        "cmyk.jpg": (cmyk.getvalue(), None),
+        "sixteen.png": (_png(np.full((30, 30, 3), 40000, np.uint16)), None),
+        "palette.png": (palette.getvalue(), None),
+        "alpha.png": (_png(np.full((30, 30, 4), 200, np.uint8)), None),
+        "tiny.png": (_png(np.full((1, 1, 3), 9, np.uint8)), None),
+    }
+    for i in range(8):
+        files[f"good{i}.jpg"] = (_jpeg(rng.integers(0, 255, (36, 36, 3), np.uint8)), None)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, (data, _) in files.items():
+        (root / name).write_bytes(data)
+    return {name: reason for name, (_, reason) in files.items()}
+
+
+@pytest.mark.slow
+def test_bad_files_become_failure_rows_and_the_rest_embeddings(tmp_path: Path) -> None:
+    root = tmp_path / "scraped"
+    expected = bad_and_good_files(root)
+    (root / "a_folder.jpg").mkdir()  # a path that is not a file
+    names = [*sorted(expected), "missing.jpg", "a_folder.jpg"]
+    expected |= {"missing.jpg": "No such file", "a_folder.jpg": "directory"}
+    pd.DataFrame({"path": names}).to_csv(tmp_path / "list.csv", index=False)
+    done = run_cli(
+        *SMALL,
+        "dataset=csv",
+        f"dataset.path={tmp_path}/list.csv",
+        f"dataset.root={root}",
+        "max_image_pixels=50000",
+        f"output_dir={tmp_path}/out",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    failing = {n for n, reason in expected.items() if reason}
+    assert f"{len(names) - len(failing)} embedded, {len(failing)} failed, see" in done.stdout
+    failures = pd.read_parquet(tmp_path / "out/failures.parquet").set_index("image_id")
+    assert set(failures.index) == failing
+    for name in failing:
+        assert expected[name] in failures.loc[name, "reason"], name
+    rows = pd.read_parquet(tmp_path / "out/global_pool.parquet")
+    assert rows["image_id"].tolist() == [n for n in names if n not in failing]
+
+
+@pytest.mark.slow
+def test_mostly_failing_run_stops_with_exit_3(tmp_path: Path) -> None:
+    root = tmp_path / "junk"
+    root.mkdir()
+    for i in range(12):
+        (root / f"{i}.png").write_bytes(b"junk")
+    write_image(root / "ok.png", np.zeros((8, 8, 3), np.uint8))
+    done = run_cli(
+        *SMALL, "dataset=folder", f"dataset.root={root}", f"output_dir={tmp_path}/out", cwd=tmp_path
+    )
+    assert done.returncode == 3
+    assert "12 of the first 13 images failed, more than max_failure_rate=0.5" in done.stderr
+    assert not (tmp_path / "out/global_pool.parquet").exists()
+
+
+@pytest.mark.slow
+def test_nan_embeddings_are_never_written_as_rows(tmp_path: Path, photos: Path) -> None:
+    model = timm.create_model("test_efficientnet", pretrained=False)
+    state = model.state_dict()
+    state["classifier.bias"] = torch.full_like(state["classifier.bias"], float("nan"))
+    torch.save(state, tmp_path / "broken.pth")
+    done = run_cli(
+        *SMALL,
+        "dataset=folder",
+        f"dataset.root={photos}",
+        "layers=[logits]",
+        f"model.checkpoint={tmp_path}/broken.pth",
+        f"output_dir={tmp_path}/out",
+        "max_failure_rate=1",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    failures = pd.read_parquet(tmp_path / "out/failures.parquet")
+    assert len(failures) == 6 and set(failures["error"]) == {"NonFiniteEmbedding"}
+    assert "NaN or Inf in layer logits" in failures["reason"].iloc[0]
+    assert len(pd.read_parquet(tmp_path / "out/logits.parquet")) == 0
+
+
+def many_images(root: Path, n: int) -> Path:
+    rng = np.random.default_rng(7)
+    for i in range(n):
+        write_image(root / f"{i:04d}.png", rng.integers(0, 255, (24, 24, 3), np.uint8))
+    return root
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_files(tmp_path: Path) -> None:
+    """SIGKILL partway, start again: the result equals an uninterrupted run's, row for row."""
+    root = many_images(tmp_path / "images", 400)
+    args = [
+        *TINY_MODEL,
+        "model.input_size=[3,64,64]",
+        "dataset=folder",
+        f"dataset.root={root}",
+        "batch_size=8",
+        "save_every=16",
+        "num_workers=0",
+        "layers=[blocks.2,global_pool]",
+    ]
+    reference = run_cli(*args, f"output_dir={tmp_path}/reference", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args, f"output_dir={out}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while len(list(out.glob(f"{PARTS_DIR}/*/*.done"))) < 3:
+        assert victim.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (out / "global_pool.parquet").exists()  # nothing that looks complete
+
+    resumed = run_cli(*args, f"output_dir={out}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming:" in resumed.stdout
+    for layer in ("blocks.2", "global_pool"):
+        a = pq.read_table(tmp_path / f"reference/{layer}.parquet")
+        b = pq.read_table(out / f"{layer}.parquet")
+        assert a.column("image_id").equals(b.column("image_id"))
+        assert a.column("embedding").equals(b.column("embedding"))
+        assert a.schema.metadata == b.schema.metadata
+    assert not (out / PARTS_DIR).exists()
+
+
+@pytest.mark.slow
+def test_resume_false_and_changed_config_start_afresh(tmp_path: Path) -> None:
+    root = many_images(tmp_path / "images", 12)
+    args = [
+        *SMALL,
+        "dataset=folder",
+        f"dataset.root={root}",
+        "save_every=4",
+        f"output_dir={tmp_path}/out",
+    ]
+    parts = tmp_path / "out" / PARTS_DIR / "left-over-from-another-config"
+    parts.mkdir(parents=True)
+    done = run_cli(*args, "pool=max", cwd=tmp_path)
+    assert done.returncode == 0 and "resuming" not in done.stdout
+    assert not parts.exists()
+
+
+def test_manifest_outside_root_only_when_allowed(tmp_path: Path) -> None:
+    outside = write_image(tmp_path / "elsewhere" / "x.png", np.zeros((4, 4, 3), np.uint8))
+    (tmp_path / "root").mkdir()
+    pd.DataFrame({"path": [str(outside)]}).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(ValueError, match="allow_outside_root"):
+        table_manifest(tmp_path / "m.csv", tmp_path / "root", "path", None)
+    manifest = table_manifest(tmp_path / "m.csv", tmp_path / "root", "path", None, True)
+    assert manifest["image_id"].tolist() == [outside.as_posix()]
+
+
+VALID = [_png(np.full((9, 7, 3), 100, np.uint8)), _jpeg(np.full((9, 7, 3), 100, np.uint8))]
+DATASET = ImageDataset(
+    [], build_transform(Preprocess((3, 16, 16), 0.875, "bilinear", (0.5,) * 3, (0.5,) * 3))
+)
+
+
+@settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        st.binary(max_size=512),
+        st.tuples(
+            st.sampled_from(VALID), st.integers(0, 200), st.binary(min_size=1, max_size=8)
+        ).map(lambda t: t[0][: t[1]] + t[2] + t[0][t[1] + len(t[2]) :]),
+        st.tuples(st.sampled_from(VALID), st.integers(1, 400)).map(lambda t: t[0][: t[1]]),
+    )
+)
+def test_fuzzed_bytes_become_images_or_recorded_failures(data: bytes) -> None:
+    """Random and mutated files: a tensor of the right shape or a failure, never a crash."""
+    try:
+        image = decode_image(data)
+    except ValueError:
+        return
+    tensor = DATASET.transform(image=image)["image"]
+    assert tensor.shape == (3, 16, 16) and torch.isfinite(tensor).all()
+
+
+def test_dataset_turns_any_error_into_a_failure(tmp_path: Path) -> None:
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+    index, tensor, failure = ImageDataset([str(tmp_path / "bad.png")], DATASET.transform)[0]
+    assert index == 0 and tensor is None and failure[0] == "ImageError"
