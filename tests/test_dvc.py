@@ -46,7 +46,7 @@ def test_repro_from_a_fresh_clone(tmp_path: Path) -> None:
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
 
     first = ran(dvc("repro", cwd=clone))
-    assert first[:2] == ["prepare", "extract"] and len(first) == 6
+    assert first[:2] == ["prepare", "extract"] and first[-1] == "report" and len(first) == 9
 
     embeddings = clone / "outputs/embeddings/demo/efficientnet_lite0"
     assert len(pd.read_parquet(embeddings / "global_pool.parquet")) == 120
@@ -58,6 +58,9 @@ def test_repro_from_a_fresh_clone(tmp_path: Path) -> None:
     )
     assert dedup["recall"] > 0.9 and dedup["precision"] > 0.9  # the planted near-duplicates
     assert cluster["nmi"] > 0.9
+    report = pd.read_parquet(clone / "outputs/report/demo/efficientnet_lite0/report.parquet")
+    assert report["layer"].tolist() == ["blocks.4", "global_pool"]
+    assert report["probe_accuracy"].min() > 0.9
     assert "dedup/demo/efficientnet_lite0/global_pool/metrics.json" in dvc(
         "metrics", "show", cwd=clone
     )
@@ -66,4 +69,5 @@ def test_repro_from_a_fresh_clone(tmp_path: Path) -> None:
 
     config = clone / "conf/dedup.yaml"
     config.write_text(config.read_text().replace("threshold: 0.7", "threshold: 0.75"))
-    assert sorted(ran(dvc("repro", cwd=clone))) == ["dedup@blocks.4", "dedup@global_pool"]
+    # Only the dedup stages, and the report that reads their metrics.
+    assert sorted(ran(dvc("repro", cwd=clone))) == ["dedup@blocks.4", "dedup@global_pool", "report"]

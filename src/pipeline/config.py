@@ -181,6 +181,52 @@ class StageConfig:
 
 
 @dataclass
+class ProbeParams:
+    folds: int = 5  # stratified; fewer when the rarest label has fewer images
+    c: float = 1.0  # inverse regularisation strength of the logistic regression
+    max_iter: int = 2000
+    seed: int = 0
+
+
+@dataclass
+class ProbeConfig(StageConfig):
+    probe: ProbeParams = MISSING
+
+
+@dataclass
+class ReportConfig:
+    """Per layer of one model on one dataset: dim, cluster NMI, duplicate F1, probe accuracy."""
+
+    # The same groups as extraction, so a report takes the overrides its extraction took.
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    embeddings_dir: str = MISSING
+    cluster_dir: str = MISSING
+    dedup_dir: str = MISSING
+    probe_dir: str = MISSING
+    output_dir: str = MISSING
+    # Run the cluster, dedup and probe stages (default settings) for layers that lack them.
+    compute_missing: bool = True
+    images_root: str | None = None
+    tracking: TrackingConfig = MISSING
+
+
+@dataclass
+class VisualizeConfig:
+    """Feature maps of a few layers for one or a few images."""
+
+    model: ModelConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    images: list[str] = MISSING
+    layers: list[str] = MISSING
+    output_key: str | None = None
+    channels: int = 16  # the strongest channels shown per layer
+    normalise: str = "channel"  # channel: each map to its own range | layer: one range per layer
+    output_dir: str = MISSING
+    device: str = "auto"
+
+
+@dataclass
 class ClusterConfig(StageConfig):
     cluster: ClusterParams = MISSING
 
@@ -268,6 +314,9 @@ def register() -> None:
     store.store(name="extract_schema", node=ExtractConfig)
     store.store(name="cluster_schema", node=ClusterConfig)
     store.store(name="dedup_schema", node=DedupConfig)
+    store.store(name="probe_schema", node=ProbeConfig)
+    store.store(name="report_schema", node=ReportConfig)
+    store.store(name="visualize_schema", node=VisualizeConfig)
     resolvers = {
         "package_file": package_file,
         "path_name": path_name,

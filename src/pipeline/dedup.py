@@ -135,6 +135,11 @@ def exact_duplicates(ids: list[str], root: Path) -> pd.DataFrame:
 
 def truth_groups(path: Path, id_column: str, group_column: str, ids: list[str]) -> pd.Series:
     """The true group of each embedded image (NaN where the manifest does not say)."""
+    if not path.is_file():
+        raise ConfigError(
+            f"dedup.truth {path} does not exist: point it at a manifest with the "
+            "true groups, or set dedup.truth=null"
+        )
     manifest = pd.read_csv(path, dtype=str) if path.suffix != ".parquet" else pd.read_parquet(path)
     missing = [c for c in (id_column, group_column) if c not in manifest]
     if missing:

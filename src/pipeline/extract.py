@@ -144,6 +144,7 @@ def run(cfg: ExtractConfig) -> Summary:
                     "output_shape": list(layer.shape),
                     "pool": layer.pool.value,
                     "dim": layer.dim,
+                    "depth": layer.depth,
                 },
             )
             for name, layer in info.items()

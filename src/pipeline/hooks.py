@@ -111,6 +111,7 @@ class LayerInfo:
     shape: tuple[int, ...]  # raw output, without the batch dimension
     pool: Pool
     dim: int
+    depth: int  # position in model.named_modules(); logits come after every module
 
 
 class LayerHooks:
@@ -226,9 +227,13 @@ class LayerHooks:
                 probe.remove()
         if LOGITS in self.layers:
             shapes[LOGITS] = tuple(select_output(final, self.output_key, LOGITS).shape[1:])
+        order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
         self.info = {
             name: LayerInfo(
-                shapes[name], self._pool_for(name, _blank(shapes[name])), outputs[name].shape[1]
+                shapes[name],
+                self._pool_for(name, _blank(shapes[name])),
+                outputs[name].shape[1],
+                order.get(name, len(order)),
             )
             for name in self.layers
         }

@@ -1,0 +1,104 @@
+"""python -m pipeline.probe [overrides]: a linear probe on one layer's embeddings.
+
+How much of the labels a layer makes linearly readable: a logistic regression on the
+standardised embeddings, scored by stratified k-fold cross-validation. Writes `probe.json`:
+accuracy and macro-F1 with their spread over folds, and the chance level to compare with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_validate
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from pipeline import tracking
+from pipeline.__main__ import CONFIG_DIR
+from pipeline.config import ConfigError, ProbeConfig, user_errors
+from pipeline.store import read_embeddings
+
+log = logging.getLogger(__name__)
+
+
+def probe_scores(
+    vectors: np.ndarray,
+    labels: list[str],
+    folds: int = 5,
+    c: float = 1.0,
+    max_iter: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """Cross-validated accuracy and macro-F1 of a logistic regression from vectors to labels."""
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2 or counts.min() < 2:
+        raise ConfigError(
+            "a probe needs at least 2 labels with 2 images each; these embeddings "
+            f"have {len(classes)} labels, the rarest with {counts.min()} image(s)"
+        )
+    splits = StratifiedKFold(
+        n_splits=int(min(folds, counts.min())), shuffle=True, random_state=seed
+    )
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
+    scores = cross_validate(model, vectors, labels, cv=splits, scoring=("accuracy", "f1_macro"))
+    accuracy, f1 = scores["test_accuracy"], scores["test_f1_macro"]
+    return {
+        "accuracy": float(accuracy.mean()),
+        "accuracy_std": float(accuracy.std()),
+        "f1_macro": float(f1.mean()),
+        "f1_macro_std": float(f1.std()),
+        "folds": splits.n_splits,
+        "n_images": len(labels),
+        "n_classes": len(classes),
+        "chance": float(counts.max() / counts.sum()),
+    }
+
+
+def run(cfg: ProbeConfig, run_log: tracking.Run) -> dict:
+    source = Path(cfg.embeddings)
+    if not source.exists():
+        raise ConfigError(
+            f"embeddings {source} do not exist: run `python -m pipeline` first, "
+            "or point embeddings= at a layer's .parquet"
+        )
+    embeddings = read_embeddings(source)
+    if embeddings.labels is None:
+        raise ConfigError(
+            f"{source} has no labels to probe: extract from a dataset with a "
+            "label column (dataset.label_column, dataset.labels_from_folders)"
+        )
+    run_log.log_params({"input_sha256": tracking.file_digest(source)})
+    p = cfg.probe
+    scores = probe_scores(embeddings.vectors, embeddings.labels, p.folds, p.c, p.max_iter, p.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(scores, indent=2) + "\n")
+    run_log.log_metrics(scores)
+    run_log.log_artifact(out / "probe.json")
+    log.info(
+        "linear probe on %s: accuracy %.3f +- %.3f, macro-F1 %.3f (chance %.3f) -> %s",
+        source.stem,
+        scores["accuracy"],
+        scores["accuracy_std"],
+        scores["f1_macro"],
+        scores["chance"],
+        out,
+    )
+    return scores
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="probe")
+def main(cfg: DictConfig) -> None:
+    config = OmegaConf.to_object(cfg)
+    with user_errors(), tracking.tracked(config.tracking, "probe", cfg) as run_log:
+        run(config, run_log)
+
+
+if __name__ == "__main__":
+    main()
