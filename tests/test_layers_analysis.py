@@ -50,7 +50,7 @@ def test_feature_maps_show_the_strongest_channels(tmp_path: Path, photos: Path) 
     done = run_cli(
         "model=module",
         f"model.checkpoint={tmp_path}/resnet18.pth",
-        f"images=[{image}]",
+        f"image={image}",
         "layers=[layer1,layer3]",
         "channels=6",
         f"output_dir={tmp_path}/maps",
@@ -78,6 +78,7 @@ def test_feature_maps_of_a_vit(tmp_path: Path, photos: Path) -> None:
     done = run_cli(
         *TINY_MODEL,
         "model.name=test_vit",
+        "image=null",
         f"images=[{photos}/scenes/rocket.png]",
         "layers=[blocks.0]",
         f"output_dir={tmp_path}/maps",

@@ -217,6 +217,7 @@ class VisualizeConfig:
 
     model: ModelConfig = MISSING
     tracking: TrackingConfig = MISSING
+    image: str | None = None  # one image; `images` takes a few
     images: list[str] = MISSING
     layers: list[str] = MISSING
     output_key: str | None = None

@@ -90,10 +90,15 @@ def run(cfg: VisualizeConfig, run_log: tracking.Run) -> dict[str, dict[str, list
     m = cfg.model
     preprocess = resolve_preprocess(model, m.input_size, m.crop_pct, m.interpolation, m.mean, m.std)
     transform = build_transform(preprocess)
-    paths = [Path(p).expanduser() for p in cfg.images]
+    paths = [Path(p).expanduser() for p in ([cfg.image] if cfg.image else []) + cfg.images]
+    if not paths:
+        raise ConfigError("no image given: image=path/to/photo.jpg")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise ConfigError(f"image {missing[0]} does not exist: check images=[...]")
+        raise ConfigError(
+            f"image {missing[0]} does not exist: check image= (the default is a "
+            "demo photo: python -m pipeline.demo builds them)"
+        )
     batch = torch.stack([transform(image=decode_image(p.read_bytes()))["image"] for p in paths])
     mean, std = np.array(preprocess.mean), np.array(preprocess.std)
     shown = {}
