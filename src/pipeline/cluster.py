@@ -16,17 +16,23 @@ import hydra
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from sklearn.cluster import HDBSCAN, KMeans
 from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
 from pipeline import plots, tracking
-from pipeline.__main__ import CONFIG_DIR
-from pipeline.config import ClusterConfig, ClusterMethod, ConfigError, user_errors
-from pipeline.store import Embeddings, read_embeddings
+from pipeline.config import ClusterConfig, ClusterMethod, ConfigError
+from pipeline.store import Embeddings, existing_embeddings, read_embeddings
 
 log = logging.getLogger(__name__)
+# Not imported from pipeline.__main__: that would import extraction, and with it torch.
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# Beyond these sizes a number or picture is computed on a random sample: silhouette costs
+# O(N^2) time, a 2D projection needs no more points, and a figure has a pixel limit.
+SILHOUETTE_SAMPLE = 10_000
+PROJECTION_POINTS = 20_000
+SHEET_ROWS = 40  # clusters shown in the contact sheet
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
@@ -44,12 +50,17 @@ def cluster_vectors(
     seed: int = 0,
 ) -> np.ndarray:
     """A cluster number per row (-1: HDBSCAN's noise)."""
+    if pca_dim is not None and pca_dim < 1:
+        raise ConfigError(f"cluster.pca_dim must be at least 1 (or null: no PCA), got {pca_dim}")
+    if method is ClusterMethod.hdbscan and min_cluster_size < 2:
+        raise ConfigError(f"cluster.min_cluster_size must be at least 2, got {min_cluster_size}")
     points = normalise(vectors)
     if pca_dim is not None:
         dim = min(pca_dim, *points.shape)
         points = PCA(n_components=dim, random_state=seed).fit_transform(points)
     if method is ClusterMethod.hdbscan:
-        return HDBSCAN(min_cluster_size=min_cluster_size).fit_predict(points)
+        # `points` is this function's own copy, so HDBSCAN may work in it.
+        return HDBSCAN(min_cluster_size=min_cluster_size, copy=False).fit_predict(points)
     if k is None or not 1 <= k <= len(points):
         raise ConfigError(
             f"k-means needs 1 <= cluster.k <= {len(points)} (the images), got {k}"
@@ -58,16 +69,29 @@ def cluster_vectors(
     return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(points)
 
 
-def cluster_metrics(vectors: np.ndarray, assignments: np.ndarray, labels: list[str] | None) -> dict:
-    """Silhouette (cosine), and agreement with the labels when there are labels."""
+def sample_rows(n: int, limit: int, seed: int) -> np.ndarray:
+    """All row indices, or `limit` of them drawn at random (sorted), when there are more."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
+def cluster_metrics(
+    vectors: np.ndarray, assignments: np.ndarray, labels: list[str] | None, seed: int = 0
+) -> dict:
+    """Silhouette (cosine; on a random sample of SILHOUETTE_SAMPLE images beyond that), and
+    agreement with the labels when there are labels."""
     sizes = pd.Series(assignments).value_counts().sort_index()
     metrics: dict = {
         "n_images": len(assignments),
         "n_clusters": int((sizes.index >= 0).sum()),
         "sizes": {str(c): int(n) for c, n in sizes.items()},
     }
-    if 2 <= len(sizes) < len(assignments):
-        metrics["silhouette"] = float(silhouette_score(vectors, assignments, metric="cosine"))
+    rows = sample_rows(len(assignments), SILHOUETTE_SAMPLE, seed)
+    if 2 <= len(np.unique(assignments[rows])) < len(rows):
+        metrics["silhouette"] = float(
+            silhouette_score(vectors[rows], assignments[rows], metric="cosine")
+        )
     if labels is not None:
         metrics["nmi"] = float(normalized_mutual_info_score(labels, assignments))
         metrics["ari"] = float(adjusted_rand_score(labels, assignments))
@@ -77,9 +101,9 @@ def cluster_metrics(vectors: np.ndarray, assignments: np.ndarray, labels: list[s
 def contact_sheet(
     embeddings: Embeddings, assignments: np.ndarray, images_root: Path, per_cluster: int, title: str
 ) -> Figure:
-    """A row of thumbnails per cluster: what each cluster holds."""
+    """A row of thumbnails per cluster (the first SHEET_ROWS clusters): what each holds."""
     rows = []
-    for cluster in sorted(set(assignments.tolist())):
+    for cluster in sorted(set(assignments.tolist()))[:SHEET_ROWS]:
         members = np.flatnonzero(assignments == cluster)[:per_cluster]
         rows.append(
             (
@@ -97,14 +121,11 @@ def contact_sheet(
 
 
 def run(cfg: ClusterConfig, run_log: tracking.Run) -> dict:
-    source = Path(cfg.embeddings)
-    if not source.exists():
-        raise ConfigError(
-            f"embeddings {source} do not exist: run `python -m pipeline` first, "
-            "or point embeddings= at a layer's .parquet"
-        )
+    source = existing_embeddings(cfg.embeddings)
     run_log.log_params({"input_sha256": tracking.file_digest(source)})
     embeddings = read_embeddings(source)
+    if not embeddings.ids:
+        raise ConfigError(f"embeddings {source} hold no images: nothing to cluster")
     params = cfg.cluster
     k = (
         params.k
@@ -114,7 +135,8 @@ def run(cfg: ClusterConfig, run_log: tracking.Run) -> dict:
     assignments = cluster_vectors(
         embeddings.vectors, params.method, k, params.pca_dim, params.min_cluster_size, params.seed
     )
-    metrics = cluster_metrics(normalise(embeddings.vectors), assignments, embeddings.labels)
+    unit = normalise(embeddings.vectors)
+    metrics = cluster_metrics(unit, assignments, embeddings.labels, params.seed)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"image_id": embeddings.ids, "cluster": assignments}).to_parquet(
@@ -122,9 +144,10 @@ def run(cfg: ClusterConfig, run_log: tracking.Run) -> dict:
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     title = f"{source.stem}: {params.method.value}, {metrics['n_clusters']} clusters"
+    shown = sample_rows(len(unit), PROJECTION_POINTS, params.seed)
     pictures = [
         plots.save(
-            plots.projection_figure(embeddings.vectors, [str(a) for a in assignments], title),
+            plots.projection_figure(unit[shown], [str(a) for a in assignments[shown]], title),
             out / "projection.png",
         )
     ]
@@ -153,9 +176,7 @@ def run(cfg: ClusterConfig, run_log: tracking.Run) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="cluster")
 def main(cfg: DictConfig) -> None:
-    config = OmegaConf.to_object(cfg)
-    with user_errors(), tracking.tracked(config.tracking, "cluster", cfg) as run_log:
-        run(config, run_log)
+    tracking.run_stage(cfg, "cluster", run)
 
 
 if __name__ == "__main__":

@@ -19,19 +19,23 @@ from pathlib import Path
 import hydra
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from matplotlib.figure import Figure
+from omegaconf import DictConfig
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from pipeline import plots, tracking
-from pipeline.__main__ import CONFIG_DIR
 from pipeline.cluster import normalise
-from pipeline.config import ConfigError, DedupConfig, SearchMethod, user_errors
-from pipeline.store import read_embeddings
+from pipeline.config import ConfigError, DedupConfig, SearchMethod
+from pipeline.store import existing_embeddings, read_embeddings
 
 log = logging.getLogger(__name__)
+# Not imported from pipeline.__main__: that would import extraction, and with it torch.
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 BLOCK_BYTES = 64 * 2**20  # similarity rows computed at once: bounds memory at any N
 PR_THRESHOLDS = np.round(np.arange(0.50, 1.00, 0.01), 2)
+# Written only by some runs: removed first, so a folder never mixes two runs' results.
+OPTIONAL_OUTPUTS = ("exact_duplicates.parquet", "pr_curve.csv", "top_pairs.png")
 
 
 def knn_exact(unit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,10 +78,9 @@ def candidate_pairs(indices: np.ndarray, similarities: np.ndarray) -> pd.DataFra
     """Neighbour lists as unordered pairs (a < b in dataset order), each once."""
     a = np.repeat(np.arange(len(indices)), indices.shape[1])
     b = indices.reshape(-1)
-    pairs = pd.DataFrame(
-        {"a": np.minimum(a, b), "b": np.maximum(a, b), "similarity": similarities.reshape(-1)}
-    )
-    pairs = pairs[pairs["b"] >= 0]  # faiss pads missing neighbours with -1
+    found = b >= 0  # faiss pads missing neighbours with -1: drop them before ordering a, b
+    a, b, similarities = a[found], b[found], similarities.reshape(-1)[found]
+    pairs = pd.DataFrame({"a": np.minimum(a, b), "b": np.maximum(a, b), "similarity": similarities})
     return (
         pairs.sort_values("similarity", ascending=False, kind="stable")
         .drop_duplicates(["a", "b"])
@@ -97,30 +100,39 @@ def groups_of(n: int, pairs: pd.DataFrame) -> np.ndarray:
     return groups
 
 
-def true_pairs(groups: pd.Series) -> set[tuple[int, int]]:
-    """Every pair of positions that share a group (positions in dataset order)."""
-    pairs = set()
-    for members in groups.groupby(groups).indices.values():
-        pairs.update((int(a), int(b)) for i, a in enumerate(members) for b in members[i + 1 :])
-    return pairs
+def truth_codes(groups: pd.Series) -> np.ndarray:
+    """Each image's true group as a number, -1 where the truth does not say."""
+    return pd.factorize(groups)[0]
 
 
-def pair_scores(found: set[tuple[int, int]], truth: set[tuple[int, int]]) -> dict[str, float]:
-    hits = len(found & truth)
-    precision = hits / len(found) if found else 1.0
-    recall = hits / len(truth) if truth else 1.0
+def count_true_pairs(codes: np.ndarray) -> int:
+    """How many pairs of images share a group, counted without listing them: a group of g
+    images holds g(g-1)/2 pairs, which for large groups would not fit in memory as a list."""
+    sizes = np.bincount(codes[codes >= 0])
+    return int((sizes * (sizes - 1) // 2).sum())
+
+
+def shares_group(codes: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Whether each pair (a[i], b[i]) is a true pair: both in the same known group."""
+    return (codes[a] == codes[b]) & (codes[a] >= 0)
+
+
+def pair_scores(found: int, hits: int, truth: int) -> dict[str, float]:
+    """Precision, recall and F1 from counts: pairs found, true pairs among them, true pairs."""
+    precision = hits / found if found else 1.0
+    recall = hits / truth if truth else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
-def pr_curve(candidates: pd.DataFrame, truth: set[tuple[int, int]]) -> pd.DataFrame:
-    """Precision, recall and F1 of `similarity >= t` for each threshold t."""
-    pairs = list(zip(candidates["a"], candidates["b"], strict=True))
+def pr_curve(similarities: np.ndarray, hits: np.ndarray, truth: int) -> pd.DataFrame:
+    """Precision, recall and F1 of `similarity >= t` over the candidate pairs, for each
+    threshold t; `hits` says which candidates are true pairs, `truth` how many there are."""
     rows = []
     for threshold in PR_THRESHOLDS:
-        above = candidates["similarity"].to_numpy() >= threshold
-        found = {p for p, keep in zip(pairs, above, strict=True) if keep}
-        rows.append({"threshold": float(threshold), **pair_scores(found, truth)})
+        above = similarities >= threshold
+        scores = pair_scores(int(above.sum()), int(hits[above].sum()), truth)
+        rows.append({"threshold": float(threshold), **scores})
     return pd.DataFrame(rows)
 
 
@@ -156,6 +168,20 @@ def truth_groups(path: Path, id_column: str, group_column: str, ids: list[str]) 
     return groups
 
 
+def top_pairs_figure(pairs: pd.DataFrame, ids: list[str], root: Path, title: str) -> Figure:
+    """The given pairs side by side, their cosine similarity as the row title; with no pairs, a
+    figure that says so (the file is still written, for DVC and for whoever looks)."""
+    if pairs.empty:
+        figure = Figure(figsize=(5, 1))
+        figure.text(0.5, 0.5, f"{title}: no pairs", ha="center", va="center")
+        return figure
+    rows = [
+        (f"{s:.3f}", [(root / ids[a], ids[a]), (root / ids[b], ids[b])])
+        for a, b, s in zip(pairs["a"], pairs["b"], pairs["similarity"], strict=True)
+    ]
+    return plots.image_grid(rows, title)
+
+
 def run(cfg: DedupConfig, run_log: tracking.Run) -> dict:
     params = cfg.dedup
     if not -1 < params.threshold <= 1:
@@ -164,15 +190,12 @@ def run(cfg: DedupConfig, run_log: tracking.Run) -> dict:
         )
     if params.k < 1:
         raise ConfigError(f"dedup.k must be at least 1, got {params.k}")
-    source = Path(cfg.embeddings)
-    if not source.exists():
-        raise ConfigError(
-            f"embeddings {source} do not exist: run `python -m pipeline` first, "
-            "or point embeddings= at a layer's .parquet"
-        )
+    source = existing_embeddings(cfg.embeddings)
     run_log.log_params({"input_sha256": tracking.file_digest(source)})
     embeddings = read_embeddings(source)
     ids, n = embeddings.ids, len(embeddings.ids)
+    if n == 0:
+        raise ConfigError(f"embeddings {source} hold no images: nothing to compare")
     unit = normalise(embeddings.vectors)
     search = knn_hnsw if params.method is SearchMethod.hnsw else knn_exact
     candidates = (
@@ -180,10 +203,14 @@ def run(cfg: DedupConfig, run_log: tracking.Run) -> dict:
         if n > 1
         else candidate_pairs(np.empty((n, 0), np.int64), np.empty((n, 0), np.float32))
     )
-    pairs = candidates[candidates["similarity"] >= params.threshold]
+    similarities = candidates["similarity"].to_numpy()
+    above = similarities >= params.threshold
+    pairs = candidates[above]
     groups = groups_of(n, pairs)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for name in OPTIONAL_OUTPUTS:
+        (out / name).unlink(missing_ok=True)
     pd.DataFrame(
         {
             "image_a": [ids[a] for a in pairs["a"]],
@@ -201,34 +228,37 @@ def run(cfg: DedupConfig, run_log: tracking.Run) -> dict:
         "n_pairs": len(pairs),
         "n_groups": int(groups.max() + 1),
     }
+    artifacts = [out / "metrics.json"]
     root = Path(cfg.images_root) if cfg.images_root else None
+    if root is not None and not (root / ids[0]).is_file():
+        log.warning(
+            "no exact-copy pass, no pictures: images_root=%s does not hold the images", root
+        )
+        root = None
     if root is not None:
         exact = exact_duplicates(ids, root)
         exact.to_parquet(out / "exact_duplicates.parquet", index=False)
         metrics["exact_duplicates"] = len(exact)
     if params.truth is not None:
-        truth = true_pairs(
+        codes = truth_codes(
             truth_groups(Path(params.truth), params.truth_id_column, params.truth_group_column, ids)
         )
-        found = set(zip(pairs["a"].tolist(), pairs["b"].tolist(), strict=True))
-        metrics.update(pair_scores(found, truth), true_pairs=len(truth))
-        pr_curve(candidates, truth).to_csv(out / "pr_curve.csv", index=False)
+        hits = shares_group(codes, candidates["a"].to_numpy(), candidates["b"].to_numpy())
+        n_true = count_true_pairs(codes)
+        metrics.update(
+            pair_scores(int(above.sum()), int(hits[above].sum()), n_true), true_pairs=n_true
+        )
+        pr_curve(similarities, hits, n_true).to_csv(out / "pr_curve.csv", index=False)
+        artifacts.append(out / "pr_curve.csv")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    artifacts = [out / "metrics.json"]
-    if root is not None and len(pairs):
-        top = pairs.head(params.top_pairs)
-        rows = [
-            (f"{s:.3f}", [(root / ids[a], ids[a]), (root / ids[b], ids[b])])
-            for a, b, s in zip(top["a"], top["b"], top["similarity"], strict=True)
-        ]
+    if root is not None:
+        title = f"{source.stem}: top pairs by cosine similarity >= {params.threshold}"
         artifacts.append(
             plots.save(
-                plots.image_grid(rows, f"{source.stem}: top pairs by cosine similarity"),
+                top_pairs_figure(pairs.head(params.top_pairs), ids, root, title),
                 out / "top_pairs.png",
             )
         )
-    if (out / "pr_curve.csv").exists():
-        artifacts.append(out / "pr_curve.csv")
     run_log.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float | int)})
     for path in artifacts:
         run_log.log_artifact(path)
@@ -247,9 +277,7 @@ def run(cfg: DedupConfig, run_log: tracking.Run) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="dedup")
 def main(cfg: DictConfig) -> None:
-    config = OmegaConf.to_object(cfg)
-    with user_errors(), tracking.tracked(config.tracking, "dedup", cfg) as run_log:
-        run(config, run_log)
+    tracking.run_stage(cfg, "dedup", run)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_validate
 from sklearn.pipeline import make_pipeline
@@ -21,8 +21,8 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline import tracking
 from pipeline.__main__ import CONFIG_DIR
-from pipeline.config import ConfigError, ProbeConfig, user_errors
-from pipeline.store import read_embeddings
+from pipeline.config import ConfigError, ProbeConfig
+from pipeline.store import existing_embeddings, read_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,7 @@ def probe_scores(
 
 
 def run(cfg: ProbeConfig, run_log: tracking.Run) -> dict:
-    source = Path(cfg.embeddings)
-    if not source.exists():
-        raise ConfigError(
-            f"embeddings {source} do not exist: run `python -m pipeline` first, "
-            "or point embeddings= at a layer's .parquet"
-        )
+    source = existing_embeddings(cfg.embeddings)
     embeddings = read_embeddings(source)
     if embeddings.labels is None:
         raise ConfigError(
@@ -95,9 +90,7 @@ def run(cfg: ProbeConfig, run_log: tracking.Run) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="probe")
 def main(cfg: DictConfig) -> None:
-    config = OmegaConf.to_object(cfg)
-    with user_errors(), tracking.tracked(config.tracking, "probe", cfg) as run_log:
-        run(config, run_log)
+    tracking.run_stage(cfg, "probe", run)
 
 
 if __name__ == "__main__":

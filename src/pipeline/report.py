@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import cluster, dedup, plots, probe, tracking
 from pipeline.__main__ import CONFIG_DIR
-from pipeline.config import ConfigError, ReportConfig, user_errors
+from pipeline.config import ConfigError, ReportConfig
 from pipeline.store import FAILURES_FILE, read_metadata
 
 log = logging.getLogger(__name__)
@@ -145,9 +145,7 @@ def run(cfg: ReportConfig, run_log: tracking.Run) -> pd.DataFrame:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="report")
 def main(cfg: DictConfig) -> None:
-    config = OmegaConf.to_object(cfg)
-    with user_errors(), tracking.tracked(config.tracking, "report", cfg) as run_log:
-        run(config, run_log)
+    tracking.run_stage(cfg, "report", run)
 
 
 if __name__ == "__main__":

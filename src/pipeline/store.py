@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from pipeline.config import ConfigError
+
 METADATA_KEY = b"pipeline"
 FAILURES_FILE = "failures.parquet"
 FAILURE_COLUMNS = ("image_id", "error", "reason")
@@ -194,6 +196,17 @@ class Embeddings:
     labels: list[str] | None
     vectors: np.ndarray
     metadata: dict[str, Any]
+
+
+def existing_embeddings(path: str) -> Path:
+    """The path of a layer's embeddings, or a ConfigError that says how to make them."""
+    source = Path(path)
+    if not source.exists():
+        raise ConfigError(
+            f"embeddings {source} do not exist: run `python -m pipeline` first, "
+            "or point embeddings= at a layer's .parquet"
+        )
+    return source
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

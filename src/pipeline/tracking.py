@@ -15,7 +15,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import TrackingConfig
+from pipeline.config import TrackingConfig, user_errors
 from pipeline.plots import projection_figure
 from pipeline.store import FAILURES_FILE, count_rows, layer_path, read_embeddings
 
@@ -80,24 +80,19 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 def git_tags() -> dict[str, str]:
     """The commit the code came from and whether the work tree had changes."""
-    package_dir = Path(__file__).parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args],
+            cwd=Path(__file__).parent,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=package_dir,
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=package_dir,
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "-uno")
     except (OSError, subprocess.SubprocessError):
         return {}
     return {MLFLOW_GIT_COMMIT: commit, "git_dirty": str(bool(dirty)).lower()}
@@ -311,6 +306,14 @@ def log_extraction(run: Run, summary: Summary) -> None:
         )
         run.log_figure(figure, "embeddings_pca.png")
         plt.close(figure)
+
+
+def run_stage(cfg: DictConfig, stage: str, run: Callable[[Any, Run], object]) -> None:
+    """The body of a downstream stage's Hydra main: typed config, one tracked run, user errors
+    as one line and an exit code."""
+    config = OmegaConf.to_object(cfg)
+    with user_errors(), tracked(config.tracking, stage, cfg) as run_log:
+        run(config, run_log)
 
 
 class SweepRun(Callback):

@@ -17,11 +17,11 @@ import hydra
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipeline import plots, tracking
 from pipeline.__main__ import CONFIG_DIR
-from pipeline.config import ConfigError, Pool, VisualizeConfig, user_errors
+from pipeline.config import ConfigError, Pool, VisualizeConfig
 from pipeline.data import build_transform, decode_image, resolve_preprocess
 from pipeline.extract import resolve_device
 from pipeline.hooks import LayerHooks
@@ -133,9 +133,7 @@ def run(cfg: VisualizeConfig, run_log: tracking.Run) -> dict[str, dict[str, list
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="visualize")
 def main(cfg: DictConfig) -> None:
-    config = OmegaConf.to_object(cfg)
-    with user_errors(), tracking.tracked(config.tracking, "visualize", cfg) as run_log:
-        run(config, run_log)
+    tracking.run_stage(cfg, "visualize", run)
 
 
 if __name__ == "__main__":
