@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.cluster import cluster_metrics, cluster_vectors, normalise
+from pipeline import cluster
+from pipeline.cluster import cluster_metrics, cluster_vectors, contact_sheet, normalise
 from pipeline.config import ClusterMethod, ConfigError
-from pipeline.store import EmbeddingWriter, embedding_schema
+from pipeline.store import Embeddings, EmbeddingWriter, embedding_schema
 
 from conftest import run_cli
 
@@ -38,6 +41,41 @@ def test_separated_clusters_are_recovered(method: ClusterMethod) -> None:
 def test_kmeans_needs_a_k() -> None:
     with pytest.raises(ConfigError, match="no labels to count"):
         cluster_vectors(planted()[0], ClusterMethod.kmeans, k=None)
+
+
+@pytest.mark.parametrize(
+    ("method", "settings", "message"),
+    [
+        (ClusterMethod.kmeans, {"k": 0}, "cluster.k"),
+        (ClusterMethod.kmeans, {"k": 2, "pca_dim": 0}, "cluster.pca_dim"),
+        (ClusterMethod.hdbscan, {"k": None, "min_cluster_size": 1}, "cluster.min_cluster_size"),
+    ],
+)
+def test_bad_settings_are_config_errors(
+    method: ClusterMethod, settings: dict, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        cluster_vectors(planted()[0], method, **settings)
+
+
+def test_silhouette_on_a_sample_is_close_to_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    vectors, labels = planted(per=100)
+    assignments = cluster_vectors(vectors, ClusterMethod.kmeans, k=4)
+    whole = cluster_metrics(normalise(vectors), assignments, labels)
+    monkeypatch.setattr(cluster, "SILHOUETTE_SAMPLE", 100)
+    sampled = cluster_metrics(normalise(vectors), assignments, labels)
+    assert sampled["silhouette"] == pytest.approx(whole["silhouette"], abs=0.05)
+    assert sampled["sizes"] == whole["sizes"]  # the other numbers use every image
+
+
+def test_contact_sheet_shows_at_most_sheet_rows_clusters(
+    monkeypatch: pytest.MonkeyPatch, photos: Path
+) -> None:
+    monkeypatch.setattr(cluster, "SHEET_ROWS", 2)
+    ids = sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.png"))
+    embeddings = Embeddings(ids, None, np.zeros((6, 2), np.float32), {})
+    figure = contact_sheet(embeddings, np.arange(6), photos, per_cluster=3, title="t")
+    assert len(figure.axes) == 2  # two clusters of one image each
 
 
 def write_layer(path: Path, vectors: np.ndarray, ids: list[str], labels: list[str] | None) -> Path:
@@ -78,3 +116,13 @@ def test_cli_missing_embeddings_is_one_line_exit_2(tmp_path: Path) -> None:
     )
     assert done.returncode == 2 and "embeddings nope.parquet do not exist" in done.stderr
     assert done.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.slow
+def test_stages_do_not_import_torch() -> None:
+    """The downstream stages start fast and run where torch is not installed."""
+    code = "import sys, pipeline.cluster, pipeline.dedup; print('torch' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.strip() == "False"

@@ -4,24 +4,33 @@ found, memory stays far below an N x N matrix, and the CLI writes the contract's
 from __future__ import annotations
 
 import json
+import logging
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from test_cluster import write_layer
 
+from pipeline import dedup, tracking
 from pipeline.cluster import normalise
+from pipeline.config import ConfigError
 from pipeline.dedup import (
     candidate_pairs,
+    count_true_pairs,
     groups_of,
     knn_exact,
     knn_hnsw,
     pair_scores,
     pr_curve,
-    true_pairs,
+    shares_group,
+    truth_codes,
 )
+from pipeline.store import embedding_schema
 
 from conftest import run_cli, write_image
 
@@ -55,18 +64,35 @@ def test_planted_duplicates_found_with_full_precision_and_recall() -> None:
     copies = normalise(originals[:50] + rng.standard_normal((50, 64)).astype(np.float32) * 0.02)
     unit = np.concatenate([originals, copies])
     candidates = candidate_pairs(*knn_exact(unit, k=5))
-    found_frame = candidates[candidates["similarity"] >= 0.9]
-    found = set(zip(found_frame["a"], found_frame["b"], strict=True))
-    truth = {(i, 200 + i) for i in range(50)}
-    assert pair_scores(found, truth) == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
-    groups = groups_of(len(unit), found_frame)
+    above = candidates["similarity"].to_numpy() >= 0.9
+    # The truth: copy i of original i, every other image in a group of its own.
+    codes = truth_codes(pd.Series([*range(200), *range(50)]))
+    hits = shares_group(codes, candidates["a"].to_numpy(), candidates["b"].to_numpy())
+    scores = pair_scores(int(above.sum()), int(hits[above].sum()), count_true_pairs(codes))
+    assert scores == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    found = candidates[above]
+    assert set(zip(found["a"], found["b"], strict=True)) == {(i, 200 + i) for i in range(50)}
+    groups = groups_of(len(unit), found)
     assert (groups[:50] == groups[200:]).all() and (groups[50:200] == -1).all()
-    curve = pr_curve(candidates, truth)
+    curve = pr_curve(candidates["similarity"].to_numpy(), hits, count_true_pairs(codes))
     assert curve.loc[curve["threshold"] == 0.9, "f1"].item() == 1.0
+    assert curve["recall"].is_monotonic_decreasing
 
 
-def test_true_pairs_of_groups() -> None:
-    assert true_pairs(pd.Series(["a", "b", "a", "a", None])) == {(0, 2), (0, 3), (2, 3)}
+def test_true_pairs_are_counted_not_listed() -> None:
+    codes = truth_codes(pd.Series(["a", "b", "a", "a", None, None]))
+    assert count_true_pairs(codes) == 3  # (0, 2), (0, 3), (2, 3); unknowns pair with none
+    a, b = np.array([0, 0, 1, 4]), np.array([2, 1, 3, 5])
+    assert shares_group(codes, a, b).tolist() == [True, False, False, False]
+    # Two groups of 100,000: ten billion true pairs, which no set of tuples would hold.
+    assert count_true_pairs(np.repeat([0, 1], 100_000)) == 2 * (100_000 * 99_999 // 2)
+
+
+def test_hnsw_with_fewer_images_than_neighbours_pads_nothing_into_pairs() -> None:
+    unit = unit_vectors(4, 8)
+    candidates = candidate_pairs(*knn_hnsw(unit, k=10))
+    assert (candidates["a"] >= 0).all() and (candidates["a"] < candidates["b"]).all()
+    assert len(candidates) == 6  # every pair of the 4 images, once
 
 
 def test_memory_stays_far_below_an_n_by_n_matrix() -> None:
@@ -132,3 +158,61 @@ def test_cli_finds_planted_pairs_and_exact_copies(tmp_path: Path) -> None:
 def test_cli_bad_parameters_exit_2(tmp_path: Path, override: str) -> None:
     done = run_cli(override, "tracking=none", module="pipeline.dedup", cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.startswith("error: dedup.")
+
+
+def stage_config(*overrides: str) -> object:
+    """The dedup config as `python -m pipeline.dedup overrides...` composes it, in-process."""
+    with initialize_config_dir(config_dir=dedup.CONFIG_DIR, version_base="1.3"):
+        return OmegaConf.to_object(compose("dedup", overrides=["tracking=none", *overrides]))
+
+
+def test_run_without_images_or_truth_still_writes_pairs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    vectors = unit_vectors(5, 8)
+    vectors[4] = vectors[0]
+    layer = write_layer(tmp_path / "l.parquet", vectors, [f"{i}.png" for i in range(5)], None)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pr_curve.csv").write_text("stale\n")  # from an earlier run that had a truth
+    cfg = stage_config(
+        f"embeddings={layer}",
+        f"output_dir={out}",
+        f"images_root={tmp_path / 'nowhere'}",
+        "dedup.truth=null",
+        "dedup.threshold=0.99",
+    )
+    with caplog.at_level(logging.WARNING):
+        metrics = dedup.run(cfg, tracking.Run())
+    assert metrics["n_pairs"] == 1 and "precision" not in metrics
+    assert "does not hold the images" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == [
+        "groups.parquet",
+        "metrics.json",
+        "pairs.parquet",
+    ]
+
+
+def test_run_with_no_pairs_still_draws_the_picture(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    ids = [f"{i}.png" for i in range(3)]
+    for i, name in enumerate(ids):
+        write_image(root / name, np.full((8, 8, 3), 80 * i, np.uint8))
+    layer = write_layer(tmp_path / "l.parquet", np.eye(3, dtype=np.float32), ids, None)
+    cfg = stage_config(
+        f"embeddings={layer}", f"output_dir={tmp_path / 'out'}", f"images_root={root}"
+    )
+    with pytest.raises(ConfigError, match=r"dedup\.truth .* does not exist"):
+        dedup.run(cfg, tracking.Run())  # the default truth is images_root/manifest.csv
+    cfg.dedup.truth = None
+    metrics = dedup.run(cfg, tracking.Run())
+    assert metrics["n_pairs"] == metrics["n_groups"] == metrics["exact_duplicates"] == 0
+    assert (tmp_path / "out/top_pairs.png").stat().st_size > 0
+
+
+def test_run_refuses_empty_embeddings(tmp_path: Path) -> None:
+    layer = tmp_path / "l.parquet"
+    pq.write_table(embedding_schema(8, False, {"layer": "l"}).empty_table(), layer)
+    cfg = stage_config(f"embeddings={layer}", f"output_dir={tmp_path / 'out'}", "images_root=null")
+    with pytest.raises(ConfigError, match="hold no images"):
+        dedup.run(cfg, tracking.Run())

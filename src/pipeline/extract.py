@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import timm
 import torch
@@ -95,6 +96,27 @@ def chunk_rows(save_every: int, batch_size: int, total_dim: int) -> int:
     return max(1, rows // batch_size) * batch_size
 
 
+def layer_schemas(
+    info: dict[str, LayerInfo], labelled: bool, metadata: dict[str, Any]
+) -> dict[str, pa.Schema]:
+    """Each layer's Parquet schema, its metadata telling the layer's own shape and pooling."""
+    return {
+        name: embedding_schema(
+            layer.dim,
+            labelled,
+            {
+                **metadata,
+                "layer": name,
+                "output_shape": list(layer.shape),
+                "pool": layer.pool.value,
+                "dim": layer.dim,
+                "depth": layer.depth,
+            },
+        )
+        for name, layer in info.items()
+    }
+
+
 def run(cfg: ExtractConfig) -> Summary:
     """Extract every configured layer for every image of the dataset into `cfg.output_dir`."""
     if cfg.batch_size < 1:
@@ -134,21 +156,7 @@ def run(cfg: ExtractConfig) -> Summary:
         ),
     ):
         info = hooks.describe(torch.zeros((1, *preprocess.input_size), device=device))
-        schemas = {
-            name: embedding_schema(
-                layer.dim,
-                labels is not None,
-                {
-                    **base_metadata,
-                    "layer": name,
-                    "output_shape": list(layer.shape),
-                    "pool": layer.pool.value,
-                    "dim": layer.dim,
-                    "depth": layer.depth,
-                },
-            )
-            for name, layer in info.items()
-        }
+        schemas = layer_schemas(info, labels is not None, base_metadata)
         rows = chunk_rows(cfg.save_every, cfg.batch_size, sum(i.dim for i in info.values()))
         parts = RunParts(output_dir, f"{digest}-b{cfg.batch_size}-c{rows}", schemas)
         first_chunk = parts.start(cfg.resume)
@@ -207,7 +215,8 @@ class Chunks:
     """Collects rows and failures in dataset order and saves each finished chunk of images.
 
     Rows whose embedding has a NaN or Inf in any layer (fp16 overflow, broken weights) become
-    failures, never rows; so does every image when too many fail, which stops the run.
+    failures, never rows. When more than `max_failure_rate` of the images so far have failed,
+    the run stops after saving the chunk.
     """
 
     def __init__(
