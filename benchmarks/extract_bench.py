@@ -28,7 +28,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pipeline.__main__ import CONFIG_DIR
+from pipeline.config import CONFIG_DIR
 from pipeline.data import build_transform, decode_image, load_manifest, resolve_preprocess
 from pipeline.extract import AUTOCAST_DTYPES, resolve_device, resolve_precision
 from pipeline.hooks import LayerHooks

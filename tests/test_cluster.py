@@ -121,7 +121,10 @@ def test_cli_missing_embeddings_is_one_line_exit_2(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_stages_do_not_import_torch() -> None:
     """The downstream stages start fast and run where torch is not installed."""
-    code = "import sys, pipeline.cluster, pipeline.dedup; print('torch' in sys.modules)"
+    code = (
+        "import sys, pipeline.cluster, pipeline.dedup, pipeline.probe, pipeline.report; "
+        "print('torch' in sys.modules)"
+    )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )

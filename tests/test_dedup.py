@@ -18,7 +18,7 @@ from test_cluster import write_layer
 
 from pipeline import dedup, tracking
 from pipeline.cluster import normalise
-from pipeline.config import ConfigError
+from pipeline.config import CONFIG_DIR, ConfigError
 from pipeline.dedup import (
     candidate_pairs,
     count_true_pairs,
@@ -162,7 +162,7 @@ def test_cli_bad_parameters_exit_2(tmp_path: Path, override: str) -> None:
 
 def stage_config(*overrides: str) -> object:
     """The dedup config as `python -m pipeline.dedup overrides...` composes it, in-process."""
-    with initialize_config_dir(config_dir=dedup.CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return OmegaConf.to_object(compose("dedup", overrides=["tracking=none", *overrides]))
 
 

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import extract, tracking
-from pipeline.config import config_hash, user_errors
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+from pipeline.config import CONFIG_DIR, config_hash, user_errors
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

@@ -15,6 +15,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import pandas as pd
+import sklearn
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from sklearn.cluster import HDBSCAN, KMeans
@@ -22,17 +23,16 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
 from pipeline import plots, tracking
-from pipeline.config import ClusterConfig, ClusterMethod, ConfigError
+from pipeline.config import CONFIG_DIR, ClusterConfig, ClusterMethod, ConfigError
 from pipeline.store import Embeddings, existing_embeddings, read_embeddings
 
 log = logging.getLogger(__name__)
-# Not imported from pipeline.__main__: that would import extraction, and with it torch.
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 # Beyond these sizes a number or picture is computed on a random sample: silhouette costs
 # O(N^2) time, a 2D projection needs no more points, and a figure has a pixel limit.
 SILHOUETTE_SAMPLE = 10_000
 PROJECTION_POINTS = 20_000
 SHEET_ROWS = 40  # clusters shown in the contact sheet
+SILHOUETTE_MIB = 64  # memory for the silhouette's distance chunks
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
@@ -89,9 +89,10 @@ def cluster_metrics(
     }
     rows = sample_rows(len(assignments), SILHOUETTE_SAMPLE, seed)
     if 2 <= len(np.unique(assignments[rows])) < len(rows):
-        metrics["silhouette"] = float(
-            silhouette_score(vectors[rows], assignments[rows], metric="cosine")
-        )
+        # sklearn computes distances in chunks of up to `working_memory` MiB (default 1 GiB).
+        with sklearn.config_context(working_memory=SILHOUETTE_MIB):
+            silhouette = silhouette_score(vectors[rows], assignments[rows], metric="cosine")
+        metrics["silhouette"] = float(silhouette)
     if labels is not None:
         metrics["nmi"] = float(normalized_mutual_info_score(labels, assignments))
         metrics["ari"] = float(adjusted_rand_score(labels, assignments))

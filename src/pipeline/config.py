@@ -24,6 +24,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import MISSING, OmegaConf
 
+# The repository's conf/ folder, which every Hydra app of the package composes from.
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
 
 class ConfigError(ValueError):
     """A mistake in the config or its inputs: reported as one line, exit code 2, nothing written."""

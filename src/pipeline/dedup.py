@@ -26,12 +26,10 @@ from scipy.sparse.csgraph import connected_components
 
 from pipeline import plots, tracking
 from pipeline.cluster import normalise
-from pipeline.config import ConfigError, DedupConfig, SearchMethod
+from pipeline.config import CONFIG_DIR, ConfigError, DedupConfig, SearchMethod
 from pipeline.store import existing_embeddings, read_embeddings
 
 log = logging.getLogger(__name__)
-# Not imported from pipeline.__main__: that would import extraction, and with it torch.
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 BLOCK_BYTES = 64 * 2**20  # similarity rows computed at once: bounds memory at any N
 PR_THRESHOLDS = np.round(np.arange(0.50, 1.00, 0.01), 2)
 # Written only by some runs: removed first, so a folder never mixes two runs' results.
@@ -252,7 +250,7 @@ def run(cfg: DedupConfig, run_log: tracking.Run) -> dict:
         artifacts.append(out / "pr_curve.csv")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if root is not None:
-        title = f"{source.stem}: top pairs by cosine similarity >= {params.threshold}"
+        title = f"{source.stem}: top pairs\ncosine similarity >= {params.threshold}"
         artifacts.append(
             plots.save(
                 top_pairs_figure(pairs.head(params.top_pairs), ids, root, title),

@@ -8,8 +8,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.__main__ import CONFIG_DIR
-from pipeline.config import ExtractConfig, user_errors
+from pipeline.config import CONFIG_DIR, ExtractConfig, user_errors
 from pipeline.data import resolve_preprocess
 from pipeline.hooks import list_layers
 from pipeline.models import build_model

@@ -32,7 +32,10 @@ def projection_figure(vectors: np.ndarray, groups: Sequence[str] | None, title: 
     if groups is None:
         axes.scatter(points[:, 0], points[:, 1], s=12)
     else:
-        names = sorted(set(groups))
+        # Cluster numbers in numeric order (-1, 0, 2, 10), labels alphabetically.
+        names = sorted(
+            set(groups), key=lambda g: (0, int(g), "") if g.lstrip("-").isdigit() else (1, 0, g)
+        )
         codes = np.array([names.index(g) for g in groups])
         colours = plt.get_cmap("tab20" if len(names) <= 20 else "turbo")(
             codes / max(1, len(names) - 1) if len(names) > 20 else codes

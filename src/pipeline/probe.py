@@ -20,8 +20,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline import tracking
-from pipeline.__main__ import CONFIG_DIR
-from pipeline.config import ConfigError, ProbeConfig
+from pipeline.config import CONFIG_DIR, ConfigError, ProbeConfig
 from pipeline.store import existing_embeddings, read_embeddings
 
 log = logging.getLogger(__name__)

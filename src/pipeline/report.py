@@ -21,8 +21,7 @@ from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import cluster, dedup, plots, probe, tracking
-from pipeline.__main__ import CONFIG_DIR
-from pipeline.config import ConfigError, ReportConfig
+from pipeline.config import CONFIG_DIR, ConfigError, ReportConfig
 from pipeline.store import FAILURES_FILE, read_metadata
 
 log = logging.getLogger(__name__)

@@ -113,7 +113,7 @@ class EmbeddingWriter:
     def _flush(self) -> None:
         if self._pending:
             table = pa.Table.from_batches(self._pending, schema=self.schema)
-            self._writer.write_table(table, row_group_size=len(table))
+            self._writer.write_table(table, row_group_size=max(1, len(table)))
             self._pending, self._pending_rows = [], 0
 
     def __exit__(self, exc_type: type | None, *_: object) -> None:

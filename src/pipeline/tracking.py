@@ -99,10 +99,14 @@ def git_tags() -> dict[str, str]:
 
 
 def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes; of a folder of part files, over their names and bytes."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(2**20), b""):
-            digest.update(chunk)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(2**20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -20,8 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline import plots, tracking
-from pipeline.__main__ import CONFIG_DIR
-from pipeline.config import ConfigError, Pool, VisualizeConfig
+from pipeline.config import CONFIG_DIR, ConfigError, Pool, VisualizeConfig
 from pipeline.data import build_transform, decode_image, resolve_preprocess
 from pipeline.extract import resolve_device
 from pipeline.hooks import LayerHooks
