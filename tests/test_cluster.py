@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from pipeline import cluster
+from pipeline import cluster, tracking
 from pipeline.cluster import cluster_metrics, cluster_vectors, contact_sheet, normalise
-from pipeline.config import ClusterMethod, ConfigError
+from pipeline.config import CONFIG_DIR, ClusterMethod, ConfigError
 from pipeline.store import Embeddings, EmbeddingWriter, embedding_schema
 
 from conftest import run_cli
@@ -107,6 +110,37 @@ def test_cli_writes_assignments_metrics_and_pictures(tmp_path: Path, photos: Pat
     assert metrics["n_clusters"] == 2 and {"nmi", "ari", "silhouette"} <= set(metrics)
     assert (out / "projection.png").stat().st_size > 0
     assert (out / "contact_sheet.png").stat().st_size > 0
+
+
+def test_run_without_images_drops_an_old_contact_sheet(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    vectors, labels = planted(n_clusters=2, per=3, dim=8)
+    ids = [f"{i}.png" for i in range(6)]
+    layer = write_layer(tmp_path / "l.parquet", vectors, ids, labels)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "contact_sheet.png").write_bytes(b"stale")  # from a run that had the images
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = OmegaConf.to_object(
+            compose(
+                "cluster",
+                overrides=[
+                    "tracking=none",
+                    f"embeddings={layer}",
+                    f"output_dir={out}",
+                    f"images_root={tmp_path / 'nowhere'}",
+                ],
+            )
+        )
+    with caplog.at_level(logging.WARNING):
+        metrics = cluster.run(cfg, tracking.Run())
+    assert metrics["n_clusters"] == 2 and "no contact sheet" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == [
+        "assignments.parquet",
+        "metrics.json",
+        "projection.png",
+    ]
 
 
 @pytest.mark.slow

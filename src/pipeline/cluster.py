@@ -33,6 +33,7 @@ SILHOUETTE_SAMPLE = 10_000
 PROJECTION_POINTS = 20_000
 SHEET_ROWS = 40  # clusters shown in the contact sheet
 SILHOUETTE_MIB = 64  # memory for the silhouette's distance chunks
+CONTACT_SHEET = "contact_sheet.png"
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
@@ -140,6 +141,9 @@ def run(cfg: ClusterConfig, run_log: tracking.Run) -> dict:
     metrics = cluster_metrics(unit, assignments, embeddings.labels, params.seed)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Written only when the images are there: removed first, so an old sheet never stays
+    # beside new assignments.
+    (out / CONTACT_SHEET).unlink(missing_ok=True)
     pd.DataFrame({"image_id": embeddings.ids, "cluster": assignments}).to_parquet(
         out / "assignments.parquet", index=False
     )
@@ -157,7 +161,7 @@ def run(cfg: ClusterConfig, run_log: tracking.Run) -> dict:
         pictures.append(
             plots.save(
                 contact_sheet(embeddings, assignments, root, params.sheet_images, title),
-                out / "contact_sheet.png",
+                out / CONTACT_SHEET,
             )
         )
     else:
