@@ -53,6 +53,7 @@ class Summary:
 
     images: int
     failures: int
+    processed: int  # images read by this run: fewer than all when it resumed an earlier one
     seconds: float
     output_dir: Path
     layers: dict[str, LayerInfo]
@@ -63,7 +64,7 @@ class Summary:
 
     @property
     def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds else 0.0
+        return self.processed / self.seconds if self.seconds else 0.0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -191,6 +192,7 @@ def run(cfg: ExtractConfig) -> Summary:
     summary = Summary(
         written,
         failures,
+        len(ids) - start,
         seconds,
         output_dir,
         info,
@@ -205,7 +207,7 @@ def run(cfg: ExtractConfig) -> Summary:
         failures,
         f", see {output_dir / FAILURES_FILE}" if failures else "",
         seconds,
-        (len(ids) - start) / seconds if seconds else 0.0,
+        summary.images_per_s,
         output_dir,
     )
     return summary
