@@ -11,6 +11,10 @@ import cv2
 import numpy as np
 import pytest
 import skimage.data
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from pipeline.config import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 # A tiny timm model with random weights (fast, offline, a real architecture), untracked.
@@ -59,3 +63,9 @@ def run_cli(
         text=True,
         timeout=600,
     )
+
+
+def composed(name: str, *overrides: str) -> object:
+    """The typed config `python -m <app> overrides...` would run with, composed in-process."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return OmegaConf.to_object(compose(name, overrides=list(overrides)))

@@ -11,15 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from pipeline import cluster, tracking
 from pipeline.cluster import cluster_metrics, cluster_vectors, contact_sheet, normalise
-from pipeline.config import CONFIG_DIR, ClusterMethod, ConfigError
+from pipeline.config import ClusterMethod, ConfigError
 from pipeline.store import Embeddings, EmbeddingWriter, embedding_schema
 
-from conftest import run_cli
+from conftest import composed, run_cli
 
 
 def planted(
@@ -121,18 +119,13 @@ def test_run_without_images_drops_an_old_contact_sheet(
     out = tmp_path / "out"
     out.mkdir()
     (out / "contact_sheet.png").write_bytes(b"stale")  # from a run that had the images
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = OmegaConf.to_object(
-            compose(
-                "cluster",
-                overrides=[
-                    "tracking=none",
-                    f"embeddings={layer}",
-                    f"output_dir={out}",
-                    f"images_root={tmp_path / 'nowhere'}",
-                ],
-            )
-        )
+    cfg = composed(
+        "cluster",
+        "tracking=none",
+        f"embeddings={layer}",
+        f"output_dir={out}",
+        f"images_root={tmp_path / 'nowhere'}",
+    )
     with caplog.at_level(logging.WARNING):
         metrics = cluster.run(cfg, tracking.Run())
     assert metrics["n_clusters"] == 2 and "no contact sheet" in caplog.text

@@ -12,13 +12,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from test_cluster import write_layer
 
 from pipeline import dedup, tracking
 from pipeline.cluster import normalise
-from pipeline.config import CONFIG_DIR, ConfigError
+from pipeline.config import ConfigError
 from pipeline.dedup import (
     candidate_pairs,
     count_true_pairs,
@@ -32,7 +30,7 @@ from pipeline.dedup import (
 )
 from pipeline.store import embedding_schema
 
-from conftest import run_cli, write_image
+from conftest import composed, run_cli, write_image
 
 
 def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -161,9 +159,8 @@ def test_cli_bad_parameters_exit_2(tmp_path: Path, override: str) -> None:
 
 
 def stage_config(*overrides: str) -> object:
-    """The dedup config as `python -m pipeline.dedup overrides...` composes it, in-process."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return OmegaConf.to_object(compose("dedup", overrides=["tracking=none", *overrides]))
+    """The dedup config as `python -m pipeline.dedup overrides...` composes it, untracked."""
+    return composed("dedup", "tracking=none", *overrides)
 
 
 def test_run_without_images_or_truth_still_writes_pairs(

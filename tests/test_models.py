@@ -11,15 +11,13 @@ import pytest
 import skimage.data
 import timm
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
 
 from pipeline.config import ConfigError, KeyMatch, ModelConfig
 from pipeline.models import build_model, load_checkpoint
 
-from conftest import REPO
+from conftest import composed
 
 TINY = "test_efficientnet"
 
@@ -139,8 +137,7 @@ def test_any_module_by_target() -> None:
 
 def test_default_model_has_real_imagenet_weights_offline() -> None:
     """The efficientnet_lite0 preset loads the weights shipped on PyPI; they know a cat."""
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config"))
+    cfg = composed("config")
     model = build_model(cfg.model)
     config = timm.data.resolve_model_data_config(model)
     config.update(mean=cfg.model.mean, std=cfg.model.std)
