@@ -11,10 +11,11 @@ import cv2
 import numpy as np
 import pytest
 import skimage.data
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_module
 
-from pipeline.config import CONFIG_DIR
+from pipeline.app import typed
+from pipeline.config import PipelineConfig
+from pipeline.store import embedding_schema, embedding_table, part_name, write_manifest, write_part
 
 REPO = Path(__file__).resolve().parents[1]
 # A tiny timm model with random weights (fast, offline, a real architecture), untracked.
@@ -65,7 +66,19 @@ def run_cli(
     )
 
 
-def composed(name: str, *overrides: str) -> object:
-    """The typed config `python -m <app> overrides...` would run with, composed in-process."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return OmegaConf.to_object(compose(name, overrides=list(overrides)))
+def composed(*overrides: str) -> PipelineConfig:
+    """The typed config `python -m pipeline.<stage> overrides...` would run with, in-process."""
+    with initialize_config_module("pipeline.conf", version_base="1.3"):
+        return typed(compose("config", overrides=list(overrides)))
+
+
+def write_layer(
+    path: Path, vectors: np.ndarray, ids: list[str], labels: list[str] | None, **metadata: object
+) -> Path:
+    """A layer folder in the contract's layout, as an extraction would publish it."""
+    schema = embedding_schema(
+        vectors.shape[1], labels is not None, {"layer": path.stem, **metadata}
+    )
+    table = embedding_table(schema, ids, labels, vectors.astype(np.float32))
+    write_manifest(path, [write_part(table, path / part_name(0))])
+    return path

@@ -12,12 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import cluster, tracking
-from pipeline.cluster import cluster_metrics, cluster_vectors, contact_sheet, normalise
-from pipeline.config import ClusterMethod, ConfigError
-from pipeline.store import Embeddings, EmbeddingWriter, embedding_schema
+from pipeline import cluster
+from pipeline.cluster import cluster_metrics, cluster_vectors, contact_sheet
+from pipeline.config import ClusterMethod
+from pipeline.errors import ConfigError
+from pipeline.store import Embeddings
+from pipeline.vectors import normalise
 
-from conftest import composed, run_cli
+from conftest import composed, run_cli, write_layer
 
 
 def planted(
@@ -79,14 +81,6 @@ def test_contact_sheet_shows_at_most_sheet_rows_clusters(
     assert len(figure.axes) == 2  # two clusters of one image each
 
 
-def write_layer(path: Path, vectors: np.ndarray, ids: list[str], labels: list[str] | None) -> Path:
-    with EmbeddingWriter(
-        path, embedding_schema(vectors.shape[1], labels is not None, {"layer": path.stem})
-    ) as w:
-        w.write(ids, labels, vectors)
-    return path
-
-
 @pytest.mark.slow
 def test_cli_writes_assignments_metrics_and_pictures(tmp_path: Path, photos: Path) -> None:
     ids = sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.png"))
@@ -106,6 +100,8 @@ def test_cli_writes_assignments_metrics_and_pictures(tmp_path: Path, photos: Pat
     assert assignments["image_id"].tolist() == ids and assignments["cluster"].nunique() == 2
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_clusters"] == 2 and {"nmi", "ari", "silhouette"} <= set(metrics)
+    assert "sizes" not in metrics  # a table, kept out of `dvc metrics show`
+    assert sum(json.loads((out / "sizes.json").read_text()).values()) == 6
     assert (out / "projection.png").stat().st_size > 0
     assert (out / "contact_sheet.png").stat().st_size > 0
 
@@ -120,19 +116,19 @@ def test_run_without_images_drops_an_old_contact_sheet(
     out.mkdir()
     (out / "contact_sheet.png").write_bytes(b"stale")  # from a run that had the images
     cfg = composed(
-        "cluster",
         "tracking=none",
         f"embeddings={layer}",
-        f"output_dir={out}",
+        f"cluster.output_dir={out}",
         f"images_root={tmp_path / 'nowhere'}",
     )
     with caplog.at_level(logging.WARNING):
-        metrics = cluster.run(cfg, tracking.Run())
-    assert metrics["n_clusters"] == 2 and "no contact sheet" in caplog.text
+        result = cluster.run(cfg)
+    assert result.metrics["n_clusters"] == 2 and "no contact sheet" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == [
         "assignments.parquet",
         "metrics.json",
         "projection.png",
+        "sizes.json",
     ]
 
 

@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from pipeline import demo
-from pipeline.config import ConfigError
 from pipeline.data import (
     ImageError,
     build_transform,
@@ -23,6 +22,7 @@ from pipeline.data import (
     resolve_preprocess,
     table_manifest,
 )
+from pipeline.errors import ConfigError
 
 from conftest import write_image
 

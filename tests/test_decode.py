@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 
 from pipeline import data
-from pipeline.config import ConfigError
 from pipeline.data import (
     ImageDataset,
     ImageError,
@@ -30,6 +29,7 @@ from pipeline.data import (
     read_image_file,
     table_manifest,
 )
+from pipeline.errors import ConfigError
 
 PHOTO = cv2.resize(skimage.data.astronaut(), (500, 375), interpolation=cv2.INTER_AREA)
 IMAGENET = Preprocess(

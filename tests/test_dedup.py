@@ -10,13 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
-from test_cluster import write_layer
 
-from pipeline import dedup, tracking
-from pipeline.cluster import normalise
-from pipeline.config import ConfigError
+from pipeline import dedup
 from pipeline.dedup import (
     candidate_pairs,
     count_true_pairs,
@@ -28,9 +24,10 @@ from pipeline.dedup import (
     shares_group,
     truth_codes,
 )
-from pipeline.store import embedding_schema
+from pipeline.errors import ConfigError
+from pipeline.vectors import normalise
 
-from conftest import composed, run_cli, write_image
+from conftest import composed, run_cli, write_image, write_layer
 
 
 def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -123,6 +120,7 @@ def test_cli_finds_planted_pairs_and_exact_copies(tmp_path: Path) -> None:
     done = run_cli(
         f"embeddings={layer}",
         f"images_root={root}",
+        f"dedup.truth={root / 'manifest.csv'}",
         "tracking=none",
         "dedup.threshold=0.95",
         module="pipeline.dedup",
@@ -148,7 +146,7 @@ def test_cli_finds_planted_pairs_and_exact_copies(tmp_path: Path) -> None:
         "recall",
         "f1",
     ]
-    assert (out / "top_pairs.png").stat().st_size > 0
+    assert (out / "top_pairs.png").stat().st_size > 0 and (out / "pr_curve.png").is_file()
 
 
 @pytest.mark.slow
@@ -160,7 +158,7 @@ def test_cli_bad_parameters_exit_2(tmp_path: Path, override: str) -> None:
 
 def stage_config(*overrides: str) -> object:
     """The dedup config as `python -m pipeline.dedup overrides...` composes it, untracked."""
-    return composed("dedup", "tracking=none", *overrides)
+    return composed("tracking=none", *overrides)
 
 
 def test_run_without_images_or_truth_still_writes_pairs(
@@ -174,13 +172,12 @@ def test_run_without_images_or_truth_still_writes_pairs(
     (out / "pr_curve.csv").write_text("stale\n")  # from an earlier run that had a truth
     cfg = stage_config(
         f"embeddings={layer}",
-        f"output_dir={out}",
+        f"dedup.output_dir={out}",
         f"images_root={tmp_path / 'nowhere'}",
-        "dedup.truth=null",
         "dedup.threshold=0.99",
     )
     with caplog.at_level(logging.WARNING):
-        metrics = dedup.run(cfg, tracking.Run())
+        metrics = dedup.run(cfg).metrics
     assert metrics["n_pairs"] == 1 and "precision" not in metrics
     assert "does not hold the images" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == [
@@ -197,19 +194,19 @@ def test_run_with_no_pairs_still_draws_the_picture(tmp_path: Path) -> None:
         write_image(root / name, np.full((8, 8, 3), 80 * i, np.uint8))
     layer = write_layer(tmp_path / "l.parquet", np.eye(3, dtype=np.float32), ids, None)
     cfg = stage_config(
-        f"embeddings={layer}", f"output_dir={tmp_path / 'out'}", f"images_root={root}"
+        f"embeddings={layer}", f"dedup.output_dir={tmp_path / 'out'}", f"images_root={root}"
     )
+    cfg.dedup.truth = str(tmp_path / "missing.csv")
     with pytest.raises(ConfigError, match=r"dedup\.truth .* does not exist"):
-        dedup.run(cfg, tracking.Run())  # the default truth is images_root/manifest.csv
-    cfg.dedup.truth = None
-    metrics = dedup.run(cfg, tracking.Run())
+        dedup.run(cfg)  # a truth that is named must be there
+    cfg.dedup.truth = None  # the default: none recorded with these embeddings, none used
+    metrics = dedup.run(cfg).metrics
     assert metrics["n_pairs"] == metrics["n_groups"] == metrics["exact_duplicates"] == 0
     assert (tmp_path / "out/top_pairs.png").stat().st_size > 0
 
 
 def test_run_refuses_empty_embeddings(tmp_path: Path) -> None:
-    layer = tmp_path / "l.parquet"
-    pq.write_table(embedding_schema(8, False, {"layer": "l"}).empty_table(), layer)
-    cfg = stage_config(f"embeddings={layer}", f"output_dir={tmp_path / 'out'}", "images_root=null")
+    layer = write_layer(tmp_path / "l.parquet", np.empty((0, 8), np.float32), [], None)
+    cfg = stage_config(f"embeddings={layer}", f"dedup.output_dir={tmp_path / 'out'}")
     with pytest.raises(ConfigError, match="hold no images"):
-        dedup.run(cfg, tracking.Run())
+        dedup.run(cfg)

@@ -1,8 +1,10 @@
-"""`dvc repro` in a fresh clone: the whole pipeline offline, then nothing re-runs, then only
-what a changed parameter feeds re-runs."""
+"""DVC as the one orchestrator: `dvc repro` in a fresh clone, offline; nothing re-runs the
+second time; `dvc exp run -S` runs an experiment that `dvc exp show` tables; params.yaml is
+DVC's Hydra composition of the package's config; every stage depends on the code it imports."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -11,18 +13,22 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
+SRC = REPO / "src"
 
 
 def dvc(*args: str, cwd: Path) -> str:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(cwd / "src"),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@example.com",
     }
     env.pop("MLFLOW_TRACKING_URI", None)
     done = subprocess.run(
@@ -41,33 +47,93 @@ def ran(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
 
 
-def test_repro_from_a_fresh_clone(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_repro_and_an_experiment_from_a_fresh_clone(tmp_path: Path) -> None:
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
 
     first = ran(dvc("repro", cwd=clone))
     assert first[:2] == ["prepare", "extract"] and first[-1] == "report" and len(first) == 9
 
-    embeddings = clone / "outputs/embeddings/demo/efficientnet_lite0"
-    assert len(pd.read_parquet(embeddings / "global_pool.parquet")) == 120
-    dedup = json.loads(
-        (clone / "outputs/dedup/demo/efficientnet_lite0/global_pool/metrics.json").read_text()
+    out = clone / "outputs/dvc"
+    assert (
+        len(pd.read_parquet(out / "embeddings/demo/efficientnet_lite0/global_pool.parquet")) == 120
     )
+    dedup = json.loads((out / "dedup/demo/efficientnet_lite0/global_pool/metrics.json").read_text())
     cluster = json.loads(
-        (clone / "outputs/cluster/demo/efficientnet_lite0/global_pool/metrics.json").read_text()
+        (out / "cluster/demo/efficientnet_lite0/global_pool/metrics.json").read_text()
     )
     assert dedup["recall"] > 0.9 and dedup["precision"] > 0.9  # the planted near-duplicates
     assert cluster["nmi"] > 0.9
-    report = pd.read_parquet(clone / "outputs/report/demo/efficientnet_lite0/report.parquet")
+    report = pd.read_parquet(out / "report/demo/efficientnet_lite0/report.parquet")
     assert report["layer"].tolist() == ["blocks.4", "global_pool"]
     assert report["probe_accuracy"].min() > 0.9
-    assert "dedup/demo/efficientnet_lite0/global_pool/metrics.json" in dvc(
-        "metrics", "show", cwd=clone
-    )
-
     assert ran(dvc("repro", cwd=clone)) == []
+    assert not (clone / "outputs/embeddings").exists()  # ad-hoc runs' folders stay untouched
 
-    config = clone / "conf/dedup.yaml"
-    config.write_text(config.read_text().replace("threshold: 0.7", "threshold: 0.75"))
-    # Only the dedup stages, and the report that reads their metrics.
-    assert sorted(ran(dvc("repro", cwd=clone))) == ["dedup@blocks.4", "dedup@global_pool", "report"]
+    # An experiment: DVC composes params.yaml with the override and runs what it feeds.
+    experiment = ran(dvc("exp", "run", "-S", "dedup.threshold=0.9", cwd=clone))
+    assert sorted(experiment) == ["dedup@blocks.4", "dedup@global_pool", "report"]
+    assert "dedup.threshold" in dvc("params", "diff", cwd=clone)  # the workspace vs HEAD
+    table = json.loads(dvc("exp", "show", "--json", cwd=clone))
+    runs = [
+        e
+        for commit in table
+        for e in [commit, *[x for exp in commit.get("experiments") or [] for x in exp["revs"]]]
+    ]
+    found = {
+        run["data"]["params"]["params.yaml"]["data"]["dedup"]["threshold"]: run["data"]["metrics"][
+            "outputs/dvc/dedup/demo/efficientnet_lite0/global_pool/metrics.json"
+        ]["data"]["recall"]
+        for run in runs
+        if run.get("data") and run["data"].get("metrics")
+    }
+    assert found[0.9] < found[0.7]  # a stricter threshold finds fewer of the planted pairs
+
+
+def test_params_yaml_is_dvcs_composition_of_the_config(tmp_path: Path) -> None:
+    """The committed params.yaml is what `dvc exp run` would compose: it cannot drift."""
+    from dvc.utils.hydra import compose_and_dump
+
+    composed = tmp_path / "params.yaml"
+    compose_and_dump(composed, str(SRC / "pipeline/conf"), None, "dvc_params", "", [])
+    assert yaml.safe_load(composed.read_text()) == yaml.safe_load(
+        (REPO / "params.yaml").read_text()
+    ), "params.yaml is stale: regenerate it with `dvc exp run` or as the README says"
+
+
+def imports(module: Path, seen: set[Path] | None = None) -> set[Path]:
+    """The package's modules a module imports at its top level, transitively (imports inside
+    functions, such as the app layer's tracking, load only for commands and record only)."""
+    seen = set() if seen is None else seen
+    for node in ast.parse(module.read_text()).body:
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.startswith("pipeline")]
+        for name in names:
+            path = SRC / (name.replace(".", "/") + ".py")
+            if path.is_file() and path not in seen:
+                seen.add(path)
+                imports(path, seen)
+    return seen
+
+
+def test_each_stage_depends_on_the_code_it_runs() -> None:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    entries = {
+        "extract": SRC / "pipeline/__main__.py",
+        "cluster": SRC / "pipeline/cluster.py",
+        "dedup": SRC / "pipeline/dedup.py",
+        "probe": SRC / "pipeline/probe.py",
+        "report": SRC / "pipeline/report.py",
+    }
+    for stage, entry in entries.items():
+        needed = (
+            {entry, SRC / "pipeline/app.py"} | imports(entry) | imports(SRC / "pipeline/app.py")
+        )
+        needed -= {SRC / "pipeline/__init__.py"}
+        declared = {REPO / d for d in stages[stage]["deps"]}
+        missing = sorted(str(p.relative_to(REPO)) for p in needed - declared)
+        assert not missing, f"dvc.yaml stage {stage} lacks deps {missing}"

@@ -9,7 +9,8 @@ import torch
 import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from pipeline.config import ConfigError, Pool
+from pipeline.config import Pool
+from pipeline.errors import ConfigError
 from pipeline.hooks import LOGITS, LayerHooks, list_layers, pool_output, resolve_layers
 
 

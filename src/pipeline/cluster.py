@@ -3,7 +3,8 @@
 Reads the layer's Parquet file, L2-normalises, optionally reduces with PCA, clusters with k-means
 (k from config, or the number of labels) or HDBSCAN, and writes `assignments.parquet`
 (`image_id`, `cluster`), `metrics.json` (silhouette; NMI and adjusted Rand index against the
-labels when there are labels; cluster sizes), `projection.png` and `contact_sheet.png`.
+labels when there are labels), `sizes.json` (images per cluster), `projection.png` and
+`contact_sheet.png`.
 """
 
 from __future__ import annotations
@@ -12,19 +13,26 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 import numpy as np
 import pandas as pd
 import sklearn
 from matplotlib.figure import Figure
-from omegaconf import DictConfig
 from sklearn.cluster import HDBSCAN, KMeans
 from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
-from pipeline import plots, tracking
-from pipeline.config import CONFIG_DIR, ClusterConfig, ClusterMethod, ConfigError
-from pipeline.store import Embeddings, existing_embeddings, read_embeddings
+from pipeline import plots
+from pipeline.config import ClusterMethod, PipelineConfig
+from pipeline.errors import ConfigError
+from pipeline.results import StageResult
+from pipeline.store import (
+    Embeddings,
+    embeddings_input,
+    existing_embeddings,
+    images_root,
+    read_embeddings,
+)
+from pipeline.vectors import normalise
 
 log = logging.getLogger(__name__)
 # Beyond these sizes a number or picture is computed on a random sample: silhouette costs
@@ -34,12 +42,6 @@ PROJECTION_POINTS = 20_000
 SHEET_ROWS = 40  # clusters shown in the contact sheet
 SILHOUETTE_MIB = 64  # memory for the silhouette's distance chunks
 CONTACT_SHEET = "contact_sheet.png"
-
-
-def normalise(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length, so that dot products are cosine similarities."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, np.finfo(np.float32).tiny)
 
 
 def cluster_vectors(
@@ -122,9 +124,8 @@ def contact_sheet(
     return plots.image_grid(rows, title)
 
 
-def run(cfg: ClusterConfig, run_log: tracking.Run) -> dict:
+def run(cfg: PipelineConfig) -> StageResult:
     source = existing_embeddings(cfg.embeddings)
-    run_log.log_params({"input_sha256": tracking.file_digest(source)})
     embeddings = read_embeddings(source)
     if not embeddings.ids:
         raise ConfigError(f"embeddings {source} hold no images: nothing to cluster")
@@ -139,7 +140,7 @@ def run(cfg: ClusterConfig, run_log: tracking.Run) -> dict:
     )
     unit = normalise(embeddings.vectors)
     metrics = cluster_metrics(unit, assignments, embeddings.labels, params.seed)
-    out = Path(cfg.output_dir)
+    out = Path(cfg.cluster.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Written only when the images are there: removed first, so an old sheet never stays
     # beside new assignments.
@@ -147,18 +148,22 @@ def run(cfg: ClusterConfig, run_log: tracking.Run) -> dict:
     pd.DataFrame({"image_id": embeddings.ids, "cluster": assignments}).to_parquet(
         out / "assignments.parquet", index=False
     )
+    sizes = metrics.pop("sizes")  # a table, not a metric: beside the metrics, not in them
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "sizes.json").write_text(json.dumps(sizes, indent=2) + "\n")
     title = f"{source.stem}: {params.method.value}, {metrics['n_clusters']} clusters"
     shown = sample_rows(len(unit), PROJECTION_POINTS, params.seed)
-    pictures = [
+    artifacts = [
+        out / "metrics.json",
+        out / "sizes.json",
         plots.save(
             plots.projection_figure(unit[shown], [str(a) for a in assignments[shown]], title),
             out / "projection.png",
-        )
+        ),
     ]
-    root = Path(cfg.images_root) if cfg.images_root else None
+    root = images_root(cfg.images_root, embeddings.metadata)
     if root is not None and (root / embeddings.ids[0]).is_file():
-        pictures.append(
+        artifacts.append(
             plots.save(
                 contact_sheet(embeddings, assignments, root, params.sheet_images, title),
                 out / CONTACT_SHEET,
@@ -166,23 +171,22 @@ def run(cfg: ClusterConfig, run_log: tracking.Run) -> dict:
         )
     else:
         log.warning("no contact sheet: images_root=%s does not hold the images", root)
-    run_log.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float | int)})
-    for path in [out / "metrics.json", *pictures]:
-        run_log.log_artifact(path)
-    log.info(
-        "%d images in %d clusters%s -> %s",
-        metrics["n_images"],
-        metrics["n_clusters"],
-        f" (NMI {metrics['nmi']:.3f}, ARI {metrics['ari']:.3f})" if "nmi" in metrics else "",
-        out,
+    summary = (
+        f"{metrics['n_images']} images in {metrics['n_clusters']} clusters"
+        + (f" (NMI {metrics['nmi']:.3f}, ARI {metrics['ari']:.3f})" if "nmi" in metrics else "")
+        + f" -> {out}"
     )
-    return metrics
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="cluster")
-def main(cfg: DictConfig) -> None:
-    tracking.run_stage(cfg, "cluster", run)
+    log.info("%s", summary)
+    return StageResult(
+        output_dir=out,
+        metrics={k: v for k, v in metrics.items() if isinstance(v, float | int)},
+        artifacts=artifacts,
+        inputs=[embeddings_input(source, embeddings.metadata)],
+        summary=summary,
+    )
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.app import main
+
+    main("cluster", run)

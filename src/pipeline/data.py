@@ -28,7 +28,8 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from timm.data import resolve_model_data_config
 
-from pipeline.config import ConfigError, DatasetConfig, DatasetKind
+from pipeline.config import DatasetConfig, DatasetKind
+from pipeline.errors import ConfigError
 
 # Decoding runs in parallel across loader processes. OpenCV's own thread pool does not survive
 # the fork that starts them (a child can hang on its locks), so it stays off.

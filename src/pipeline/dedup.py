@@ -5,8 +5,8 @@ a blocked matrix product (never an N x N matrix in memory) or approximately with
 Writes `pairs.parquet` (`image_a`, `image_b`, `similarity`: pairs at or above the threshold),
 `groups.parquet` (`image_id`, `group`: connected components of those pairs),
 `exact_duplicates.parquet` (files with the same bytes), `metrics.json` (precision, recall and F1
-over pairs when the true groups are known), `pr_curve.csv` (the same over thresholds) and
-`top_pairs.png`.
+over pairs when the true groups are known), `pr_curve.csv` and `pr_curve.png` (the same over
+thresholds) and `top_pairs.png` (the pairs nearest the threshold, on both sides).
 """
 
 from __future__ import annotations
@@ -16,24 +16,24 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from omegaconf import DictConfig
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from pipeline import plots, tracking
-from pipeline.cluster import normalise
-from pipeline.config import CONFIG_DIR, ConfigError, DedupConfig, SearchMethod
-from pipeline.store import existing_embeddings, read_embeddings
+from pipeline import plots
+from pipeline.config import PipelineConfig, SearchMethod
+from pipeline.errors import ConfigError
+from pipeline.results import StageResult
+from pipeline.store import embeddings_input, existing_embeddings, images_root, read_embeddings
+from pipeline.vectors import normalise
 
 log = logging.getLogger(__name__)
 BLOCK_BYTES = 64 * 2**20  # similarity rows computed at once: bounds memory at any N
 PR_THRESHOLDS = np.round(np.arange(0.50, 1.00, 0.01), 2)
 # Written only by some runs: removed first, so a folder never mixes two runs' results.
-OPTIONAL_OUTPUTS = ("exact_duplicates.parquet", "pr_curve.csv", "top_pairs.png")
+OPTIONAL_OUTPUTS = ("exact_duplicates.parquet", "pr_curve.csv", "pr_curve.png", "top_pairs.png")
 
 
 def knn_exact(unit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -160,8 +160,8 @@ def truth_groups(path: Path, id_column: str, group_column: str, ids: list[str]) 
     groups = pd.Series(ids).map(manifest.set_index(id_column)[group_column])
     if groups.isna().all():
         raise ConfigError(
-            f"dedup.truth {path} names none of the embedded images: "
-            "set dedup.truth=null or point it at this dataset's manifest"
+            f"dedup.truth {path} names none of the embedded images: point it at this "
+            "dataset's manifest, or leave it null"
         )
     return groups
 
@@ -180,7 +180,7 @@ def top_pairs_figure(pairs: pd.DataFrame, ids: list[str], root: Path, title: str
     return plots.image_grid(rows, title)
 
 
-def run(cfg: DedupConfig, run_log: tracking.Run) -> dict:
+def run(cfg: PipelineConfig) -> StageResult:
     params = cfg.dedup
     if not -1 < params.threshold <= 1:
         raise ConfigError(
@@ -189,11 +189,16 @@ def run(cfg: DedupConfig, run_log: tracking.Run) -> dict:
     if params.k < 1:
         raise ConfigError(f"dedup.k must be at least 1, got {params.k}")
     source = existing_embeddings(cfg.embeddings)
-    run_log.log_params({"input_sha256": tracking.file_digest(source)})
     embeddings = read_embeddings(source)
     ids, n = embeddings.ids, len(embeddings.ids)
     if n == 0:
         raise ConfigError(f"embeddings {source} hold no images: nothing to compare")
+    if len(set(ids)) != n:
+        raise ConfigError(f"embeddings {source} repeat image ids: each image may appear once")
+    if not np.isfinite(embeddings.vectors).all():
+        raise ConfigError(
+            f"embeddings {source} hold NaN or Inf values: extract again (precision=fp32)"
+        )
     unit = normalise(embeddings.vectors)
     search = knn_hnsw if params.method is SearchMethod.hnsw else knn_exact
     candidates = (
@@ -205,7 +210,7 @@ def run(cfg: DedupConfig, run_log: tracking.Run) -> dict:
     above = similarities >= params.threshold
     pairs = candidates[above]
     groups = groups_of(n, pairs)
-    out = Path(cfg.output_dir)
+    out = Path(params.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in OPTIONAL_OUTPUTS:
         (out / name).unlink(missing_ok=True)
@@ -227,7 +232,7 @@ def run(cfg: DedupConfig, run_log: tracking.Run) -> dict:
         "n_groups": int(groups.max() + 1),
     }
     artifacts = [out / "metrics.json"]
-    root = Path(cfg.images_root) if cfg.images_root else None
+    root = images_root(cfg.images_root, embeddings.metadata)
     if root is not None and not (root / ids[0]).is_file():
         log.warning(
             "no exact-copy pass, no pictures: images_root=%s does not hold the images", root
@@ -237,46 +242,63 @@ def run(cfg: DedupConfig, run_log: tracking.Run) -> dict:
         exact = exact_duplicates(ids, root)
         exact.to_parquet(out / "exact_duplicates.parquet", index=False)
         metrics["exact_duplicates"] = len(exact)
-    if params.truth is not None:
+    truth = params.truth or embeddings.metadata.get("dataset", {}).get("truth")
+    if truth is not None:
         codes = truth_codes(
-            truth_groups(Path(params.truth), params.truth_id_column, params.truth_group_column, ids)
+            truth_groups(
+                Path(truth).expanduser(), params.truth_id_column, params.truth_group_column, ids
+            )
         )
         hits = shares_group(codes, candidates["a"].to_numpy(), candidates["b"].to_numpy())
         n_true = count_true_pairs(codes)
         metrics.update(
             pair_scores(int(above.sum()), int(hits[above].sum()), n_true), true_pairs=n_true
         )
-        pr_curve(similarities, hits, n_true).to_csv(out / "pr_curve.csv", index=False)
-        artifacts.append(out / "pr_curve.csv")
+        curve = pr_curve(similarities, hits, n_true)
+        curve.to_csv(out / "pr_curve.csv", index=False)
+        artifacts += [
+            out / "pr_curve.csv",
+            plots.save(
+                plots.pr_figure(curve, params.threshold, f"{source.stem}: near-duplicate pairs"),
+                out / "pr_curve.png",
+            ),
+        ]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if root is not None:
-        title = f"{source.stem}: top pairs\ncosine similarity >= {params.threshold}"
+        title = f"{source.stem}: pairs nearest the threshold {params.threshold}"
+        shown = around_threshold(candidates, params.threshold, params.top_pairs)
         artifacts.append(
-            plots.save(
-                top_pairs_figure(pairs.head(params.top_pairs), ids, root, title),
-                out / "top_pairs.png",
-            )
+            plots.save(top_pairs_figure(shown, ids, root, title), out / "top_pairs.png")
         )
-    run_log.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float | int)})
-    for path in artifacts:
-        run_log.log_artifact(path)
-    log.info(
-        "%d pairs in %d groups at cosine similarity >= %s%s -> %s",
-        len(pairs),
-        metrics["n_groups"],
-        params.threshold,
-        f" (precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f})"
-        if "precision" in metrics
-        else "",
-        out,
+    summary = (
+        f"{len(pairs)} pairs in {metrics['n_groups']} groups at cosine similarity "
+        f">= {params.threshold}"
+        + (
+            f" (precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f})"
+            if "precision" in metrics
+            else ""
+        )
+        + f" -> {out}"
     )
-    return metrics
+    log.info("%s", summary)
+    return StageResult(
+        output_dir=out,
+        metrics={k: v for k, v in metrics.items() if isinstance(v, float | int)},
+        artifacts=artifacts,
+        inputs=[embeddings_input(source, embeddings.metadata)],
+        summary=summary,
+    )
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="dedup")
-def main(cfg: DictConfig) -> None:
-    tracking.run_stage(cfg, "dedup", run)
+def around_threshold(candidates: pd.DataFrame, threshold: float, count: int) -> pd.DataFrame:
+    """The pairs a person checks: the weakest kept above the threshold and the strongest
+    left below it, half each, in order of similarity."""
+    above = candidates[candidates["similarity"] >= threshold].tail(count // 2)
+    below = candidates[candidates["similarity"] < threshold].head(count - len(above))
+    return pd.concat([above, below])
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.app import main
+
+    main("dedup", run)

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ConfigError, Pool
+from pipeline.config import Pool
+from pipeline.errors import ConfigError
 
 LOGITS = "logits"  # the model's final output, not a module
 
@@ -84,7 +85,7 @@ def auto_pool(ndim: int, prefix_tokens: int) -> Pool:
         return Pool.avg
     if ndim == 3:
         return Pool.cls if prefix_tokens else Pool.mean
-    return Pool.flatten
+    return Pool.none if ndim == 2 else Pool.flatten
 
 
 # Pool -> the output ranks it fits (with the batch dimension).
@@ -117,24 +118,30 @@ class LayerInfo:
 class LayerHooks:
     """Capture the pooled outputs of named layers in one forward pass.
 
-    with LayerHooks(model, ["layer2", "global_pool"], Pool.auto) as hooks:
+    with LayerHooks(model, ["layer2", "global_pool"], pool="auto") as hooks:
         hooks.describe(example)        # shapes, pooling and dims; checks the config fits
         outputs = hooks(images)        # {"layer2": (N, 512), "global_pool": (N, 2048)}
 
     Unless `logits` is requested, the forward pass stops as soon as every hooked layer has run.
+    `pool` is a Pool or its name ("auto", "avg", ...). The handles are removed on exit, also
+    when the forward pass raised; any model works, timm's or not.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
         layers: Sequence[str],
-        pool: Pool,
+        pool: Pool | str = Pool.auto,
         output_key: str | None = None,
     ) -> None:
         self.model = model
-        self.layers = resolve_layers(model, layers)
+        self.layers = resolve_layers(model, [layers] if isinstance(layers, str) else layers)
         self.modules = {n: model.get_submodule(n) for n in self.layers if n != LOGITS}
-        self.pool = pool
+        try:
+            self.pool = Pool(pool)
+        except ValueError:
+            choices = ", ".join(p.value for p in Pool if p is not Pool.none)
+            raise ConfigError(f"pool={pool!r} is not one of {choices}") from None
         self.output_key = output_key
         self.prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
         self.stop_early = LOGITS not in self.layers

@@ -4,17 +4,18 @@ downloading weights: shapes do not depend on them."""
 
 from __future__ import annotations
 
-import hydra
-import torch
-from omegaconf import DictConfig, OmegaConf
+from pathlib import Path
 
-from pipeline.config import CONFIG_DIR, ExtractConfig, user_errors
+import torch
+
+from pipeline.config import PipelineConfig
 from pipeline.data import resolve_preprocess
 from pipeline.hooks import list_layers
 from pipeline.models import build_model
+from pipeline.results import StageResult
 
 
-def layer_table(cfg: ExtractConfig) -> list[dict]:
+def layer_table(cfg: PipelineConfig) -> list[dict]:
     cfg.model.pretrained, cfg.model.checkpoint = False, None
     model = build_model(cfg.model)
     size = resolve_preprocess(model, cfg.model.input_size).input_size
@@ -35,11 +36,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(c[k].ljust(widths[k]) for k in header).rstrip() for c in cells)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
-    with user_errors():
-        print(format_table(layer_table(OmegaConf.to_object(cfg))))
+def run(cfg: PipelineConfig) -> StageResult:
+    """Print the table; nothing is written."""
+    print(format_table(layer_table(cfg)))
+    return StageResult(output_dir=Path("."))
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.app import main
+
+    main("layers", run, track=False)

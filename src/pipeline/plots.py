@@ -49,6 +49,18 @@ def projection_figure(vectors: np.ndarray, groups: Sequence[str] | None, title: 
     return figure
 
 
+def pr_figure(curve: Sequence, threshold: float, title: str) -> Figure:
+    """Precision, recall and F1 over similarity thresholds, the chosen threshold marked: the
+    picture a person reads to see why the threshold is where it is."""
+    figure, axes = plt.subplots(figsize=(6, 4), layout="constrained")
+    for column in ("precision", "recall", "f1"):
+        axes.plot(curve["threshold"], curve[column], label=column)
+    axes.axvline(threshold, color="grey", linestyle="--", label=f"threshold {threshold}")
+    axes.set(title=title, xlabel="cosine similarity threshold", ylabel="score", ylim=(0, 1.02))
+    axes.legend(fontsize="small")
+    return figure
+
+
 def thumbnail(path: Path, size: int = 96) -> np.ndarray | None:
     """A small RGB copy of an image file, or None if it cannot be read."""
     image = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB)

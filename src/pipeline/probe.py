@@ -11,17 +11,16 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 import numpy as np
-from omegaconf import DictConfig
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_validate
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline import tracking
-from pipeline.config import CONFIG_DIR, ConfigError, ProbeConfig
-from pipeline.store import existing_embeddings, read_embeddings
+from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError
+from pipeline.results import StageResult
+from pipeline.store import embeddings_input, existing_embeddings, read_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ def probe_scores(
     }
 
 
-def run(cfg: ProbeConfig, run_log: tracking.Run) -> dict:
+def run(cfg: PipelineConfig) -> StageResult:
     source = existing_embeddings(cfg.embeddings)
     embeddings = read_embeddings(source)
     if embeddings.labels is None:
@@ -67,30 +66,27 @@ def run(cfg: ProbeConfig, run_log: tracking.Run) -> dict:
             f"{source} has no labels to probe: extract from a dataset with a "
             "label column (dataset.label_column, dataset.labels_from_folders)"
         )
-    run_log.log_params({"input_sha256": tracking.file_digest(source)})
     p = cfg.probe
     scores = probe_scores(embeddings.vectors, embeddings.labels, p.folds, p.c, p.max_iter, p.seed)
-    out = Path(cfg.output_dir)
+    out = Path(p.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps(scores, indent=2) + "\n")
-    run_log.log_metrics(scores)
-    run_log.log_artifact(out / "probe.json")
-    log.info(
-        "linear probe on %s: accuracy %.3f +- %.3f, macro-F1 %.3f (chance %.3f) -> %s",
-        source.stem,
-        scores["accuracy"],
-        scores["accuracy_std"],
-        scores["f1_macro"],
-        scores["chance"],
-        out,
+    summary = (
+        f"linear probe on {source.stem}: accuracy {scores['accuracy']:.3f} "
+        f"+- {scores['accuracy_std']:.3f}, macro-F1 {scores['f1_macro']:.3f} "
+        f"(chance {scores['chance']:.3f}) -> {out}"
     )
-    return scores
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="probe")
-def main(cfg: DictConfig) -> None:
-    tracking.run_stage(cfg, "probe", run)
+    log.info("%s", summary)
+    return StageResult(
+        output_dir=out,
+        metrics=scores,
+        artifacts=[out / "probe.json"],
+        inputs=[embeddings_input(source, embeddings.metadata)],
+        summary=summary,
+    )
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.app import main
+
+    main("probe", run)

@@ -3,8 +3,9 @@
 For every layer extracted for one model on one dataset (from a sweep or one multi-layer run):
 the embedding dim, clustering NMI, near-duplicate F1 and linear-probe accuracy, in one table
 (`report.md`, `report.parquet`) and one picture of each against layer depth (`report.png`).
-Reads only the Parquet contract and the stages' JSON files; layers the stages have not seen yet
-get them run now (`compute_missing`), extraction is never re-run.
+It only reads: the layers' Parquet metadata and the stages' JSON files. A result that is not
+there yet is named in the report with the command that makes it; DVC (`dvc repro`) is the one
+orchestrator that runs stages.
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ import logging
 import math
 from pathlib import Path
 
-import hydra
 import matplotlib.pyplot as plt
 import pandas as pd
-from hydra import compose
-from omegaconf import DictConfig, OmegaConf
 
-from pipeline import cluster, dedup, plots, probe, tracking
-from pipeline.config import CONFIG_DIR, ConfigError, ReportConfig
-from pipeline.store import FAILURES_FILE, read_metadata
+from pipeline import plots
+from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError
+from pipeline.results import StageResult
+from pipeline.store import read_metadata
 
 log = logging.getLogger(__name__)
 # metric column -> (stage folder key, file, key in the file)
@@ -33,55 +33,28 @@ METRICS = {
 }
 
 
-def stage_config(name: str, overrides: list[str]) -> object:
-    """A downstream stage's own config, composed (within this Hydra app) as its command line
-    would compose it."""
-    return OmegaConf.to_object(compose(name, overrides=overrides))
+# metric column -> the stage that makes it
+STAGES = {"cluster_nmi": "cluster", "dedup_f1": "dedup", "probe_accuracy": "probe"}
 
 
-def run_missing(layer_file: Path, cfg: ReportConfig, layer_dir: dict[str, Path]) -> None:
-    """Run cluster, dedup and probe on a layer that lacks their results, with their defaults."""
-    shared = [
-        f"embeddings={layer_file}",
-        "tracking=none",
-        f"images_root={cfg.images_root or 'null'}",
-    ]
-    truth = Path(cfg.images_root or "") / "manifest.csv"
-    no_truth = [] if cfg.images_root and truth.is_file() else ["dedup.truth=null"]
-    stages = {
-        "cluster_dir": ("cluster", cluster.run, []),
-        "dedup_dir": ("dedup", dedup.run, no_truth),  # without true groups: pairs, but no F1
-        "probe_dir": ("probe", probe.run, []),
-    }
-    for key, (name, stage, own) in stages.items():
-        if layer_dir[key].exists():
-            continue
-        log.info("%s has no %s results yet: running it", layer_file.stem, name)
-        overrides = [*shared, *own, f"output_dir={layer_dir[key]}"]
-        try:
-            stage(stage_config(name, overrides), tracking.Run())
-        except ConfigError as err:  # e.g. no labels to probe: leave that metric empty
-            log.warning("%s on %s: %s", name, layer_file.stem, err)
-
-
-def layer_table(cfg: ReportConfig) -> pd.DataFrame:
-    folder = Path(cfg.embeddings_dir)
-    files = sorted(p for p in folder.glob("*.parquet") if p.name != FAILURES_FILE)
+def layer_table(cfg: PipelineConfig) -> tuple[pd.DataFrame, list[str]]:
+    """One row per extracted layer, and the commands that would fill its missing cells."""
+    folder = Path(cfg.output_dir)
+    files = sorted(p for p in folder.glob("*.parquet") if p.is_dir())
     if not files:
         raise ConfigError(
             f"no layer embeddings in {folder}: run `python -m pipeline` (or a "
             "sweep over layers) for this model and dataset first"
         )
-    rows = []
+    rows, missing = [], []
+    dirs = {
+        "cluster_dir": cfg.report.cluster_dir,
+        "dedup_dir": cfg.report.dedup_dir,
+        "probe_dir": cfg.report.probe_dir,
+    }
     for file in files:
         metadata = read_metadata(file)
         layer = metadata["layer"]
-        layer_dir = {
-            key: Path(getattr(cfg, key)) / layer
-            for key in ("cluster_dir", "dedup_dir", "probe_dir")
-        }
-        if cfg.compute_missing:
-            run_missing(file, cfg, layer_dir)
         row = {
             "layer": layer,
             "depth": metadata.get("depth", math.inf),
@@ -89,10 +62,13 @@ def layer_table(cfg: ReportConfig) -> pd.DataFrame:
             "pool": metadata["pool"],
         }
         for column, (key, name, field) in METRICS.items():
-            path = layer_dir[key] / name
+            path = Path(dirs[key]) / layer / name
             row[column] = json.loads(path.read_text()).get(field) if path.is_file() else None
+            if not path.is_file():
+                missing.append(f"python -m pipeline.{STAGES[column]} embeddings={file}")
         rows.append(row)
-    return pd.DataFrame(rows).sort_values(["depth", "layer"], kind="stable").reset_index(drop=True)
+    table = pd.DataFrame(rows).sort_values(["depth", "layer"], kind="stable")
+    return table.reset_index(drop=True), missing
 
 
 def markdown(table: pd.DataFrame, title: str) -> str:
@@ -111,8 +87,17 @@ def markdown(table: pd.DataFrame, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figure(table: pd.DataFrame, title: str) -> plots.Figure:
-    """Each metric against layer depth, layers in model order."""
+LABELS = {
+    "dim": "embedding dim",
+    "cluster_nmi": "k-means NMI vs labels",
+    "dedup_f1": "near-duplicate pair F1",
+    "probe_accuracy": "linear probe accuracy",
+}
+
+
+def figure(table: pd.DataFrame, title: str, note: str) -> plots.Figure:
+    """Each metric against layer depth, layers in model order; `note` says how the metrics
+    were measured."""
     columns = ["dim", *METRICS]
     fig, axes = plt.subplots(
         1, len(columns), figsize=(3.2 * len(columns), 3.4), layout="constrained"
@@ -122,30 +107,50 @@ def figure(table: pd.DataFrame, title: str) -> plots.Figure:
         ax.plot(range(len(table)), values, marker="o")
         ax.set_xticks(range(len(table)), table["layer"], rotation=45, ha="right", fontsize=7)
         ax.set_title(column)
+        ax.set(xlabel="layer (model order)", ylabel=LABELS[column])
         if column != "dim":
             ax.set_ylim(0, 1.05)
     fig.suptitle(title)
+    fig.supxlabel(note, fontsize=8)
     return fig
 
 
-def run(cfg: ReportConfig, run_log: tracking.Run) -> pd.DataFrame:
-    table = layer_table(cfg)
-    out = Path(cfg.output_dir)
+def run(cfg: PipelineConfig) -> StageResult:
+    table, missing = layer_table(cfg)
+    out = Path(cfg.report.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    title = f"Layers of {Path(cfg.embeddings_dir).name} on {Path(cfg.embeddings_dir).parent.name}"
+    title = f"Layers of {cfg.extraction_name}"
+    text = markdown(table, title)
+    if missing:
+        text += "\nNot computed yet (run these, or `dvc repro`):\n\n" + "".join(
+            f"    {command}\n" for command in missing
+        )
     table.to_parquet(out / "report.parquet", index=False)
-    (out / "report.md").write_text(markdown(table, title))
-    plots.save(figure(table, title), out / "report.png")
-    for name in ("report.md", "report.parquet", "report.png"):
-        run_log.log_artifact(out / name)
-    log.info("%d layers -> %s\n%s", len(table), out, markdown(table, title))
-    return table
+    (out / "report.md").write_text(text)
+    plots.save(figure(table, title, thresholds(cfg, table)), out / "report.png")
+    summary = f"{len(table)} layers -> {out}" + (
+        f" ({len(missing)} results missing)" if missing else ""
+    )
+    log.info("%s\n%s", summary, text)
+    return StageResult(
+        output_dir=out,
+        artifacts=[out / name for name in ("report.md", "report.parquet", "report.png")],
+        summary=summary,
+    )
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="report")
-def main(cfg: DictConfig) -> None:
-    tracking.run_stage(cfg, "report", run)
+def thresholds(cfg: PipelineConfig, table: pd.DataFrame) -> str:
+    """How each metric was measured, for the picture's axis labels."""
+    dedup = {
+        json.loads(p.read_text()).get("threshold")
+        for layer in table["layer"]
+        if (p := Path(cfg.report.dedup_dir) / layer / "metrics.json").is_file()
+    }
+    at = ", ".join(str(t) for t in sorted(t for t in dedup if t is not None)) or "?"
+    return f"dedup F1 at cosine similarity >= {at}; probe: {cfg.probe.folds}-fold CV"
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.app import main
+
+    main("report", run)

@@ -13,18 +13,18 @@ import logging
 import math
 from pathlib import Path
 
-import hydra
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
-from pipeline import plots, tracking
-from pipeline.config import CONFIG_DIR, ConfigError, Pool, VisualizeConfig
+from pipeline import plots
+from pipeline.config import PipelineConfig, Pool
 from pipeline.data import build_transform, decode_image, resolve_preprocess
-from pipeline.extract import resolve_device
+from pipeline.devices import resolve_device
+from pipeline.errors import ConfigError
 from pipeline.hooks import LayerHooks
 from pipeline.models import build_model
+from pipeline.results import StageResult
 
 log = logging.getLogger(__name__)
 
@@ -81,34 +81,36 @@ def feature_figure(
     return figure
 
 
-def run(cfg: VisualizeConfig, run_log: tracking.Run) -> dict[str, dict[str, list[int]]]:
-    if cfg.normalise not in ("channel", "layer"):
-        raise ConfigError(f"normalise is channel or layer, got {cfg.normalise!r}")
+def run(cfg: PipelineConfig) -> StageResult:
+    v = cfg.visualize
+    if v.normalise not in ("channel", "layer"):
+        raise ConfigError(f"visualize.normalise is channel or layer, got {v.normalise!r}")
     device = resolve_device(cfg.device)
     model = build_model(cfg.model).to(device)
     m = cfg.model
     preprocess = resolve_preprocess(model, m.input_size, m.crop_pct, m.interpolation, m.mean, m.std)
     transform = build_transform(preprocess)
-    paths = [Path(p).expanduser() for p in ([cfg.image] if cfg.image else []) + cfg.images]
+    paths = [Path(p).expanduser() for p in ([v.image] if v.image else []) + v.images]
     if not paths:
-        raise ConfigError("no image given: image=path/to/photo.jpg")
+        raise ConfigError("no image given: visualize.image=path/to/photo.jpg")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ConfigError(
-            f"image {missing[0]} does not exist: check image= (the default is a "
+            f"image {missing[0]} does not exist: check visualize.image= (the default is a "
             "demo photo: python -m pipeline.demo builds them)"
         )
     batch = torch.stack([transform(image=decode_image(p.read_bytes()))["image"] for p in paths])
     mean, std = np.array(preprocess.mean), np.array(preprocess.std)
-    shown = {}
+    shown: dict[str, dict[str, list[int]]] = {}
+    pictures: list[Path] = []
     # flatten keeps every value; the recorded shape turns it back into maps.
     with (
         torch.inference_mode(),
-        LayerHooks(model, cfg.layers, Pool.flatten, cfg.output_key) as hooks,
+        LayerHooks(model, v.layers, Pool.flatten, cfg.output_key) as hooks,
     ):
         info = hooks.describe(batch[:1].to(device))
         outputs = hooks(batch.to(device))
-    out = Path(cfg.output_dir)
+    out = Path(v.output_dir)
     stems = [p.stem for p in paths]
     for i, path in enumerate(paths):
         # One folder per image, named after it; numbered when two images share a name.
@@ -117,23 +119,23 @@ def run(cfg: VisualizeConfig, run_log: tracking.Run) -> dict[str, dict[str, list
         picture = np.clip(batch[i].permute(1, 2, 0).numpy() * std + mean, 0, 1)
         for layer, flat in outputs.items():
             maps = as_maps(flat[i].float().cpu(), info[layer].shape, hooks.prefix_tokens)
-            channels = strongest_channels(maps, cfg.channels)
+            channels = strongest_channels(maps, v.channels)
             title = f"{cfg.model.name} {layer}: output {'x'.join(map(str, info[layer].shape))}"
             png = plots.save(
-                feature_figure(picture, maps.numpy(), channels, title, cfg.normalise),
+                feature_figure(picture, maps.numpy(), channels, title, v.normalise),
                 folder / f"{layer}.png",
             )
             (folder / f"{layer}.json").write_text(json.dumps({"channels": channels}) + "\n")
-            run_log.log_artifact(png, f"feature_maps/{folder.name}")
+            pictures.append(png)
             shown.setdefault(folder.name, {})[layer] = channels
-    log.info("feature maps of %d layers for %d image(s) -> %s", len(outputs), len(paths), out)
-    return shown
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="visualize")
-def main(cfg: DictConfig) -> None:
-    tracking.run_stage(cfg, "visualize", run)
+    summary = f"feature maps of {len(outputs)} layers for {len(paths)} image(s) -> {out}"
+    log.info("%s", summary)
+    return StageResult(
+        output_dir=out, artifacts=pictures, documents={"channels.json": shown}, summary=summary
+    )
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.app import main
+
+    main("visualize", run)
