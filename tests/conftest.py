@@ -50,7 +50,11 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_cli(
-    *args: str, cwd: Path, module: str = "pipeline", env: dict[str, str] | None = None
+    *args: str,
+    cwd: Path,
+    module: str = "pipeline",
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
 ) -> subprocess.CompletedProcess:
     """`python -m <module> args...` in a subprocess, offline, as a user would type it, in `cwd`
     (where its outputs/ folder goes). Tracking goes to `cwd` unless `env` says otherwise."""
@@ -62,7 +66,7 @@ def run_cli(
         env={**full_env, **(env or {})},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
 
 

@@ -14,6 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline.store import read_metadata
+
 from conftest import TINY_MODEL, run_cli, write_image
 
 pytestmark = pytest.mark.slow
@@ -29,7 +31,7 @@ def test_demo_default_run(tmp_path: Path) -> None:
     assert frame["image_id"].tolist() == manifest["path"].tolist()  # dataset order
     assert frame["label"].tolist() == manifest["label"].tolist()
     assert frame["image_id"].is_unique and len(frame) == 120
-    schema = pq.read_schema(out / "global_pool.parquet")
+    schema = ds.dataset(out / "global_pool.parquet").schema
     assert str(schema.field("embedding").type) == "fixed_size_list<element: float>[1280]"
     meta = json.loads(schema.metadata[b"pipeline"])
     assert meta["model"] == "efficientnet_lite0" and meta["layer"] == "global_pool"
@@ -71,7 +73,7 @@ def test_folder_several_layers_logits_and_a_corrupt_file(tmp_path: Path, photos:
     assert len(frame["embedding"].iloc[0]) == 1000
     failures = pd.read_parquet(out / "failures.parquet")
     assert failures["image_id"].tolist() == ["scenes/broken.png"]
-    assert failures["reason"].iloc[0] == "truncated PNG (no IEND chunk)"
+    assert failures["reason"].iloc[0] == "truncated PNG (no IHDR chunk)"
     assert ds.dataset(out / "blocks.0.parquet").count_rows() == 6
 
 
@@ -162,7 +164,7 @@ def test_cuda_autocast_matches_cpu(tmp_path: Path, photos: Path) -> None:
     gpu = run_cli(*args, f"output_dir={tmp_path}/gpu", cwd=tmp_path)
     cpu = run_cli(*args, f"output_dir={tmp_path}/cpu", "device=cpu", cwd=tmp_path)
     assert gpu.returncode == 0 and cpu.returncode == 0, gpu.stderr + cpu.stderr
-    meta = json.loads(pq.read_schema(tmp_path / "gpu/global_pool.parquet").metadata[b"pipeline"])
+    meta = read_metadata(tmp_path / "gpu/global_pool.parquet")
     assert meta["device"] == "cuda" and meta["precision"] in {"bf16", "fp16"}
     a = np.stack(pd.read_parquet(tmp_path / "gpu/global_pool.parquet")["embedding"].to_numpy())
     b = np.stack(pd.read_parquet(tmp_path / "cpu/global_pool.parquet")["embedding"].to_numpy())

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import timm
 import torch
 import torchvision
 from PIL import Image
@@ -15,6 +16,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from pipeline.data import Preprocess, build_transform, decode_image
 from pipeline.probe import probe_scores
+from pipeline.store import read_embeddings
 from pipeline.visualize import as_maps, strongest_channels
 
 from conftest import TINY_MODEL, run_cli
@@ -50,10 +52,10 @@ def test_feature_maps_show_the_strongest_channels(tmp_path: Path, photos: Path) 
     done = run_cli(
         "model=module",
         f"model.checkpoint={tmp_path}/resnet18.pth",
-        f"image={image}",
-        "layers=[layer1,layer3]",
-        "channels=6",
-        f"output_dir={tmp_path}/maps",
+        f"visualize.image={image}",
+        "visualize.layers=[layer1,layer3]",
+        "visualize.channels=6",
+        f"visualize.output_dir={tmp_path}/maps",
         "tracking=none",
         module="pipeline.visualize",
         cwd=tmp_path,
@@ -75,18 +77,43 @@ def test_feature_maps_show_the_strongest_channels(tmp_path: Path, photos: Path) 
 
 @pytest.mark.slow
 def test_feature_maps_of_a_vit(tmp_path: Path, photos: Path) -> None:
+    """Tokens on the patch grid: the channels shown are the token dims an independent hook
+    on the same weights ranks highest over the patches."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    torch.save(model.state_dict(), tmp_path / "vit.pth")
+    image = photos / "scenes" / "rocket.png"
     done = run_cli(
         *TINY_MODEL,
         "model.name=test_vit",
-        "image=null",
-        f"images=[{photos}/scenes/rocket.png]",
-        "layers=[blocks.0]",
-        f"output_dir={tmp_path}/maps",
+        f"model.checkpoint={tmp_path}/vit.pth",
+        "visualize.image=null",
+        f"visualize.images=[{image}]",
+        "visualize.layers=[blocks.0]",
+        "visualize.channels=5",
+        f"visualize.output_dir={tmp_path}/maps",
         module="pipeline.visualize",
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    assert len(json.loads((tmp_path / "maps/rocket/blocks.0.json").read_text())["channels"]) == 16
+    config = timm.data.resolve_model_data_config(model)
+    transform = build_transform(
+        Preprocess(
+            tuple(config["input_size"]),
+            config["crop_pct"],
+            config["interpolation"],
+            tuple(config["mean"]),
+            tuple(config["std"]),
+        )
+    )
+    x = transform(image=decode_image(image.read_bytes()))["image"][None]
+    captured = {}
+    model.blocks[0].register_forward_hook(lambda _m, _i, out: captured.update(out=out))
+    with torch.inference_mode():
+        model(x)
+    patches = captured["out"][0, model.num_prefix_tokens :]
+    expected = patches.mean(dim=0).argsort(descending=True)[:5].tolist()
+    assert json.loads((tmp_path / "maps/rocket/blocks.0.json").read_text())["channels"] == expected
 
 
 @pytest.mark.slow
@@ -100,17 +127,20 @@ def test_probe_cli_writes_probe_json(tmp_path: Path, photos: Path) -> None:
         cwd=tmp_path,
     )
     assert extract.returncode == 0, extract.stderr
-    layer = tmp_path / "outputs/embeddings/photos/test_efficientnet/global_pool.parquet"
+    layer = tmp_path / "outputs/embeddings/photos/test_efficientnet-random/global_pool.parquet"
     done = run_cli(f"embeddings={layer}", "tracking=none", module="pipeline.probe", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    scores = json.loads(
-        (tmp_path / "outputs/probe/photos/test_efficientnet/global_pool/probe.json").read_text()
-    )
-    assert scores["folds"] == 3 and scores["n_classes"] == 2 and 0 <= scores["accuracy"] <= 1
+    out = tmp_path / "outputs/probe/photos/test_efficientnet-random/global_pool/probe.json"
+    scores = json.loads(out.read_text())
+    embeddings = read_embeddings(layer)
+    assert scores == pytest.approx(probe_scores(embeddings.vectors, embeddings.labels, folds=5))
+    assert scores["folds"] == 3 and scores["n_classes"] == 2 and scores["chance"] == 0.5
 
 
 @pytest.mark.slow
-def test_report_on_a_two_layer_sweep(tmp_path: Path, photos: Path) -> None:
+def test_report_reads_what_the_stages_wrote_and_names_what_is_missing(
+    tmp_path: Path, photos: Path
+) -> None:
     same = [*TINY_MODEL, "dataset=folder", f"dataset.root={photos}", "dataset.name=photos"]
     sweep = run_cli(
         "-m",
@@ -120,13 +150,26 @@ def test_report_on_a_two_layer_sweep(tmp_path: Path, photos: Path) -> None:
         cwd=tmp_path,
     )
     assert sweep.returncode == 0, sweep.stderr
+    embeddings = tmp_path / "outputs/embeddings/photos/test_efficientnet-random"
+    cluster = run_cli(*same, "layer=blocks.2", module="pipeline.cluster", cwd=tmp_path)
+    assert cluster.returncode == 0, cluster.stderr
     done = run_cli(*same, module="pipeline.report", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    out = tmp_path / "outputs/report/photos/test_efficientnet"
-    table = pd.read_parquet(out / "report.parquet")
-    assert table["layer"].tolist() == ["blocks.2", "global_pool"]  # model order, not names
-    assert table["dim"].gt(0).all() and table["depth"].is_monotonic_increasing
-    assert table["cluster_nmi"].between(0, 1).all() and table["probe_accuracy"].notna().all()
-    assert table["dedup_f1"].isna().all()  # a plain folder knows no true duplicate groups
-    assert "| blocks.2 |" in (out / "report.md").read_text()
+    out = tmp_path / "outputs/report/photos/test_efficientnet-random"
+    table = pd.read_parquet(out / "report.parquet").set_index("layer")
+    assert table.index.tolist() == ["blocks.2", "global_pool"]  # model order, not names
+    assert table["depth"].is_monotonic_increasing
+    nmi = json.loads(
+        (
+            tmp_path / "outputs/cluster/photos/test_efficientnet-random/blocks.2/metrics.json"
+        ).read_text()
+    )["nmi"]
+    assert table.loc["blocks.2", "cluster_nmi"] == nmi
+    assert table[["dedup_f1", "probe_accuracy"]].isna().all().all()  # never computed here
+    assert pd.isna(table.loc["global_pool", "cluster_nmi"])
+    text = (out / "report.md").read_text()
+    assert "| blocks.2 |" in text
+    folder = embeddings.relative_to(tmp_path)  # as the user gave it: relative to where they are
+    assert f"python -m pipeline.probe embeddings={folder}/global_pool.parquet" in text
+    assert f"python -m pipeline.cluster embeddings={folder}/blocks.2.parquet" not in text
     assert (out / "report.png").stat().st_size > 0

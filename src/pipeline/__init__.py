@@ -6,3 +6,17 @@ try:
     __version__ = version("pipeline")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
+
+
+def __getattr__(name: str) -> object:
+    """`from pipeline import embed, LayerHooks`, loaded on first use: importing the package
+    (as Hydra's plugin scan and DVC do) stays light."""
+    if name == "embed":
+        from pipeline.api import embed
+
+        return embed
+    if name == "LayerHooks":
+        from pipeline.hooks import LayerHooks
+
+        return LayerHooks
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,6 +52,7 @@ def main(stage: str, run: Callable[[PipelineConfig], Any], track: bool = True) -
             with tracking.tracked(config.tracking, stage, run_name(stage, config), cfg) as record:
                 record(run(config))
 
+    _check_presets(sys.argv[1:])
     try:
         task()
     except SystemExit as exit:
@@ -63,14 +65,67 @@ def main(stage: str, run: Callable[[PipelineConfig], Any], track: bool = True) -
         sys.exit(max(codes) if codes else exit.code)
 
 
+GROUPS = ("dataset", "model", "tracking")
+
+
+def _check_presets(arguments: list[str]) -> None:
+    """A preset that does not exist (`model=resnet5`) as one line and exit 2, before Hydra
+    composes anything (Hydra would print a page and exit 1)."""
+    conf = Path(__file__).parent / "conf"
+    for argument in arguments:
+        group, _, values = argument.partition("=")
+        if group not in GROUPS:
+            continue
+        known = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+        for value in values.split(","):  # a sweep: model=a,b
+            if value not in known:
+                print(
+                    f"error: no {group} preset {value!r}: use one of {', '.join(known)}",
+                    file=sys.stderr,
+                )
+                sys.exit(2)
+
+
+# Keys that name files or folders: `~` and $VARIABLES in them are expanded, as a shell would.
+PATH_KEYS = (
+    "paths.root",
+    "paths.data",
+    "dataset.root",
+    "dataset.path",
+    "dataset.truth",
+    "model.checkpoint",
+    "output_dir",
+    "embeddings",
+    "images_root",
+    "cluster.output_dir",
+    "dedup.output_dir",
+    "dedup.truth",
+    "probe.output_dir",
+    "report.output_dir",
+    "visualize.image",
+    "visualize.output_dir",
+)
+
+
 def typed(cfg: DictConfig) -> PipelineConfig:
     """The composed config, checked against the schema and resolved, as dataclasses."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), cfg)
-        return OmegaConf.to_object(merged)
+        config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         message = str(err).splitlines()[0]
         raise ConfigError(f"config: {message} (key {getattr(err, 'full_key', '?')})") from None
+    for key in PATH_KEYS:
+        *parents, name = key.split(".")
+        node = config
+        for parent in parents:
+            node = getattr(node, parent)
+        if isinstance(value := getattr(node, name), str):
+            setattr(node, name, os.path.expandvars(os.path.expanduser(value)))
+    config.visualize.images = [
+        os.path.expandvars(os.path.expanduser(p)) for p in config.visualize.images
+    ]
+    return config
 
 
 @contextlib.contextmanager

@@ -127,8 +127,14 @@ def contact_sheet(
 def run(cfg: PipelineConfig) -> StageResult:
     source = existing_embeddings(cfg.embeddings)
     embeddings = read_embeddings(source)
-    if not embeddings.ids:
-        raise ConfigError(f"embeddings {source} hold no images: nothing to cluster")
+    if len(embeddings.ids) < 2:
+        raise ConfigError(
+            f"embeddings {source} hold {len(embeddings.ids)} image(s): clustering needs 2 or more"
+        )
+    if not np.isfinite(embeddings.vectors).all():
+        raise ConfigError(
+            f"embeddings {source} hold NaN or Inf values: extract again (precision=fp32)"
+        )
     params = cfg.cluster
     k = (
         params.k

@@ -9,6 +9,7 @@ when listing it already tells; missing otherwise) and, when known, `label`.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import re
 import stat
@@ -690,4 +691,14 @@ def image_loader(
         collate_fn=collate,
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers else None,
+        multiprocessing_context=_worker_context() if num_workers else None,
     )
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """The loader processes' start method, named rather than inherited: inside a joblib (loky)
+    worker, as Hydra's joblib launcher runs jobs, the inherited default is loky's, which cannot
+    start plain processes. fork where the platform has it (as torch's default on Linux), else
+    spawn."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")

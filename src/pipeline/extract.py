@@ -125,9 +125,6 @@ def run(cfg: PipelineConfig) -> ExtractResult:
     """Extract every configured layer for every image of the dataset into `cfg.output_dir`."""
     _check_numbers(cfg)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    output_dir = Path(cfg.output_dir).expanduser()
     manifest = load_manifest(cfg.dataset)
     if skipped := manifest.attrs.get("skipped"):
         log.info(
@@ -136,9 +133,21 @@ def run(cfg: PipelineConfig) -> ExtractResult:
             ", ".join(f"{ext}: {n}" for ext, n in sorted(skipped.items())),
         )
     model = build_model(cfg.model)
+    return extract_images(model, manifest, cfg, weights_provenance(cfg.model))
+
+
+def extract_images(
+    model: torch.nn.Module, manifest: pd.DataFrame, cfg: PipelineConfig, weights: dict[str, Any]
+) -> ExtractResult:
+    """The extraction of `manifest`'s images with a model already built (the Python API hands
+    its own); `cfg` says which layers, how, and where."""
+    _check_numbers(cfg)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    output_dir = Path(cfg.output_dir).expanduser()
     m = cfg.model
     preprocess = resolve_preprocess(model, m.input_size, m.crop_pct, m.interpolation, m.mean, m.std)
-    model.to(device)
+    model.eval().to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     ids = manifest["image_id"].tolist()
@@ -146,7 +155,7 @@ def run(cfg: PipelineConfig) -> ExtractResult:
     images_digest = manifest_digest(manifest)
     metadata = {
         "model": cfg.model.name,
-        "weights": weights_provenance(cfg.model),
+        "weights": weights,
         "dataset": {
             "name": cfg.dataset.name,
             "kind": cfg.dataset.kind.value,

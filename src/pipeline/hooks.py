@@ -260,8 +260,8 @@ def _blank(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def list_layers(model: torch.nn.Module, example: torch.Tensor) -> Iterator[dict[str, Any]]:
-    """Every module in model order: type, output shape, auto-pooled dim, bytes per image (as
-    float32) and how often it runs in one forward pass."""
+    """Every module in model order, then `logits` (the model's output): type, output shape,
+    auto-pooled dim, bytes per image (as float32) and how often it runs in one forward pass."""
     outputs: dict[str, list[Any]] = {}
 
     def recorder(name: str) -> Any:
@@ -278,10 +278,13 @@ def list_layers(model: torch.nn.Module, example: torch.Tensor) -> Iterator[dict[
     handles = [m.register_forward_hook(recorder(n)) for n, m in modules]
     try:
         with torch.inference_mode():
-            model(example)
+            final = model(example)
     finally:
         for handle in handles:
             handle.remove()
+    if isinstance(final, torch.Tensor):
+        outputs[LOGITS] = [tuple(final.shape[1:])]
+        modules.append((LOGITS, final))
     prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
     for name, module in modules:
         calls = outputs.get(name, [])
@@ -292,7 +295,7 @@ def list_layers(model: torch.nn.Module, example: torch.Tensor) -> Iterator[dict[
             dim = pool_output(blank, auto_pool(blank.ndim, prefix_tokens), prefix_tokens).shape[1]
         yield {
             "layer": name,
-            "type": type(module).__name__,
+            "type": "model output" if name == LOGITS else type(module).__name__,
             "output": "x".join(map(str, shape)) if isinstance(shape, tuple) else shape or "-",
             "dim": dim,
             "bytes": 4 * dim if dim else None,

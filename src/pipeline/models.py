@@ -19,6 +19,7 @@ import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from hydra.utils import instantiate
+from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
 from pipeline.config import KeyMatch, ModelConfig
@@ -131,9 +132,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist: check model.checkpoint")
     if path.suffix == ".safetensors":
-        return load_safetensors(path)
+        try:
+            return load_safetensors(path)
+        except SafetensorError as err:
+            raise ConfigError(
+                f"checkpoint {path} is not a readable .safetensors file: {err}"
+            ) from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError) as err:  # cut short, or not a torch file at all
+        raise ConfigError(f"checkpoint {path} cannot be read ({err}): is it complete?") from None
     except pickle.UnpicklingError as err:
         raise ConfigError(
             f"refusing checkpoint {path}: it holds Python objects, not only tensors "

@@ -1,0 +1,122 @@
+"""The Python API a notebook uses (`from pipeline import embed`), the public LayerHooks, and
+what the files record about the weights that made them."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+
+from pipeline import LayerHooks, embed
+from pipeline.errors import ConfigError
+from pipeline.store import read_metadata
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("test_efficientnet", pretrained=False).eval()
+
+
+def test_a_folder_a_list_and_a_frame_give_the_same_rows(
+    photos: Path, tiny: torch.nn.Module
+) -> None:
+    paths = sorted(str(p) for p in photos.rglob("*.png"))
+    by_list = embed(
+        [*paths, str(photos / "missing.png")], model=tiny, layers=["blocks.1", "global_pool"]
+    )
+    assert by_list["image_id"].tolist() == paths
+    assert by_list.attrs["failures"]["image_id"].tolist() == [str(photos / "missing.png")]
+    by_frame = embed(
+        pd.DataFrame({"path": paths, "label": [Path(p).parent.name for p in paths]}),
+        model=tiny,
+        layers="global_pool",
+    )
+    assert by_frame["label"].tolist() == [Path(p).parent.name for p in paths]
+    np.testing.assert_array_equal(
+        np.stack(by_frame["global_pool"]), np.stack(by_list["global_pool"])
+    )
+    by_folder = embed(photos, model=tiny)  # global_pool by default
+    assert sorted(by_folder.columns) == ["global_pool", "image_id"] and len(by_folder) == 6
+
+
+def test_a_tensor_batch_needs_no_files(tiny: torch.nn.Module) -> None:
+    batch = torch.randn(3, 3, 32, 32)
+    frame = embed(batch, model=tiny, layers=["blocks.2"], pool="max")
+    with torch.inference_mode():
+        expected = tiny.blocks[2](tiny.blocks[1](tiny.blocks[0](tiny.bn1(tiny.conv_stem(batch)))))
+    np.testing.assert_allclose(np.stack(frame["blocks.2"]), expected.amax(dim=(2, 3)), rtol=1e-5)
+
+
+def test_output_dir_keeps_the_parquet_contract(tmp_path: Path, photos: Path) -> None:
+    frame = embed(photos, model="efficientnet_lite0", output_dir=tmp_path / "out")
+    metadata = read_metadata(tmp_path / "out/global_pool.parquet")
+    assert metadata["weights"]["init"] == "checkpoint" and metadata["dim"] == 1280
+    assert len(pd.read_parquet(tmp_path / "out/global_pool.parquet")) == len(frame) == 6
+
+
+def test_layer_hooks_take_pool_names_and_refuse_others(tiny: torch.nn.Module) -> None:
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode(), LayerHooks(tiny, ["blocks.1"], "auto") as hooks:
+        assert hooks(x)["blocks.1"].shape == (2, hooks.describe(x[:1])["blocks.1"].shape[0])
+    with pytest.raises(ConfigError, match="pool='average' is not one of auto, avg"):
+        LayerHooks(tiny, ["blocks.1"], "average")
+    assert not any(m._forward_hooks for m in tiny.modules())  # every handle removed
+
+
+@pytest.mark.slow
+def test_weights_are_recorded_and_runs_of_other_weights_kept_apart(
+    tmp_path: Path, photos: Path, tiny: torch.nn.Module
+) -> None:
+    torch.save(tiny.state_dict(), tmp_path / "mine.pth")
+    common = [
+        "model=timm",
+        "model.name=test_efficientnet",
+        "tracking=none",
+        "dataset=folder",
+        f"dataset.root={photos}",
+        "dataset.name=photos",
+        "model.input_size=[3,32,32]",
+    ]
+    for weights in (["model.pretrained=false"], [f"model.checkpoint={tmp_path}/mine.pth"]):
+        done = run_cli(*common, *weights, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    random = read_metadata(
+        tmp_path / "outputs/embeddings/photos/test_efficientnet-random/global_pool.parquet"
+    )
+    assert random["weights"] == {"init": "random"} and random["pool"] == "none"
+    mine = read_metadata(
+        tmp_path / "outputs/embeddings/photos/test_efficientnet-mine/global_pool.parquet"
+    )
+    digest = hashlib.sha256((tmp_path / "mine.pth").read_bytes()).hexdigest()
+    assert mine["weights"] == {
+        "init": "checkpoint",
+        "checkpoint": f"{tmp_path}/mine.pth",
+        "sha256": digest,
+    }
+    assert mine["dataset"]["root"] == str(photos.resolve())
+
+
+@pytest.mark.slow
+def test_help_lists_the_presets_and_layers_lists_logits(tmp_path: Path) -> None:
+    helped = run_cli("--help", cwd=tmp_path)
+    assert helped.returncode == 0
+    assert "model: convnext_tiny, efficientnet_b0, efficientnet_lite0" in helped.stdout
+    assert "python -m pipeline.dedup" in helped.stdout
+    listed = run_cli(
+        "model=timm",
+        "model.name=test_efficientnet",
+        "model.pretrained=false",
+        module="pipeline.layers",
+        cwd=tmp_path,
+    )
+    assert listed.returncode == 0, listed.stderr
+    last = listed.stdout.strip().splitlines()[-1].split()
+    assert last[:3] == ["logits", "model", "output"] and last[3] == "1000"

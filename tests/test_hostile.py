@@ -1,0 +1,331 @@
+"""Hostile input through the user's door: every case is built here and run through the CLI,
+checking the exit code, the summary line, the failures table, that earlier results are intact
+and that nothing hangs (each run under a timeout)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import extract, store
+from pipeline.errors import ConfigError
+from pipeline.staging import staging_root
+
+from conftest import TINY_MODEL, composed, run_cli, write_image
+
+pytestmark = pytest.mark.slow
+SMALL = [*TINY_MODEL, "model.input_size=[3,32,32]", "batch_size=4"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def photos_in(root: Path, n: int, start: int = 0) -> list[str]:
+    rng = np.random.default_rng(start)
+    names = [f"{i:04d}.jpg" for i in range(start, start + n)]
+    for name in names:
+        write_image(root / name, rng.integers(0, 255, (40, 48, 3), np.uint8))
+    return names
+
+
+def layer_rows(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / "global_pool.parquet")
+
+
+def one_line_error(done: subprocess.CompletedProcess, code: int, text: str) -> None:
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == code, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], done.stderr
+
+
+def test_a_hostile_folder_gives_each_bad_entry_its_row(tmp_path: Path) -> None:
+    root, outside = tmp_path / "scraped", tmp_path / "elsewhere"
+    good = photos_in(root, 6)
+    jpeg = (root / good[0]).read_bytes()
+    (root / "trailing.jpg").write_bytes(jpeg + os.urandom(100_000))  # a phone's motion photo
+    (root / "dir.jpg").mkdir()
+    os.mkfifo(root / "fifo.jpg")
+    (root / "loop.jpg").symlink_to(root / "loop.jpg")
+    hdr = cv2.imencode(".hdr", np.ones((4, 4, 3), np.float32))[1].tobytes()
+    (root / "radiance.png").write_bytes(hdr)  # not a PNG at all: sized by nobody
+    with (root / "sparse.jpg").open("wb") as f:
+        f.truncate(3 * 2**30)
+    write_image(outside / "x.jpg", np.zeros((8, 8, 3), np.uint8))
+    (root / "outside.jpg").symlink_to(outside / "x.jpg")
+    with open(os.path.join(os.fsencode(root), b"bad\xff.jpg"), "wb") as f:
+        f.write(jpeg)
+    (root / "anim.gif").write_bytes(b"GIF89a")
+    (root / "notes.txt").write_text("not an image")
+    expected = {
+        "dir.jpg": "not a regular file",
+        "fifo.jpg": "not a regular file",
+        "loop.jpg": "symbolic links",
+        "radiance.png": "size cannot be checked",
+        "sparse.jpg": "over max_file_bytes",
+        "outside.jpg": "outside dataset.root",
+        "bad\\xff.jpg": "not valid UTF-8",
+    }
+    out = tmp_path / "out"
+    done = run_cli(
+        *SMALL,
+        "dataset=folder",
+        f"dataset.root={root}",
+        f"output_dir={out}",
+        cwd=tmp_path,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    log = done.stdout + done.stderr
+    assert f"{len(good) + 1} embedded, {len(expected)} failed, see" in log
+    assert "skipped 2 files (.gif: 1, .txt: 1)" in log
+    failures = pd.read_parquet(out / "failures.parquet").set_index("image_id")["reason"]
+    assert sorted(failures.index) == sorted(expected)
+    for name, reason in expected.items():
+        assert reason in failures[name], (name, failures[name])
+    rows = layer_rows(out)
+    assert rows["image_id"].tolist() == sorted([*good, "trailing.jpg"])
+    trailing = np.stack(rows.set_index("image_id").loc[["trailing.jpg", good[0]], "embedding"])
+    np.testing.assert_allclose(trailing[0], trailing[1], atol=1e-6)  # trailing bytes ignored
+
+
+def test_two_runs_into_one_output_the_second_refuses_the_first_completes(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    names = photos_in(root, 300)
+    out = tmp_path / "out"
+    args = [
+        *SMALL,
+        "dataset=folder",
+        f"dataset.root={root}",
+        f"output_dir={out}",
+        "save_every=16",
+        "num_workers=0",
+    ]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not list(staging_root(out).glob("*/chunks/*.json")):
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    second = run_cli(*args, cwd=tmp_path, timeout=120)
+    one_line_error(second, 2, f"another run (pid {first.pid} on {socket.gethostname()}")
+    assert first.wait(timeout=300) == 0
+    rows = layer_rows(out)
+    assert rows["image_id"].tolist() == names and rows["image_id"].is_unique
+
+
+def test_a_resume_after_the_folder_changed_has_every_image_once(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    names = photos_in(root, 200)
+    out = tmp_path / "out"
+    args = [
+        *SMALL,
+        "dataset=folder",
+        f"dataset.root={root}",
+        f"output_dir={out}",
+        "save_every=16",
+        "num_workers=0",
+    ]
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while len(list(staging_root(out).glob("*/chunks/*.json"))) < 3:
+        assert victim.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    added = photos_in(root, 1, start=5000)  # sorts after the others: 5000.jpg
+    names = sorted([*names, *added, "0079b.jpg"])
+    write_image(root / "0079b.jpg", np.zeros((20, 20, 3), np.uint8))  # and one in the middle
+    done = run_cli(*args, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = layer_rows(out)
+    assert rows["image_id"].tolist() == names and rows["image_id"].is_unique
+
+
+def test_a_manifest_with_no_images_changes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    photos_in(root, 5)
+    out = tmp_path / "out"
+    good = run_cli(
+        *SMALL, "dataset=folder", f"dataset.root={root}", f"output_dir={out}", cwd=tmp_path
+    )
+    assert good.returncode == 0, good.stderr
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    (tmp_path / "h.csv").write_text("path\n")
+    done = run_cli(
+        *SMALL,
+        "dataset=csv",
+        f"dataset.path={tmp_path}/h.csv",
+        f"dataset.root={root}",
+        f"output_dir={out}",
+        cwd=tmp_path,
+    )
+    one_line_error(done, 2, "lists no images")
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+USER_ERRORS = [
+    (["output_dir={tmp}/afile"], "is a file"),
+    (["num_workers=-1"], "num_workers must be 0 or more"),
+    (["model=resnet5"], "no model preset 'resnet5'"),
+    (["model.checkpoint={tmp}/cut.safetensors"], "not a readable .safetensors file"),
+    (["batch_size=x"], "batch_size"),
+]
+if not torch.cuda.is_available():
+    USER_ERRORS.append((["device=cuda"], "torch sees no CUDA GPU"))
+
+
+@pytest.mark.parametrize(("overrides", "message"), USER_ERRORS)
+def test_user_errors_are_one_line_and_exit_2(
+    tmp_path: Path, photos: Path, overrides: list[str], message: str
+) -> None:
+    (tmp_path / "afile").write_text("a file, not a folder")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    args = [o.format(tmp=tmp_path) for o in overrides]
+    done = run_cli(*SMALL, "dataset=folder", f"dataset.root={photos}", *args, cwd=tmp_path)
+    one_line_error(done, 2, message)
+
+
+def test_more_workers_than_cores_are_capped(tmp_path: Path, photos: Path) -> None:
+    done = run_cli(
+        *SMALL,
+        "dataset=folder",
+        f"dataset.root={photos}",
+        "num_workers=1000",
+        f"output_dir={tmp_path}/out",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    cores = len(os.sched_getaffinity(0))
+    assert f"num_workers=1000 is more than the {cores} cores" in done.stdout + done.stderr
+
+
+def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    names = photos_in(root, 200)
+    out = tmp_path / "out"
+    args = [
+        *SMALL,
+        "dataset=folder",
+        f"dataset.root={root}",
+        f"output_dir={out}",
+        "save_every=16",
+        "num_workers=1",
+        "tracking=none",
+    ]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while len(list(staging_root(out).glob("*/chunks/*.json"))) < 2:
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(run.pid, signal.SIGINT)  # as Ctrl-C does: the whole foreground group
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if not line.startswith("extract:")]  # progress bar
+    assert errors == ["interrupted; rerun the same command to resume"], stderr
+    done = run_cli(*args, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0 and "resuming" in done.stdout + done.stderr
+    assert layer_rows(out)["image_id"].tolist() == names
+
+
+def test_a_tracking_server_that_never_answers_costs_a_warning(tmp_path: Path, photos: Path) -> None:
+    with socket.socket() as silent:  # accepts connections into its backlog, answers nothing
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        done = run_cli(
+            *TINY_MODEL[:-1],
+            "model.input_size=[3,32,32]",
+            "dataset=folder",
+            f"dataset.root={photos}",
+            f"tracking.uri={uri}",
+            f"output_dir={tmp_path}/out",
+            cwd=tmp_path,
+            timeout=120,
+        )
+    assert done.returncode == 0, done.stderr
+    assert "tracking failed" in done.stdout + done.stderr
+    assert len(layer_rows(tmp_path / "out")) == 6
+
+
+def _layer_file(tmp_path: Path, name: str) -> Path:
+    from conftest import write_layer
+
+    if name == "one row":
+        return write_layer(tmp_path / "one.parquet", np.ones((1, 4)), ["a"], None)
+    if name == "NaN":
+        return write_layer(tmp_path / "nan.parquet", np.full((3, 4), np.nan), list("abc"), None)
+    if name == "not Parquet":
+        (tmp_path / "text.parquet").write_text("hello")
+        return tmp_path / "text.parquet"
+    pd.DataFrame({"x": [1, 2]}).to_parquet(tmp_path / "foreign.parquet")
+    return tmp_path / "foreign.parquet"
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("one row", "clustering needs 2 or more"),
+        ("NaN", "NaN or Inf"),
+        ("not Parquet", "is not a Parquet file"),
+        ("foreign", "was not written by this pipeline"),
+    ],
+)
+def test_downstream_bad_embeddings_are_one_line_exit_2(
+    tmp_path: Path, case: str, message: str
+) -> None:
+    layer = _layer_file(tmp_path, case)
+    done = run_cli(f"embeddings={layer}", "tracking=none", module="pipeline.cluster", cwd=tmp_path)
+    one_line_error(done, 2, message)
+
+
+def test_a_full_disk_is_one_line_and_the_old_outputs_stay(
+    tmp_path: Path, photos: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overrides = [
+        *SMALL,
+        "dataset=folder",
+        f"dataset.root={photos}",
+        "num_workers=0",
+        f"output_dir={tmp_path / 'out'}",
+    ]
+    extract.run(composed(*overrides))
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "out").rglob("*")) if p.is_file()}
+
+    def full(_fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.os, "fsync", full)
+    with pytest.raises(ConfigError, match=r"^disk full writing .* MiB needed, .* MiB free"):
+        extract.run(composed(*overrides, "pool=max"))
+    after = {p: p.read_bytes() for p in sorted((tmp_path / "out").rglob("*")) if p.is_file()}
+    assert after == before
