@@ -225,3 +225,65 @@ def test_sweep_jobs_never_overwrite_each_other(tmp_path: Path, photos: Path) -> 
     out = tmp_path / "outputs/embeddings/photos/test_efficientnet-random"
     pools = {p.parent.name: read_metadata(p)["pool"] for p in out.glob("*/blocks.1.parquet")}
     assert pools == {"pool=avg": "avg", "pool=max": "max"}
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _browser(url: str, *flags: str, profile: Path) -> str:
+    """Headless Chromium on a page of the local MLflow UI, with the page's scripts run."""
+    done = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--window-size=1600,1000",
+            "--virtual-time-budget=20000",
+            *flags,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (.ci/run installs Debian's)")
+def test_the_mlflow_ui_shows_named_runs_a_grouped_sweep_and_lineage(
+    tmp_path: Path, photos: Path, mlflow_server: str
+) -> None:
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    sweep = run_cli(
+        "-m", *_folder_args(photos), "layers=[blocks.0],[global_pool]", cwd=tmp_path, env=env
+    )
+    assert sweep.returncode == 0, sweep.stderr
+    dedup = run_cli(*_folder_args(photos), module="pipeline.dedup", cwd=tmp_path, env=env)
+    assert dedup.returncode == 0, dedup.stderr
+    client = MlflowClient(mlflow_server)
+    runs = {r.info.run_name: r for r in _runs(client)}
+    extract = runs["extract photos/test_efficientnet-random [global_pool]"]
+    [parent] = [r for name, r in runs.items() if name.startswith("sweep ")]
+    children = [
+        r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    ]
+    assert len(children) == 2
+    downstream = runs["dedup photos/test_efficientnet-random/global_pool"]
+    assert downstream.data.tags["source_run_id"] == extract.info.run_id
+    [source] = downstream.inputs.dataset_inputs
+    assert source.dataset.name == "photos/test_efficientnet/global_pool"
+
+    page = f"{mlflow_server}/#/experiments/{extract.info.experiment_id}/runs"
+    _browser(page, f"--screenshot={tmp_path / 'mlflow_runs.png'}", profile=tmp_path / "p1")
+    assert (tmp_path / "mlflow_runs.png").stat().st_size > 10_000  # for a person to look at
+    dom = _browser(page, "--dump-dom", profile=tmp_path / "p2")
+    assert "Training runs" in dom  # the runs table, not the GenAI overview
+    assert parent.info.run_name in dom and downstream.info.run_name in dom

@@ -144,6 +144,10 @@ class Run:
         self.call("ending the run", "set_terminated", self.run_id, status)
 
 
+# Tells MLflow's UI these are model-development runs: it opens on the runs table, not GenAI's.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -151,7 +155,7 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     local = client._tracking_client.tracking_uri.startswith("sqlite:")
     # A local store keeps artifacts beside its database; a server decides for itself.
     location = ARTIFACT_ROOT.resolve().as_uri() if local else None
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
 
 
 def start_run(settings: TrackingConfig, stage: str, name: str, tags: Mapping[str, str]) -> Run:

@@ -1,0 +1,282 @@
+"""The app layer: the one Hydra entry every stage uses, user errors and exit codes, the config
+resolvers and the sweep callback.
+
+    if __name__ == "__main__":
+        from pipeline.app import main
+        main("dedup", run)          # run(cfg: PipelineConfig) -> StageResult
+
+A stage's `run` computes and returns its result; `main` composes and types the config, opens
+the tracking run, hands the result to tracking and turns user errors into one line and an exit
+code. Tracking (and MLflow) is imported only here, when a stage runs as a command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import CompactHydraException
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+JOB_ERROR_FILE = ".job_error"  # in a sweep job's folder: the exit code of a user error
+_sweep_dir: Path | None = None  # set in the launching process when a multirun starts
+
+
+def main(stage: str, run: Callable[[PipelineConfig], Any], track: bool = True) -> None:
+    """Run `stage` as a command: `python -m pipeline.<stage> [overrides]`; `track=False` for
+    commands that only print."""
+
+    @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+    def task(cfg: DictConfig) -> None:
+        from pipeline import tracking  # MLflow loads only when a stage runs as a command
+
+        with user_errors():
+            config = typed(cfg)
+            if not track:
+                config.tracking.backend = "none"
+            with tracking.tracked(config.tracking, stage, run_name(stage, config), cfg) as record:
+                record(run(config))
+
+    _check_presets(sys.argv[1:])
+    try:
+        task()
+    except SystemExit as exit:
+        # Hydra ends a sweep with a failed job as exit 1; a user error in a job means 2 or 3.
+        codes = (
+            [int(p.read_text()) for p in _sweep_dir.glob(f"*/{JOB_ERROR_FILE}")]
+            if (exit.code == 1 and _sweep_dir is not None)
+            else []
+        )
+        sys.exit(max(codes) if codes else exit.code)
+
+
+GROUPS = ("dataset", "model", "tracking")
+
+
+def _check_presets(arguments: list[str]) -> None:
+    """A preset that does not exist (`model=resnet5`) as one line and exit 2, before Hydra
+    composes anything (Hydra would print a page and exit 1)."""
+    conf = Path(__file__).parent / "conf"
+    for argument in arguments:
+        group, _, values = argument.partition("=")
+        if group not in GROUPS:
+            continue
+        known = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+        for value in values.split(","):  # a sweep: model=a,b
+            if value not in known:
+                print(
+                    f"error: no {group} preset {value!r}: use one of {', '.join(known)}",
+                    file=sys.stderr,
+                )
+                sys.exit(2)
+
+
+# Keys that name files or folders: `~` and $VARIABLES in them are expanded, as a shell would.
+PATH_KEYS = (
+    "paths.root",
+    "paths.data",
+    "dataset.root",
+    "dataset.path",
+    "dataset.truth",
+    "model.checkpoint",
+    "output_dir",
+    "embeddings",
+    "images_root",
+    "cluster.output_dir",
+    "dedup.output_dir",
+    "dedup.truth",
+    "probe.output_dir",
+    "report.output_dir",
+    "visualize.image",
+    "visualize.output_dir",
+)
+
+
+def typed(cfg: DictConfig) -> PipelineConfig:
+    """The composed config, checked against the schema and resolved, as dataclasses."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), cfg)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        message = str(err).splitlines()[0]
+        raise ConfigError(f"config: {message} (key {getattr(err, 'full_key', '?')})") from None
+    for key in PATH_KEYS:
+        *parents, name = key.split(".")
+        node = config
+        for parent in parents:
+            node = getattr(node, parent)
+        if isinstance(value := getattr(node, name), str):
+            setattr(node, name, os.path.expandvars(os.path.expanduser(value)))
+    config.visualize.images = [
+        os.path.expandvars(os.path.expanduser(p)) for p in config.visualize.images
+    ]
+    return config
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """A ConfigError becomes one line on stderr and its exit code (2, or 3 for too many failed
+    images); Ctrl-C one line and 130. In a sweep the job is marked failed and the others go on.
+    """
+    try:
+        yield
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        if not _in_sweep():
+            sys.exit(err.exit_code)
+        job_dir = Path(HydraConfig.get().runtime.output_dir)
+        (job_dir / JOB_ERROR_FILE).write_text(str(err.exit_code))
+        raise SweepJobFailed(f"job #{HydraConfig.get().job.num}: {err}") from None
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+class SweepJobFailed(CompactHydraException):
+    """A sweep job's user error: Hydra reports it as one line, without a traceback."""
+
+
+def _in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode is RunMode.MULTIRUN
+
+
+def run_name(stage: str, cfg: PipelineConfig) -> str:
+    """What a run did, as the MLflow UI's runs table shows it."""
+    if stage == "extract":
+        return f"extract {cfg.extraction_name} [{', '.join(cfg.layers)}]"
+    if stage in ("report", "visualize"):
+        return f"{stage} {cfg.extraction_name}"
+    return f"{stage} {embeddings_key(cfg.embeddings)}"
+
+
+class SweepRun(Callback):
+    """Hydra callback: a multirun is one parent MLflow run, each job's run a child of it."""
+
+    def on_multirun_start(self, config: DictConfig, **_: Any) -> None:
+        global _sweep_dir
+        _sweep_dir = Path(config.hydra.sweep.dir)
+        from pipeline import tracking
+
+        tracking.start_sweep(config)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **_: Any) -> None:
+        from pipeline import tracking
+
+        tracking.end_sweep_job(config, job_return)
+
+    def on_multirun_end(self, config: DictConfig, **_: Any) -> None:
+        from pipeline import tracking
+
+        tracking.end_sweep(config)
+
+
+# --- resolvers ---------------------------------------------------------------------------------
+
+
+def embeddings_key(path: str) -> str:
+    """`<dataset>/<model>/<layer>` of a layer's embeddings, so each input gets its own result
+    folder: the path under `embeddings/`, or its last three parts."""
+    parts = Path(path).with_suffix("").parts
+    if "embeddings" in parts:
+        return "/".join(parts[len(parts) - parts[::-1].index("embeddings") :])
+    return "/".join(parts[-3:])
+
+
+def path_name(path: str) -> str:
+    """Last component of a path, for naming a dataset after its folder or manifest."""
+    return Path(path).expanduser().resolve().stem
+
+
+def weights_name(name: str, pretrained: bool, checkpoint: str | None, module: Any) -> str:
+    """The model's folder name, telling its weights apart: `resnet18` (pretrained or a
+    packaged checkpoint), `resnet18-random`, `resnet18-<checkpoint file stem>`."""
+    if checkpoint:
+        return name if checkpoint.startswith("pkg://") else f"{name}-{Path(checkpoint).stem}"
+    if pretrained:
+        return name
+    if module is not None:
+        return name  # a module's weights are its own code's business
+    return f"{name}-random"
+
+
+# Keys a sweep may vary while its jobs still write distinct files in the same folder: the layer
+# or folder names differ, or the numbers do not.
+SHARED_FOLDER_KEYS = {
+    "layers",
+    "model",
+    "model.name",
+    "dataset",
+    "output_dir",
+    "batch_size",
+    "num_workers",
+    "tracking",
+    "layer",
+    "embeddings",
+}
+SHARED_FOLDER_PREFIXES = (
+    "dataset.",
+    "tracking.",
+    "hydra.",
+    "hydra/",
+    "model.pretrained",
+    "model.checkpoint",
+    "cluster.",
+    "dedup.",
+    "probe.",
+    "report.",
+    "visualize.",
+    "paths.",
+)
+
+
+def sweep_suffix() -> str:
+    """In a Hydra multirun, `/key=value,...` of the swept keys that would otherwise make two
+    jobs write the same file (pool, preprocessing, precision...); empty otherwise."""
+    if not _in_sweep():
+        return ""
+    # The sweep's own command line, with its comma lists, is saved beside the jobs.
+    primary = OmegaConf.load(Path(HydraConfig.get().sweep.dir) / "multirun.yaml")
+    swept = {
+        o.key_or_group
+        for o in OverridesParser.create().parse_overrides(list(primary.hydra.overrides.task))
+        if o.is_sweep_override()
+    }
+    distinct = sorted(
+        o
+        for o in HydraConfig.get().overrides.task
+        if (key := o.split("=")[0]) in swept
+        and key not in SHARED_FOLDER_KEYS
+        and not key.startswith(SHARED_FOLDER_PREFIXES)
+    )
+    return "/" + ",".join(distinct) if distinct else ""
+
+
+def register_resolvers() -> None:
+    """The resolvers the YAML uses; also registered in any Hydra process (DVC's composition of
+    params.yaml among them) by the plugin in `hydra_plugins/pipeline_resolvers`."""
+    for name, resolver in {
+        "path_name": path_name,
+        "weights_name": weights_name,
+        "sweep_suffix": sweep_suffix,
+        "embeddings_key": embeddings_key,
+    }.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+register_resolvers()

@@ -1,0 +1,198 @@
+"""python -m pipeline.cluster [overrides]: group one layer's embeddings into clusters.
+
+Reads the layer's Parquet file, L2-normalises, optionally reduces with PCA, clusters with k-means
+(k from config, or the number of labels) or HDBSCAN, and writes `assignments.parquet`
+(`image_id`, `cluster`), `metrics.json` (silhouette; NMI and adjusted Rand index against the
+labels when there are labels), `sizes.json` (images per cluster), `projection.png` and
+`contact_sheet.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import sklearn
+from matplotlib.figure import Figure
+from sklearn.cluster import HDBSCAN, KMeans
+from sklearn.decomposition import PCA
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+
+from pipeline import plots
+from pipeline.config import ClusterMethod, PipelineConfig
+from pipeline.errors import ConfigError
+from pipeline.results import StageResult
+from pipeline.store import (
+    Embeddings,
+    embeddings_input,
+    existing_embeddings,
+    images_root,
+    read_embeddings,
+)
+from pipeline.vectors import normalise
+
+log = logging.getLogger(__name__)
+# Beyond these sizes a number or picture is computed on a random sample: silhouette costs
+# O(N^2) time, a 2D projection needs no more points, and a figure has a pixel limit.
+SILHOUETTE_SAMPLE = 10_000
+PROJECTION_POINTS = 20_000
+SHEET_ROWS = 40  # clusters shown in the contact sheet
+SILHOUETTE_MIB = 64  # memory for the silhouette's distance chunks
+CONTACT_SHEET = "contact_sheet.png"
+
+
+def cluster_vectors(
+    vectors: np.ndarray,
+    method: ClusterMethod,
+    k: int | None,
+    pca_dim: int | None = None,
+    min_cluster_size: int = 5,
+    seed: int = 0,
+) -> np.ndarray:
+    """A cluster number per row (-1: HDBSCAN's noise)."""
+    if pca_dim is not None and pca_dim < 1:
+        raise ConfigError(f"cluster.pca_dim must be at least 1 (or null: no PCA), got {pca_dim}")
+    if method is ClusterMethod.hdbscan and min_cluster_size < 2:
+        raise ConfigError(f"cluster.min_cluster_size must be at least 2, got {min_cluster_size}")
+    points = normalise(vectors)
+    if pca_dim is not None:
+        dim = min(pca_dim, *points.shape)
+        points = PCA(n_components=dim, random_state=seed).fit_transform(points)
+    if method is ClusterMethod.hdbscan:
+        # `points` is this function's own copy, so HDBSCAN may work in it.
+        return HDBSCAN(min_cluster_size=min_cluster_size, copy=False).fit_predict(points)
+    if k is None or not 1 <= k <= len(points):
+        raise ConfigError(
+            f"k-means needs 1 <= cluster.k <= {len(points)} (the images), got {k}"
+            + ("; the embeddings have no labels to count" if k is None else "")
+        )
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(points)
+
+
+def sample_rows(n: int, limit: int, seed: int) -> np.ndarray:
+    """All row indices, or `limit` of them drawn at random (sorted), when there are more."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
+def cluster_metrics(
+    vectors: np.ndarray, assignments: np.ndarray, labels: list[str] | None, seed: int = 0
+) -> dict:
+    """Silhouette (cosine; on a random sample of SILHOUETTE_SAMPLE images beyond that), and
+    agreement with the labels when there are labels."""
+    sizes = pd.Series(assignments).value_counts().sort_index()
+    metrics: dict = {
+        "n_images": len(assignments),
+        "n_clusters": int((sizes.index >= 0).sum()),
+        "sizes": {str(c): int(n) for c, n in sizes.items()},
+    }
+    rows = sample_rows(len(assignments), SILHOUETTE_SAMPLE, seed)
+    if 2 <= len(np.unique(assignments[rows])) < len(rows):
+        # sklearn computes distances in chunks of up to `working_memory` MiB (default 1 GiB).
+        with sklearn.config_context(working_memory=SILHOUETTE_MIB):
+            silhouette = silhouette_score(vectors[rows], assignments[rows], metric="cosine")
+        metrics["silhouette"] = float(silhouette)
+    if labels is not None:
+        metrics["nmi"] = float(normalized_mutual_info_score(labels, assignments))
+        metrics["ari"] = float(adjusted_rand_score(labels, assignments))
+    return metrics
+
+
+def contact_sheet(
+    embeddings: Embeddings, assignments: np.ndarray, images_root: Path, per_cluster: int, title: str
+) -> Figure:
+    """A row of thumbnails per cluster (the first SHEET_ROWS clusters): what each holds."""
+    rows = []
+    for cluster in sorted(set(assignments.tolist()))[:SHEET_ROWS]:
+        members = np.flatnonzero(assignments == cluster)[:per_cluster]
+        rows.append(
+            (
+                f"cluster {cluster}\n({(assignments == cluster).sum()})",
+                [
+                    (
+                        images_root / embeddings.ids[i],
+                        embeddings.labels[i] if embeddings.labels else "",
+                    )
+                    for i in members
+                ],
+            )
+        )
+    return plots.image_grid(rows, title)
+
+
+def run(cfg: PipelineConfig) -> StageResult:
+    source = existing_embeddings(cfg.embeddings)
+    embeddings = read_embeddings(source)
+    if len(embeddings.ids) < 2:
+        raise ConfigError(
+            f"embeddings {source} hold {len(embeddings.ids)} image(s): clustering needs 2 or more"
+        )
+    if not np.isfinite(embeddings.vectors).all():
+        raise ConfigError(
+            f"embeddings {source} hold NaN or Inf values: extract again (precision=fp32)"
+        )
+    params = cfg.cluster
+    k = (
+        params.k
+        if params.k is not None
+        else (len(set(embeddings.labels)) if embeddings.labels else None)
+    )
+    assignments = cluster_vectors(
+        embeddings.vectors, params.method, k, params.pca_dim, params.min_cluster_size, params.seed
+    )
+    unit = normalise(embeddings.vectors)
+    metrics = cluster_metrics(unit, assignments, embeddings.labels, params.seed)
+    out = Path(cfg.cluster.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Written only when the images are there: removed first, so an old sheet never stays
+    # beside new assignments.
+    (out / CONTACT_SHEET).unlink(missing_ok=True)
+    pd.DataFrame({"image_id": embeddings.ids, "cluster": assignments}).to_parquet(
+        out / "assignments.parquet", index=False
+    )
+    sizes = metrics.pop("sizes")  # a table, not a metric: beside the metrics, not in them
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "sizes.json").write_text(json.dumps(sizes, indent=2) + "\n")
+    title = f"{source.stem}: {params.method.value}, {metrics['n_clusters']} clusters"
+    shown = sample_rows(len(unit), PROJECTION_POINTS, params.seed)
+    artifacts = [
+        out / "metrics.json",
+        out / "sizes.json",
+        plots.save(
+            plots.projection_figure(unit[shown], [str(a) for a in assignments[shown]], title),
+            out / "projection.png",
+        ),
+    ]
+    root = images_root(cfg.images_root, embeddings.metadata)
+    if root is not None and (root / embeddings.ids[0]).is_file():
+        artifacts.append(
+            plots.save(
+                contact_sheet(embeddings, assignments, root, params.sheet_images, title),
+                out / CONTACT_SHEET,
+            )
+        )
+    else:
+        log.warning("no contact sheet: images_root=%s does not hold the images", root)
+    summary = (
+        f"{metrics['n_images']} images in {metrics['n_clusters']} clusters"
+        + (f" (NMI {metrics['nmi']:.3f}, ARI {metrics['ari']:.3f})" if "nmi" in metrics else "")
+        + f" -> {out}"
+    )
+    log.info("%s", summary)
+    return StageResult(
+        output_dir=out,
+        metrics={k: v for k, v in metrics.items() if isinstance(v, float | int)},
+        artifacts=artifacts,
+        inputs=[embeddings_input(source, embeddings.metadata)],
+        summary=summary,
+    )
+
+
+if __name__ == "__main__":
+    from pipeline.app import main
+
+    main("cluster", run)

@@ -1,0 +1,183 @@
+"""Typed schemas of the pipeline's one config tree (`src/pipeline/conf/config.yaml`).
+
+Every app (`python -m pipeline`, `pipeline.cluster`, `.dedup`, `.probe`, `.report`,
+`.visualize`, `.layers`) composes the same tree; the app layer merges it into `PipelineConfig`,
+so a value of the wrong type fails before any model is built or image read. The values live in
+the YAML only; these classes say what may be there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from omegaconf import MISSING
+
+
+class DatasetKind(Enum):
+    demo = "demo"
+    folder = "folder"
+    csv = "csv"
+
+
+class Pool(Enum):
+    auto = "auto"
+    avg = "avg"
+    max = "max"
+    flatten = "flatten"
+    cls = "cls"
+    mean = "mean"
+    none = "none"  # recorded for layers whose output is already one vector per image
+
+
+class Precision(Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class KeyMatch(Enum):
+    """How a checkpoint's tensors are matched to the model's parameters: by name, or by order
+    with every shape checked (the same architecture saved by another codebase)."""
+
+    name = "name"
+    position = "position"
+
+
+class ClusterMethod(Enum):
+    kmeans = "kmeans"
+    hdbscan = "hdbscan"
+
+
+class SearchMethod(Enum):
+    exact = "exact"
+    hnsw = "hnsw"
+
+
+@dataclass
+class PathsConfig:
+    root: str = MISSING
+    data: str = MISSING
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    kind: DatasetKind = MISSING
+    root: str | None = MISSING
+    path: str | None = MISSING
+    path_column: str = MISSING
+    label_column: str | None = MISSING
+    labels_from_folders: bool = MISSING
+    extensions: list[str] = MISSING
+    allow_outside_root: bool = MISSING
+    truth: str | None = MISSING  # a manifest with true near-duplicate groups, if known
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    pretrained: bool = MISSING
+    checkpoint: str | None = MISSING
+    checkpoint_keys: KeyMatch = MISSING
+    num_classes: int | None = MISSING
+    module: dict[str, Any] | None = MISSING
+    embedding_layer: str = MISSING
+    input_size: list[int] | None = MISSING
+    crop_pct: float | None = MISSING
+    interpolation: str | None = MISSING
+    mean: list[float] | None = MISSING
+    std: list[float] | None = MISSING
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = MISSING
+    uri: str | None = MISSING
+    experiment: str = MISSING
+    required: bool = MISSING
+
+
+@dataclass
+class ClusterConfig:
+    method: ClusterMethod = MISSING
+    k: int | None = MISSING
+    pca_dim: int | None = MISSING
+    min_cluster_size: int = MISSING
+    seed: int = MISSING
+    sheet_images: int = MISSING
+    output_dir: str = MISSING
+
+
+@dataclass
+class DedupConfig:
+    threshold: float = MISSING
+    k: int = MISSING
+    method: SearchMethod = MISSING
+    truth: str | None = MISSING
+    truth_id_column: str = MISSING
+    truth_group_column: str = MISSING
+    top_pairs: int = MISSING
+    output_dir: str = MISSING
+
+
+@dataclass
+class ProbeConfig:
+    folds: int = MISSING
+    c: float = MISSING
+    max_iter: int = MISSING
+    seed: int = MISSING
+    output_dir: str = MISSING
+
+
+@dataclass
+class ReportConfig:
+    cluster_dir: str = MISSING
+    dedup_dir: str = MISSING
+    probe_dir: str = MISSING
+    output_dir: str = MISSING
+
+
+@dataclass
+class VisualizeConfig:
+    image: str | None = MISSING
+    images: list[str] = MISSING
+    layers: list[str] = MISSING
+    channels: int = MISSING
+    normalise: str = MISSING
+    output_dir: str = MISSING
+
+
+@dataclass
+class PipelineConfig:
+    paths: PathsConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    # Extraction
+    layers: list[str] = MISSING
+    pool: Pool = MISSING
+    output_key: str | None = MISSING
+    extraction_name: str = MISSING  # <dataset>/<model>: names the folders of every stage
+    output_dir: str = MISSING
+    device: str = MISSING
+    precision: Precision = MISSING
+    batch_size: int = MISSING
+    num_workers: int | None = MISSING
+    seed: int = MISSING
+    resume: bool = MISSING
+    save_every: int = MISSING
+    max_failure_rate: float = MISSING
+    max_image_pixels: int = MISSING
+    max_file_bytes: int = MISSING
+    # Downstream stages: one layer's embeddings in
+    layer: str = MISSING
+    embeddings: str = MISSING
+    images_root: str | None = MISSING
+    cluster: ClusterConfig = MISSING
+    dedup: DedupConfig = MISSING
+    probe: ProbeConfig = MISSING
+    report: ReportConfig = MISSING
+    visualize: VisualizeConfig = MISSING

@@ -1,0 +1,478 @@
+"""python -m pipeline [overrides]: the inference loop. One forward pass per batch, every hooked
+layer pooled on the device, each finished chunk of images staged as one part file per layer,
+and the whole set published once every image is a row or a failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import timm
+import torch
+from tqdm import tqdm
+
+import pipeline
+from pipeline.config import PipelineConfig
+from pipeline.data import build_transform, image_loader, load_manifest, resolve_preprocess
+from pipeline.devices import (
+    AUTOCAST_DTYPES,
+    resolve_device,
+    resolve_precision,
+    resolve_workers,
+)
+from pipeline.errors import ConfigError, TooManyFailures
+from pipeline.hooks import LayerHooks, LayerInfo
+from pipeline.models import build_model, weights_provenance
+from pipeline.results import DatasetRef, StageResult
+from pipeline.staging import Chunk, LayerOutput, Staging, published
+from pipeline.store import FAILURES_FILE, embedding_schema, embedding_table, failures_table
+
+log = logging.getLogger(__name__)
+CHUNK_BYTES = 64 * 2**20  # embeddings held in memory before a chunk is staged: a part's size
+MIN_IMAGES_FOR_FAILURE_RATE = 100  # judge the failure rate on no fewer images
+GLANCE_ROWS = 5000  # rows of the last layer kept for the "embeddings at a glance" picture
+# Keys that decide the embedding values; the rest say where or how fast a run goes.
+HASHED_KEYS = (
+    "dataset",
+    "model",
+    "layers",
+    "pool",
+    "output_key",
+    "precision",
+    "seed",
+    "max_image_pixels",
+    "max_file_bytes",
+)
+
+
+@dataclass
+class ExtractResult(StageResult):
+    """What an extraction wrote: a published folder per layer, and how it went."""
+
+    layers: dict[str, LayerInfo] = field(default_factory=dict)
+    outputs: dict[str, LayerOutput] = field(default_factory=dict)
+    images: int = 0
+    failures: int = 0
+
+
+def config_hash(cfg: PipelineConfig) -> str:
+    """A short digest of everything that decides the embedding values, to tell runs apart."""
+    values = {k: getattr(cfg, k) for k in HASHED_KEYS}
+    values["dataset"] = {k: v for k, v in asdict(cfg.dataset).items() if k != "truth"}
+    text = json.dumps(
+        values,
+        sort_keys=True,
+        default=lambda v: (
+            v.value
+            if isinstance(v, Enum)
+            else asdict(v)
+            if hasattr(v, "__dataclass_fields__")
+            else str(v)
+        ),
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def chunk_rows(save_every: int, batch_size: int, total_dim: int) -> int:
+    """Images per chunk: about `save_every`, at most ~CHUNK_BYTES of embeddings, and a whole
+    number of batches, so that a resumed run sees the very same batches."""
+    rows = min(save_every, max(1, CHUNK_BYTES // (4 * total_dim)))
+    return max(1, rows // batch_size) * batch_size
+
+
+def layer_schemas(
+    info: dict[str, LayerInfo], labelled: bool, metadata: dict[str, Any]
+) -> dict[str, pa.Schema]:
+    """Each layer's Parquet schema, its metadata telling the layer's own shape and pooling."""
+    return {
+        name: embedding_schema(
+            layer.dim,
+            labelled,
+            {
+                **metadata,
+                "layer": name,
+                "output_shape": list(layer.shape),
+                "pool": layer.pool.value,
+                "dim": layer.dim,
+                "depth": layer.depth,
+            },
+        )
+        for name, layer in info.items()
+    }
+
+
+def _check_numbers(cfg: PipelineConfig) -> None:
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {cfg.batch_size}")
+    if cfg.save_every < 1:
+        raise ConfigError(f"save_every must be at least 1, got {cfg.save_every}")
+    if not 0 <= cfg.max_failure_rate <= 1:
+        raise ConfigError(f"max_failure_rate is a fraction in [0, 1], got {cfg.max_failure_rate}")
+
+
+def run(cfg: PipelineConfig) -> ExtractResult:
+    """Extract every configured layer for every image of the dataset into `cfg.output_dir`."""
+    _check_numbers(cfg)
+    torch.manual_seed(cfg.seed)
+    manifest = load_manifest(cfg.dataset)
+    if skipped := manifest.attrs.get("skipped"):
+        log.info(
+            "skipped %d files (%s): dataset.extensions lists what is read",
+            sum(skipped.values()),
+            ", ".join(f"{ext}: {n}" for ext, n in sorted(skipped.items())),
+        )
+    model = build_model(cfg.model)
+    return extract_images(model, manifest, cfg, weights_provenance(cfg.model))
+
+
+def extract_images(
+    model: torch.nn.Module, manifest: pd.DataFrame, cfg: PipelineConfig, weights: dict[str, Any]
+) -> ExtractResult:
+    """The extraction of `manifest`'s images with a model already built (the Python API hands
+    its own); `cfg` says which layers, how, and where."""
+    _check_numbers(cfg)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    output_dir = Path(cfg.output_dir).expanduser()
+    m = cfg.model
+    preprocess = resolve_preprocess(model, m.input_size, m.crop_pct, m.interpolation, m.mean, m.std)
+    model.eval().to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    ids = manifest["image_id"].tolist()
+    labels = manifest["label"].tolist() if "label" in manifest else None
+    images_digest = manifest_digest(manifest)
+    metadata = {
+        "model": cfg.model.name,
+        "weights": weights,
+        "dataset": {
+            "name": cfg.dataset.name,
+            "kind": cfg.dataset.kind.value,
+            "root": str(Path(cfg.dataset.root or ".").expanduser().resolve()),
+            "truth": str(Path(t).expanduser().resolve()) if (t := cfg.dataset.truth) else None,
+        },
+        "preprocess": preprocess.as_dict(),
+        "config_hash": config_hash(cfg),
+        "engine": "local",
+        "device": device.type,
+        "precision": precision.value,
+        "versions": versions(),
+    }
+    with (
+        LayerHooks(model, cfg.layers, cfg.pool, cfg.output_key) as hooks,
+        torch.inference_mode(),
+        torch.autocast(
+            device.type,
+            dtype=AUTOCAST_DTYPES.get(precision, torch.float32),
+            enabled=precision in AUTOCAST_DTYPES,
+        ),
+    ):
+        info = hooks.describe(torch.zeros((1, *preprocess.input_size), device=device))
+        schemas = layer_schemas(info, labels is not None, metadata)
+        rows = chunk_rows(cfg.save_every, cfg.batch_size, sum(i.dim for i in info.values()))
+        key = f"{metadata['config_hash']}-{images_digest[:12]}-b{cfg.batch_size}-c{rows}"
+        started = time.perf_counter()
+        with Staging(output_dir, key, list(info)) as staging:
+            done = staging.resume(cfg.resume)
+            if done is None:  # an earlier run was killed while publishing: now finished
+                outputs, processed, sample = published(output_dir, list(info)), 0, None
+            else:
+                start = done[-1].stop if done else 0
+                if start:
+                    log.info(
+                        "resuming: %d of %d images were done by an earlier run of this command "
+                        "(resume=false starts afresh)",
+                        start,
+                        len(ids),
+                    )
+                writer = ChunkWriter(
+                    staging, schemas, ids, labels, rows, done, cfg.max_failure_rate
+                )
+                loader = image_loader(
+                    manifest["path"].tolist()[start:],
+                    build_transform(preprocess),
+                    cfg.batch_size,
+                    resolve_workers(cfg.num_workers, -(-(len(ids) - start) // cfg.batch_size)),
+                    pin_memory=device.type == "cuda",
+                    max_image_pixels=cfg.max_image_pixels,
+                    errors=manifest["error"].tolist()[start:] if "error" in manifest else None,
+                    min_side=preprocess.min_side,
+                    max_file_bytes=cfg.max_file_bytes,
+                )
+                _extract(hooks, loader, writer, start, device)
+                outputs = staging.publish(writer.chunks, ids)
+                processed, sample = len(ids) - start, writer.sample
+        seconds = time.perf_counter() - started
+    return _result(
+        cfg,
+        output_dir,
+        info,
+        outputs,
+        len(ids),
+        processed,
+        seconds,
+        sample,
+        DatasetRef(cfg.dataset.name, images_digest, metadata["dataset"]["root"], "images"),
+        metadata,
+    )
+
+
+def _result(
+    cfg: PipelineConfig,
+    output_dir: Path,
+    info: dict[str, LayerInfo],
+    outputs: dict[str, LayerOutput],
+    images: int,
+    processed: int,
+    seconds: float,
+    sample: tuple[np.ndarray, list[str] | None] | None,
+    dataset: DatasetRef,
+    metadata: dict[str, Any],
+) -> ExtractResult:
+    written = next(iter(outputs.values())).rows
+    failures = images - written
+    rate = processed / seconds if seconds else 0.0
+    summary = (
+        f"{written} embedded, {failures} failed"
+        + (f", see {output_dir / FAILURES_FILE}" if failures else "")
+        + f" in {seconds:.1f} s ({rate:.1f} images/s) -> {output_dir}"
+    )
+    log.info("%s", summary)
+    last = list(info)[-1]
+    figures = {}
+    if sample is not None and len(sample[0]) >= 3:
+        title = (
+            f"{cfg.extraction_name} {last}: PCA of {len(sample[0])} of {written} images\n"
+            f"(model {cfg.model.name}, dataset {cfg.dataset.name})"
+        )
+        figures["embeddings_pca.png"] = lambda: _projection(sample, title)
+    return ExtractResult(
+        output_dir=output_dir,
+        metrics={
+            "images": written,
+            "failures": failures,
+            "seconds": seconds,
+            "images_per_s": rate,
+            **{f"dim.{name}": layer.dim for name, layer in info.items()},
+        },
+        documents={
+            "layers.json": {
+                name: {
+                    "output_shape": list(layer.shape),
+                    "pool": layer.pool.value,
+                    "dim": layer.dim,
+                }
+                for name, layer in info.items()
+            },
+            "outputs.json": {
+                str(o.path): {
+                    "rows": o.rows,
+                    "bytes": o.bytes,
+                    "sha256": o.sha256,
+                    "parts": o.parts,
+                }
+                for o in outputs.values()
+            },
+            "weights.json": metadata["weights"],
+        },
+        figures=figures,
+        tags={
+            "config_hash": metadata["config_hash"],
+            "device": metadata["device"],
+            "precision": metadata["precision"],
+            "engine": "local",
+            "weights": metadata["weights"]["init"],
+            "output.sha256": " ".join(o.sha256 for o in outputs.values()),
+        },
+        inputs=[dataset],
+        summary=summary,
+        layers=info,
+        outputs=outputs,
+        images=written,
+        failures=failures,
+    )
+
+
+def _projection(sample: tuple[np.ndarray, list[str] | None], title: str) -> Any:
+    from pipeline.plots import projection_figure  # matplotlib, only when a picture is asked for
+
+    return projection_figure(sample[0], sample[1], title)
+
+
+class ChunkWriter:
+    """Collects rows and failures in dataset order and stages each finished chunk of images.
+
+    Rows whose embedding has a NaN or Inf in any layer (fp16 overflow, broken weights) become
+    failures, never rows. When more than `max_failure_rate` of the images so far have failed,
+    the run stops after staging the chunk (what is staged stays, for a rerun).
+    """
+
+    def __init__(
+        self,
+        staging: Staging,
+        schemas: dict[str, pa.Schema],
+        ids: list[str],
+        labels: list[str] | None,
+        rows: int,
+        done: list[Chunk],
+        max_failure_rate: float,
+    ) -> None:
+        self.staging, self.schemas = staging, schemas
+        self.ids, self.labels, self.rows = ids, labels, rows
+        self.chunks = list(done)
+        self.max_failure_rate = max_failure_rate
+        self.failed_before = sum(c.failures.rows for c in done)
+        self.start = done[-1].stop if done else 0
+        self.last = list(schemas)[-1]
+        self.glance = set(np.linspace(0, len(ids) - 1, min(len(ids), GLANCE_ROWS)).astype(int))
+        self._sample: list[tuple[int, np.ndarray]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.indices: list[int] = []
+        self.arrays: dict[str, list[np.ndarray]] = {name: [] for name in self.schemas}
+        self.failures: list[tuple[int, str, str]] = []
+        self.seen = 0
+
+    @property
+    def sample(self) -> tuple[np.ndarray, list[str] | None] | None:
+        """Rows of the last layer spread over the dataset, for a picture (this run's rows)."""
+        if not self._sample:
+            return None
+        indices = [i for i, _ in self._sample]
+        labels = [self.labels[i] for i in indices] if self.labels is not None else None
+        return np.stack([v for _, v in self._sample]), labels
+
+    def add(
+        self,
+        indices: list[int],
+        outputs: dict[str, np.ndarray],
+        failures: list[tuple[int, str, str]],
+    ) -> None:
+        self.seen += len(indices) + len(failures)
+        finite = np.ones(len(indices), bool)
+        for name, array in outputs.items():
+            bad = ~np.isfinite(array).all(axis=1) & finite
+            failures = failures + [
+                (
+                    indices[i],
+                    "NonFiniteEmbedding",
+                    f"NaN or Inf in layer {name}: try precision=fp32, or check the weights",
+                )
+                for i in np.flatnonzero(bad)
+            ]
+            finite &= ~bad
+        kept = [i for i, ok in zip(indices, finite, strict=True) if ok]
+        self.indices += kept
+        for name, array in outputs.items():
+            self.arrays[name].append(array[finite])
+        self._sample += [
+            (i, v)
+            for i, v in zip(kept, outputs[self.last][finite], strict=True)
+            if i in self.glance
+        ]
+        self.failures += failures
+        if self.seen >= self.rows:
+            self.save()
+
+    def save(self) -> None:
+        if not self.seen:
+            return
+        stop = self.start + self.seen
+        ids = [self.ids[i] for i in self.indices]
+        labels = [self.labels[i] for i in self.indices] if self.labels is not None else None
+        tables = {
+            name: embedding_table(schema, ids, labels, np.concatenate(self.arrays[name]))
+            for name, schema in self.schemas.items()
+        }
+        failures = failures_table(
+            [(self.ids[i], error, reason) for i, error, reason in sorted(self.failures)]
+        )
+        chunk = self.staging.write_chunk(len(self.chunks), self.start, stop, tables, failures)
+        self.chunks.append(chunk)
+        self.failed_before += len(self.failures)
+        self.start = stop
+        self._reset()
+        if self.failed_before > self.max_failure_rate * stop and stop >= min(
+            len(self.ids), MIN_IMAGES_FOR_FAILURE_RATE
+        ):
+            raise TooManyFailures(
+                f"{self.failed_before} of the first {stop} images failed, more than "
+                f"max_failure_rate={self.max_failure_rate}: the config is probably wrong for "
+                f"this data (the reasons are in {self.staging.dir / 'failures'}); fix it, or "
+                "raise max_failure_rate"
+            )
+
+
+def _extract(
+    hooks: LayerHooks,
+    loader: torch.utils.data.DataLoader,
+    writer: ChunkWriter,
+    start: int,
+    device: torch.device,
+) -> None:
+    """The batch loop. Pooled outputs are copied to the host asynchronously and handed on one
+    batch later, so on a GPU the next forward pass overlaps the previous batch's saving."""
+    pending: tuple[list[int], list[tuple[int, str, str]], dict[str, torch.Tensor], Any] | None
+    pending = None
+
+    def hand_on() -> None:
+        indices, failures, outputs, copied = pending
+        if copied is not None:
+            copied.synchronize()
+        writer.add(indices, {name: t.numpy() for name, t in outputs.items()}, failures)
+
+    with tqdm(
+        total=len(writer.ids), initial=start, unit="img", desc="extract", mininterval=1.0
+    ) as progress:
+        for batch in loader:
+            indices = [start + i for i in batch.indices]
+            failures = [(start + i, error, reason) for i, error, reason in batch.failures]
+            outputs, copied = {}, None
+            if batch.images is not None:
+                images = batch.images.to(device, non_blocking=True)
+                if device.type == "cuda":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                outputs = {
+                    name: out.float().to("cpu", non_blocking=True)
+                    for name, out in hooks(images).items()
+                }
+                if device.type == "cuda":
+                    copied = torch.cuda.Event()
+                    copied.record()
+            else:
+                outputs = {name: torch.empty((0, info.dim)) for name, info in hooks.info.items()}
+            if pending is not None:
+                hand_on()
+            pending = (indices, failures, outputs, copied)
+            progress.update(len(indices) + len(failures))
+        if pending is not None:
+            hand_on()
+    writer.save()
+
+
+def manifest_digest(manifest: pd.DataFrame) -> str:
+    """Of the ids and labels, in order: which images, not their bytes."""
+    columns = [c for c in ("image_id", "label") if c in manifest]
+    return hashlib.sha256(manifest[columns].to_csv(index=False).encode()).hexdigest()
+
+
+def versions() -> dict[str, str]:
+    return {
+        "pipeline": pipeline.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }

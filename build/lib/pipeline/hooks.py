@@ -1,0 +1,303 @@
+"""Forward hooks on named layers: resolve names, capture and pool each layer's output during one
+forward pass, stop the pass once the last hooked layer has run, and remove every handle on exit.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.config import Pool
+from pipeline.errors import ConfigError
+
+LOGITS = "logits"  # the model's final output, not a module
+
+
+class StopForward(Exception):
+    """Raised by the last hook so the rest of the forward pass is skipped."""
+
+
+def resolve_layers(model: torch.nn.Module, requested: Sequence[str]) -> list[str]:
+    """Expand globs and check every name; `*` matches one dotted part (`blocks.*` = blocks.0...).
+
+    The result keeps the request's order, each glob expanded in model order, without repeats.
+    """
+    if not requested:
+        raise ConfigError("layers is empty: name at least one, e.g. layers=[global_pool]")
+    names = [name for name, _ in model.named_modules() if name]
+    resolved: list[str] = []
+    for pattern in requested:
+        if pattern == LOGITS or pattern in names:
+            matched = [pattern]
+        elif any(c in pattern for c in "*?["):
+            parts = pattern.split(".")
+            matched = [
+                n
+                for n in names
+                if len(n.split(".")) == len(parts)
+                and all(map(fnmatch.fnmatchcase, n.split("."), parts))
+            ]
+        else:
+            matched = []
+        if not matched:
+            close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise ConfigError(
+                f"layer {pattern!r} matches no module of the model{hint} "
+                "(python -m pipeline.layers lists them all)"
+            )
+        resolved += [m for m in matched if m not in resolved]
+    return resolved
+
+
+def select_output(output: Any, key: str | None, layer: str) -> torch.Tensor:
+    """The tensor of a layer's output; tuples, lists and dicts need an explicit `output_key`."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if key is None:
+        kind = type(output).__name__
+        choices = list(output.keys()) if isinstance(output, dict) else list(range(len(output)))
+        raise ConfigError(
+            f"layer {layer!r} returns a {kind}, not a tensor: choose an element "
+            f"with output_key=<one of {choices}>"
+        )
+    try:
+        selected = output[int(key)] if isinstance(output, (tuple, list)) else output[key]
+    except (KeyError, IndexError, ValueError, TypeError):
+        raise ConfigError(
+            f"layer {layer!r} output has no element {key!r}: fix output_key"
+        ) from None
+    if not isinstance(selected, torch.Tensor):
+        raise ConfigError(
+            f"layer {layer!r} output[{key!r}] is a {type(selected).__name__}, not a tensor"
+        )
+    return selected
+
+
+def auto_pool(ndim: int, prefix_tokens: int) -> Pool:
+    """avg for conv maps (N, C, H, W), cls or mean for tokens (N, T, D), as-is for vectors."""
+    if ndim == 4:
+        return Pool.avg
+    if ndim == 3:
+        return Pool.cls if prefix_tokens else Pool.mean
+    return Pool.none if ndim == 2 else Pool.flatten
+
+
+# Pool -> the output ranks it fits (with the batch dimension).
+POOL_RANKS = {Pool.avg: {4}, Pool.max: {4}, Pool.cls: {3}, Pool.mean: {3}}
+
+
+def pool_output(x: torch.Tensor, pool: Pool, prefix_tokens: int = 0) -> torch.Tensor:
+    """One vector per image, computed where `x` lives (on the GPU, before any copy)."""
+    if pool is Pool.avg:
+        return x.mean(dim=(2, 3))
+    if pool is Pool.max:
+        return x.amax(dim=(2, 3))
+    if pool is Pool.cls:
+        return x[:, 0]
+    if pool is Pool.mean:  # over the patch tokens, as timm's avg pooling does for ViTs
+        return x[:, prefix_tokens:].mean(dim=1)
+    return x.flatten(1)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What one image's pass through a layer looks like."""
+
+    shape: tuple[int, ...]  # raw output, without the batch dimension
+    pool: Pool
+    dim: int
+    depth: int  # position in model.named_modules(); logits come after every module
+
+
+class LayerHooks:
+    """Capture the pooled outputs of named layers in one forward pass.
+
+    with LayerHooks(model, ["layer2", "global_pool"], pool="auto") as hooks:
+        hooks.describe(example)        # shapes, pooling and dims; checks the config fits
+        outputs = hooks(images)        # {"layer2": (N, 512), "global_pool": (N, 2048)}
+
+    Unless `logits` is requested, the forward pass stops as soon as every hooked layer has run.
+    `pool` is a Pool or its name ("auto", "avg", ...). The handles are removed on exit, also
+    when the forward pass raised; any model works, timm's or not.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layers: Sequence[str],
+        pool: Pool | str = Pool.auto,
+        output_key: str | None = None,
+    ) -> None:
+        self.model = model
+        self.layers = resolve_layers(model, [layers] if isinstance(layers, str) else layers)
+        self.modules = {n: model.get_submodule(n) for n in self.layers if n != LOGITS}
+        try:
+            self.pool = Pool(pool)
+        except ValueError:
+            choices = ", ".join(p.value for p in Pool if p is not Pool.none)
+            raise ConfigError(f"pool={pool!r} is not one of {choices}") from None
+        self.output_key = output_key
+        self.prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        self.stop_early = LOGITS not in self.layers
+        self.info: dict[str, LayerInfo] = {}
+        self._captured: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> LayerHooks:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._hook_for(name)))
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._captured = {}
+
+    def _hook_for(self, name: str) -> Any:
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+            if name in self._captured:
+                raise ConfigError(
+                    f"layer {name!r} ran more than once in one forward pass "
+                    "(a shared module): hook the modules that call it instead"
+                )
+            self._captured[name] = self._pooled(name, output)
+            if self.stop_early and len(self._captured) == len(self.modules):
+                raise StopForward
+
+        return hook
+
+    def _pooled(self, name: str, output: Any) -> torch.Tensor:
+        tensor = select_output(output, self.output_key, name)
+        info = self.info.get(name)
+        pool = info.pool if info else self._pool_for(name, tensor)
+        return pool_output(tensor, pool, self.prefix_tokens)
+
+    def _pool_for(self, name: str, tensor: torch.Tensor) -> Pool:
+        # A vector per image is already an embedding, whatever pooling the maps get.
+        if self.pool is Pool.auto or tensor.ndim == 2:
+            return auto_pool(tensor.ndim, self.prefix_tokens)
+        if self.pool in POOL_RANKS and tensor.ndim not in POOL_RANKS[self.pool]:
+            fitting = ["auto", "flatten"] + [
+                p.value for p, r in POOL_RANKS.items() if tensor.ndim in r
+            ]
+            raise ConfigError(
+                f"pool={self.pool.value} does not fit layer {name!r}, whose output has shape "
+                f"{tuple(tensor.shape)}: use pool={' or '.join(fitting)}"
+            )
+        return self.pool
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pooled outputs, (N, dim) each, in the order the layers were requested."""
+        return self._run(images)[0]
+
+    def _run(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any]:
+        self._captured = {}
+        try:
+            output = self.model(images)
+        except StopForward:
+            output = None
+        if LOGITS in self.layers:
+            self._captured[LOGITS] = self._pooled(LOGITS, output)
+        captured, self._captured = self._captured, {}
+        silent = [n for n in self.layers if n not in captured]
+        if silent:
+            raise ConfigError(
+                f"layers {silent} did not run in the forward pass: "
+                "hook modules that forward() calls"
+            )
+        return {name: captured[name] for name in self.layers}, output
+
+    def describe(self, example: torch.Tensor) -> dict[str, LayerInfo]:
+        """Run one full pass on `example` to learn each layer's shape, pooling and dim.
+
+        It also checks what a stopped pass could not: that no hooked module runs twice.
+        """
+        self.info = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        stop_early, self.stop_early = self.stop_early, False
+        probes = [
+            module.register_forward_hook(_shape_recorder(name, self.output_key, shapes))
+            for name, module in self.modules.items()
+        ]
+        try:
+            outputs, final = self._run(example)
+        finally:
+            self.stop_early = stop_early
+            for probe in probes:
+                probe.remove()
+        if LOGITS in self.layers:
+            shapes[LOGITS] = tuple(select_output(final, self.output_key, LOGITS).shape[1:])
+        order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
+        self.info = {
+            name: LayerInfo(
+                shapes[name],
+                self._pool_for(name, _blank(shapes[name])),
+                outputs[name].shape[1],
+                order.get(name, len(order)),
+            )
+            for name in self.layers
+        }
+        return self.info
+
+
+def _shape_recorder(name: str, key: str | None, shapes: dict[str, tuple[int, ...]]) -> Any:
+    def record(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+        shapes[name] = tuple(select_output(output, key, name).shape[1:])
+
+    return record
+
+
+def _blank(shape: tuple[int, ...]) -> torch.Tensor:
+    """A stand-in with the rank of a batch of this shape, for checking a pooling fits."""
+    return torch.empty((1, *shape), device="meta")
+
+
+def list_layers(model: torch.nn.Module, example: torch.Tensor) -> Iterator[dict[str, Any]]:
+    """Every module in model order, then `logits` (the model's output): type, output shape,
+    auto-pooled dim, bytes per image (as float32) and how often it runs in one forward pass."""
+    outputs: dict[str, list[Any]] = {}
+
+    def recorder(name: str) -> Any:
+        def record(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+            outputs.setdefault(name, []).append(
+                tuple(output.shape[1:])
+                if isinstance(output, torch.Tensor)
+                else type(output).__name__
+            )
+
+        return record
+
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    handles = [m.register_forward_hook(recorder(n)) for n, m in modules]
+    try:
+        with torch.inference_mode():
+            final = model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if isinstance(final, torch.Tensor):
+        outputs[LOGITS] = [tuple(final.shape[1:])]
+        modules.append((LOGITS, final))
+    prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    for name, module in modules:
+        calls = outputs.get(name, [])
+        shape = calls[0] if calls else None
+        dim = None
+        if isinstance(shape, tuple):
+            blank = _blank(shape)
+            dim = pool_output(blank, auto_pool(blank.ndim, prefix_tokens), prefix_tokens).shape[1]
+        yield {
+            "layer": name,
+            "type": "model output" if name == LOGITS else type(module).__name__,
+            "output": "x".join(map(str, shape)) if isinstance(shape, tuple) else shape or "-",
+            "dim": dim,
+            "bytes": 4 * dim if dim else None,
+            "calls": len(calls),
+        }

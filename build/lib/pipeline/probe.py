@@ -1,0 +1,92 @@
+"""python -m pipeline.probe [overrides]: a linear probe on one layer's embeddings.
+
+How much of the labels a layer makes linearly readable: a logistic regression on the
+standardised embeddings, scored by stratified k-fold cross-validation. Writes `probe.json`:
+accuracy and macro-F1 with their spread over folds, and the chance level to compare with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_validate
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError
+from pipeline.results import StageResult
+from pipeline.store import embeddings_input, existing_embeddings, read_embeddings
+
+log = logging.getLogger(__name__)
+
+
+def probe_scores(
+    vectors: np.ndarray,
+    labels: list[str],
+    folds: int = 5,
+    c: float = 1.0,
+    max_iter: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """Cross-validated accuracy and macro-F1 of a logistic regression from vectors to labels."""
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2 or counts.min() < 2:
+        raise ConfigError(
+            "a probe needs at least 2 labels with 2 images each; these embeddings "
+            f"have {len(classes)} labels, the rarest with {counts.min()} image(s)"
+        )
+    splits = StratifiedKFold(
+        n_splits=int(min(folds, counts.min())), shuffle=True, random_state=seed
+    )
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
+    scores = cross_validate(model, vectors, labels, cv=splits, scoring=("accuracy", "f1_macro"))
+    accuracy, f1 = scores["test_accuracy"], scores["test_f1_macro"]
+    return {
+        "accuracy": float(accuracy.mean()),
+        "accuracy_std": float(accuracy.std()),
+        "f1_macro": float(f1.mean()),
+        "f1_macro_std": float(f1.std()),
+        "folds": splits.n_splits,
+        "n_images": len(labels),
+        "n_classes": len(classes),
+        "chance": float(counts.max() / counts.sum()),
+    }
+
+
+def run(cfg: PipelineConfig) -> StageResult:
+    source = existing_embeddings(cfg.embeddings)
+    embeddings = read_embeddings(source)
+    if embeddings.labels is None:
+        raise ConfigError(
+            f"{source} has no labels to probe: extract from a dataset with a "
+            "label column (dataset.label_column, dataset.labels_from_folders)"
+        )
+    p = cfg.probe
+    scores = probe_scores(embeddings.vectors, embeddings.labels, p.folds, p.c, p.max_iter, p.seed)
+    out = Path(p.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(scores, indent=2) + "\n")
+    summary = (
+        f"linear probe on {source.stem}: accuracy {scores['accuracy']:.3f} "
+        f"+- {scores['accuracy_std']:.3f}, macro-F1 {scores['f1_macro']:.3f} "
+        f"(chance {scores['chance']:.3f}) -> {out}"
+    )
+    log.info("%s", summary)
+    return StageResult(
+        output_dir=out,
+        metrics=scores,
+        artifacts=[out / "probe.json"],
+        inputs=[embeddings_input(source, embeddings.metadata)],
+        summary=summary,
+    )
+
+
+if __name__ == "__main__":
+    from pipeline.app import main
+
+    main("probe", run)

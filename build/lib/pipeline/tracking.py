@@ -1,0 +1,354 @@
+"""MLflow tracking: the only module that imports mlflow. It records what a stage returned.
+
+One MLflow run per stage invocation, named by what it did; a Hydra multirun is a parent run with
+a child per job. Tracking never costs the user their outputs or their time: every call has a
+deadline, and the first failure or timeout turns tracking off for the rest of the run with one
+warning. Only `tracking.required=true` makes that a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import TrackingConfig
+from pipeline.results import DatasetRef, StageResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "sqlite:///outputs/mlflow.db"
+ARTIFACT_ROOT = Path("outputs/mlartifacts")
+PARENT_RUN_FILE = "mlflow_parent_run_id"  # in the sweep folder, read by every job
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+# The first call decides whether the store answers at all (a local SQLite store creating its
+# tables takes a few seconds on a loaded machine); every later call gets its own deadline.
+FIRST_CALL_S = 10.0
+CALL_S = 20.0
+for _name, _value in {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(CALL_S)),
+}.items():
+    os.environ.setdefault(_name, _value)
+
+from mlflow import MlflowClient  # noqa: E402 - reads the variables above
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param  # noqa: E402
+from mlflow.utils.mlflow_tags import (  # noqa: E402
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NAME,
+)
+
+
+class TrackingError(RuntimeError):
+    """Tracking failed and the user asked for it to be required."""
+
+
+def tracking_uri(settings: TrackingConfig) -> str:
+    """`tracking.uri`, else MLFLOW_TRACKING_URI, else a local SQLite store under outputs/."""
+    return settings.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def within(seconds: float, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`call(...)`, or TimeoutError after `seconds`: a store that never answers (a dead server,
+    a locked database) must not hold the user's run. The call goes on in a daemon thread."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = call(*args, **kwargs)
+        except BaseException as err:  # handed to the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {seconds:.0f} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+class Run:
+    """One MLflow run. Every call is guarded and bounded: the first failure is logged once and
+    turns the rest into no-ops. With tracking off, every call is a no-op from the start."""
+
+    def __init__(self, client: MlflowClient | None = None, run_id: str | None = None) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.error: Exception | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.client is not None and self.error is None
+
+    def call(self, action: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        """`self.client.<method>(...)` unless tracking is off or has already failed."""
+        if not self.active:
+            return None
+        try:
+            return within(CALL_S, getattr(self.client, method), *args, **kwargs)
+        except Exception as err:
+            self.fail(err, f"while {action}")
+            return None
+
+    def fail(self, err: Exception, action: str) -> None:
+        self.error = err
+        log.warning(
+            "tracking failed %s (%s: %s); the outputs are written, tracking is off for the "
+            "rest of this run",
+            action,
+            type(err).__name__,
+            str(err).splitlines()[0] if str(err) else "",
+        )
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow's batch limit
+            self.call("logging params", "log_batch", self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        for start in range(0, len(items), 1000):
+            self.call(
+                "logging metrics", "log_batch", self.run_id, metrics=items[start : start + 1000]
+            )
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.call("setting tags", "set_tag", self.run_id, key, str(value)[:MAX_PARAM_LENGTH])
+
+    def log_inputs(self, inputs: list[DatasetRef]) -> None:
+        datasets = [
+            DatasetInput(
+                Dataset(name=d.name, digest=d.digest[:36], source_type="local", source=d.source),
+                tags=[InputTag("mlflow.data.context", d.context)],
+            )
+            for d in inputs
+        ]
+        if datasets:
+            self.call("logging the inputs", "log_inputs", self.run_id, datasets)
+
+    def end(self, status: str) -> None:
+        self.call("ending the run", "set_terminated", self.run_id, status)
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    local = client._tracking_client.tracking_uri.startswith("sqlite:")
+    # A local store keeps artifacts beside its database; a server decides for itself.
+    location = ARTIFACT_ROOT.resolve().as_uri() if local else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_run(settings: TrackingConfig, stage: str, name: str, tags: Mapping[str, str]) -> Run:
+    """A new run, or an inactive one (with the warning said) when the store does not answer
+    within FIRST_CALL_S."""
+
+    def create() -> Run:
+        client = MlflowClient(tracking_uri(settings))
+        run = client.create_run(
+            _experiment_id(client, settings.experiment),
+            run_name=name,
+            tags={
+                MLFLOW_RUN_NAME: name,
+                "stage": stage,
+                "host": socket.gethostname(),
+                **git_tags(),
+                **tags,
+            },
+        )
+        return Run(client, run.info.run_id)
+
+    try:
+        return within(FIRST_CALL_S, create)
+    except Exception as err:
+        run = Run()
+        log.warning(
+            "tracking failed: no MLflow run at %s (%s: %s); the outputs are written but not "
+            "tracked",
+            tracking_uri(settings),
+            type(err).__name__,
+            str(err).splitlines()[0] if str(err) else "",
+        )
+        run.error = err
+        return run
+
+
+@contextlib.contextmanager
+def tracked(
+    settings: TrackingConfig, stage: str, name: str, config: DictConfig
+) -> Iterator[Callable[[StageResult], None]]:
+    """An MLflow run around a stage; yields the function that records the stage's result.
+
+    The run ends FINISHED, or FAILED with the error's first line as a tag if the stage raised.
+    When tracking failed on the way and `settings.required`, TrackingError is raised after the
+    stage has finished its own work.
+    """
+    if settings.backend == "none":
+        yield lambda result: None
+        return
+    tags = {}
+    if parent := sweep_parent():
+        tags[MLFLOW_PARENT_RUN_ID] = parent
+    run = start_run(settings, stage, name, tags)
+    run.log_params(flatten(OmegaConf.to_container(config, resolve=True, enum_to_str=True)))
+    run.call(
+        "logging config.yaml",
+        "log_text",
+        run.run_id,
+        OmegaConf.to_yaml(config, resolve=True),
+        "config.yaml",
+    )
+    try:
+        yield lambda result: record(run, settings, result)
+    except BaseException as err:
+        run.set_tags({"error": (str(err).splitlines() or [type(err).__name__])[0]})
+        run.end("FAILED")
+        raise
+    run.end("FINISHED")
+    if run.error is not None and settings.required:
+        raise TrackingError(
+            f"tracking failed ({type(run.error).__name__}: {run.error}) and tracking.required=true"
+        )
+
+
+def record(run: Run, settings: TrackingConfig, result: StageResult) -> None:
+    """A stage's result: metrics, tags, inputs (linked to the runs that made them), documents,
+    artifacts and figures."""
+    if not run.active:
+        return
+    run.log_metrics(result.metrics)
+    run.set_tags(result.tags)
+    run.log_inputs(result.inputs)
+    for source in (d for d in result.inputs if d.context == "embeddings"):
+        producer = _producer(run, settings, source)
+        if producer:
+            run.set_tags({"source_run_id": producer})
+    for name, document in result.documents.items():
+        run.call(f"logging {name}", "log_dict", run.run_id, document, name)
+    for path in result.artifacts:
+        run.call(f"logging {path.name}", "log_artifact", run.run_id, str(path))
+    for name, draw in result.figures.items():
+        import matplotlib.pyplot as plt
+
+        figure = draw()
+        run.call(f"logging {name}", "log_figure", run.run_id, figure, name)
+        plt.close(figure)
+
+
+def _producer(run: Run, settings: TrackingConfig, source: DatasetRef) -> str | None:
+    """The extraction run whose output is this input (by content digest), if tracked."""
+    experiment = run.call("finding the experiment", "get_experiment_by_name", settings.experiment)
+    if experiment is None:
+        return None
+    found = run.call(
+        "finding the extraction run",
+        "search_runs",
+        [experiment.experiment_id],
+        f"tags.`output.sha256` LIKE '%{source.digest}%'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    return found[0].info.run_id if found else None
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"model": {"name": "x"}} -> {"model.name": "x"}; lists stay whole, as text."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:MAX_PARAM_LENGTH]
+    return flat
+
+
+def git_tags() -> dict[str, str]:
+    """The commit the code came from and whether the work tree had changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args],
+            cwd=Path(__file__).parent,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+
+    try:
+        commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "-uno")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {MLFLOW_GIT_COMMIT: commit, "git_dirty": str(bool(dirty)).lower()}
+
+
+# --- sweeps: one parent run per Hydra multirun -------------------------------------------------
+
+
+def sweep_parent() -> str | None:
+    """The parent run of the Hydra sweep this job belongs to, if any."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode is not RunMode.MULTIRUN:
+        return None
+    marker = Path(HydraConfig.get().sweep.dir) / PARENT_RUN_FILE
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def _settings(config: DictConfig) -> TrackingConfig | None:
+    tracking = config.get("tracking")
+    if tracking is None or tracking.backend == "none":
+        return None
+    return TrackingConfig(**OmegaConf.to_container(tracking, resolve=True))
+
+
+def start_sweep(config: DictConfig) -> None:
+    """The parent run; its id goes to a file in the sweep folder, which jobs read whether they
+    run in this process, in joblib workers or on cluster nodes that share the folder."""
+    settings = _settings(config)
+    if settings is None:
+        return
+    sweep_dir = Path(config.hydra.sweep.dir)
+    run = start_run(settings, "sweep", f"sweep {sweep_dir.name}", {"sweep_dir": str(sweep_dir)})
+    if run.active:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / PARENT_RUN_FILE).write_text(run.run_id)
+
+
+def end_sweep_job(config: DictConfig, job_return: Any) -> None:
+    """Each job's outcome as a tag on the parent, so a failed job shows in the sweep."""
+    from hydra.core.hydra_config import HydraConfig
+
+    settings, parent = _settings(config), sweep_parent()
+    if settings is None or parent is None:
+        return
+    run = Run(MlflowClient(tracking_uri(settings)), parent)
+    failed = job_return.status.name == "FAILED"
+    outcome = f"FAILED: {job_return._return_value}" if failed else "COMPLETED"
+    run.set_tags({f"job.{HydraConfig.get().job.num}": outcome})
+    if failed:
+        run.end("FAILED")
+
+
+def end_sweep(config: DictConfig) -> None:
+    settings = _settings(config)
+    marker = Path(config.hydra.sweep.dir) / PARENT_RUN_FILE
+    if settings is not None and marker.is_file():
+        Run(MlflowClient(tracking_uri(settings)), marker.read_text().strip()).end("FINISHED")

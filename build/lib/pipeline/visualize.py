@@ -1,0 +1,141 @@
+"""python -m pipeline.visualize [overrides]: what each layer responds to, for one image or a few.
+
+One forward pass with hooks on the chosen layers; for each layer and image, a PNG with the input
+(as the model saw it), the layer's name and output shape, and the activation maps of the
+channels with the largest mean activation for that image. ViT token outputs are reshaped to
+the patch grid. `<layer>.json` beside each picture lists the channels shown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from pipeline import plots
+from pipeline.config import PipelineConfig, Pool
+from pipeline.data import build_transform, decode_image, resolve_preprocess
+from pipeline.devices import resolve_device
+from pipeline.errors import ConfigError
+from pipeline.hooks import LayerHooks
+from pipeline.models import build_model
+from pipeline.results import StageResult
+
+log = logging.getLogger(__name__)
+
+
+def as_maps(flat: torch.Tensor, shape: tuple[int, ...], prefix_tokens: int) -> torch.Tensor:
+    """One image's layer output as (channels, height, width): conv maps as they are, tokens
+    (T, D) as D maps over the square patch grid (prefix tokens such as the class token left out).
+    """
+    output = flat.reshape(shape)
+    if output.ndim == 3:
+        return output
+    if output.ndim == 2:
+        patches = output[prefix_tokens:]
+        side = math.isqrt(len(patches))
+        if side * side != len(patches):
+            raise ConfigError(f"{len(patches)} tokens do not form a square patch grid")
+        return patches.T.reshape(-1, side, side)
+    raise ConfigError(
+        f"an output of shape {shape} has no spatial maps to show: pick a conv "
+        "or transformer-block layer (python -m pipeline.layers lists them)"
+    )
+
+
+def strongest_channels(maps: torch.Tensor, count: int) -> list[int]:
+    """The channels with the largest mean activation, strongest first."""
+    means = maps.float().mean(dim=(1, 2))
+    return torch.argsort(means, descending=True, stable=True)[:count].tolist()
+
+
+def feature_figure(
+    picture: np.ndarray, maps: np.ndarray, channels: list[int], title: str, normalise: str
+) -> plots.Figure:
+    columns = math.ceil(math.sqrt(len(channels) + 1))
+    rows = math.ceil((len(channels) + 1) / columns)
+    figure, axes = plt.subplots(
+        rows,
+        columns,
+        figsize=(1.8 * columns, 1.9 * rows + 0.4),
+        squeeze=False,
+        layout="constrained",
+    )
+    for ax in axes.flat:
+        ax.set_axis_off()
+    axes.flat[0].imshow(picture)
+    axes.flat[0].set_title("input", fontsize=7)
+    low, high = maps[channels].min(), maps[channels].max()
+    for ax, channel in zip(axes.flat[1:], channels, strict=False):
+        image = maps[channel]
+        if normalise == "channel":
+            low, high = image.min(), image.max()
+        ax.imshow(image, cmap="viridis", vmin=low, vmax=high if high > low else low + 1)
+        ax.set_title(f"channel {channel}", fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    return figure
+
+
+def run(cfg: PipelineConfig) -> StageResult:
+    v = cfg.visualize
+    if v.normalise not in ("channel", "layer"):
+        raise ConfigError(f"visualize.normalise is channel or layer, got {v.normalise!r}")
+    device = resolve_device(cfg.device)
+    model = build_model(cfg.model).to(device)
+    m = cfg.model
+    preprocess = resolve_preprocess(model, m.input_size, m.crop_pct, m.interpolation, m.mean, m.std)
+    transform = build_transform(preprocess)
+    paths = [Path(p).expanduser() for p in ([v.image] if v.image else []) + v.images]
+    if not paths:
+        raise ConfigError("no image given: visualize.image=path/to/photo.jpg")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ConfigError(
+            f"image {missing[0]} does not exist: check visualize.image= (the default is a "
+            "demo photo: python -m pipeline.demo builds them)"
+        )
+    batch = torch.stack([transform(image=decode_image(p.read_bytes()))["image"] for p in paths])
+    mean, std = np.array(preprocess.mean), np.array(preprocess.std)
+    shown: dict[str, dict[str, list[int]]] = {}
+    pictures: list[Path] = []
+    # flatten keeps every value; the recorded shape turns it back into maps.
+    with (
+        torch.inference_mode(),
+        LayerHooks(model, v.layers, Pool.flatten, cfg.output_key) as hooks,
+    ):
+        info = hooks.describe(batch[:1].to(device))
+        outputs = hooks(batch.to(device))
+    out = Path(v.output_dir)
+    stems = [p.stem for p in paths]
+    for i, path in enumerate(paths):
+        # One folder per image, named after it; numbered when two images share a name.
+        folder = out / (path.stem if stems.count(path.stem) == 1 else f"{i}-{path.stem}")
+        folder.mkdir(parents=True, exist_ok=True)
+        picture = np.clip(batch[i].permute(1, 2, 0).numpy() * std + mean, 0, 1)
+        for layer, flat in outputs.items():
+            maps = as_maps(flat[i].float().cpu(), info[layer].shape, hooks.prefix_tokens)
+            channels = strongest_channels(maps, v.channels)
+            title = f"{cfg.model.name} {layer}: output {'x'.join(map(str, info[layer].shape))}"
+            png = plots.save(
+                feature_figure(picture, maps.numpy(), channels, title, v.normalise),
+                folder / f"{layer}.png",
+            )
+            (folder / f"{layer}.json").write_text(json.dumps({"channels": channels}) + "\n")
+            pictures.append(png)
+            shown.setdefault(folder.name, {})[layer] = channels
+    summary = f"feature maps of {len(outputs)} layers for {len(paths)} image(s) -> {out}"
+    log.info("%s", summary)
+    return StageResult(
+        output_dir=out, artifacts=pictures, documents={"channels.json": shown}, summary=summary
+    )
+
+
+if __name__ == "__main__":
+    from pipeline.app import main
+
+    main("visualize", run)
