@@ -210,3 +210,17 @@ def test_run_refuses_empty_embeddings(tmp_path: Path) -> None:
     cfg = stage_config(f"embeddings={layer}", f"dedup.output_dir={tmp_path / 'out'}")
     with pytest.raises(ConfigError, match="hold no images"):
         dedup.run(cfg)
+
+
+def test_the_pairs_shown_are_those_nearest_the_threshold() -> None:
+    """What a person checks: the weakest pairs kept and the strongest left out."""
+    similarities = np.round(np.arange(0.99, 0.40, -0.05), 2)
+    candidates = pd.DataFrame(
+        {
+            "a": range(len(similarities)),
+            "b": range(1, len(similarities) + 1),
+            "similarity": similarities,
+        }
+    )
+    shown = dedup.around_threshold(candidates, threshold=0.7, count=4)
+    assert shown["similarity"].tolist() == [0.79, 0.74, 0.69, 0.64]  # two above, two below

@@ -153,6 +153,10 @@ def test_report_reads_what_the_stages_wrote_and_names_what_is_missing(
     embeddings = tmp_path / "outputs/embeddings/photos/test_efficientnet-random"
     cluster = run_cli(*same, "layer=blocks.2", module="pipeline.cluster", cwd=tmp_path)
     assert cluster.returncode == 0, cluster.stderr
+    # The images are found where the extraction recorded them: no images_root= needed.
+    assert "no contact sheet" not in cluster.stdout + cluster.stderr
+    sheet = tmp_path / "outputs/cluster/photos/test_efficientnet-random/blocks.2/contact_sheet.png"
+    assert sheet.stat().st_size > 0
     done = run_cli(*same, module="pipeline.report", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "outputs/report/photos/test_efficientnet-random"

@@ -93,14 +93,26 @@ def home(tmp_path_factory: pytest.TempPathFactory, photos: Path) -> Path:
 
 
 def test_every_readme_command_runs_as_typed(home: Path) -> None:
-    env = {**os.environ, "HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "HF_HUB_OFFLINE": "1",
+        # `python` and the pipeline-* scripts are this environment's, as after `source activate`
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     ran = 0
     for command in commands():
         if any(marker in command for marker in SKIPPED):
             continue
-        words = as_run_here(command)
-        done = subprocess.run(words, cwd=home, env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(  # through a shell, as typed: $HOME and quotes as bash sees them
+            ["bash", "-c", as_run_here(command)],
+            cwd=home,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
         ran += 1
     assert ran >= 15
