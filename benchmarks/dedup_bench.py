@@ -168,10 +168,14 @@ def run_imagededup(
     n = len(x)
     try:
         from imagededup.methods import CNN
+        from imagededup.utils.logger import return_logger
     except ImportError:
         return {"skipped": "not run: imagededup is not installed"}
     encodings = {str(i): x[i] for i in range(n)}
-    cnn = CNN(verbose=False)
+    # CNN() downloads MobileNet weights to encode images; these encodings are given, so only
+    # what find_duplicates reads is set up (no network here).
+    cnn = CNN.__new__(CNN)
+    cnn.verbose, cnn.logger = 0, return_logger(__name__)
     reset_peak()
     start = time.perf_counter()
     duplicates = cnn.find_duplicates(
