@@ -269,6 +269,8 @@ def main() -> None:
         f"{PLANTED_SHARE:.0%} of rows with 1-5 planted copies; {os.cpu_count()} CPU cores; "
         f"auto: exact on CPU up to EXACT_CPU_MAX_N={neighbours.EXACT_CPU_MAX_N:,}, IVF above"
     )
+    # Other processes on the machine slow every column but the recalls: say how busy it was.
+    load_start = os.getloadavg()[0]
     rows = []
     probe_seconds: float | None = None
     for n in sizes:
@@ -304,6 +306,9 @@ def main() -> None:
             f"{fmt(row.get('planted_knn'), '.4f'):>10} {row['planted_pairs']:>8.4f} "
             f"{row['n_pairs']:>9,}  {row['summary']}"
         )
+    print(
+        f"load average (1 min): {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    )
 
 
 if __name__ == "__main__":

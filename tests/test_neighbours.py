@@ -1,4 +1,4 @@
-"""Neighbour search: the exact paths (faiss, torch on the CPU, torch in bf16 with the fp32
+"""Neighbour search: the exact paths (faiss, torch on the CPU in fp32, fp16 and bf16 with the fp32
 re-check) agree with brute force; range search finds a 60-copy group whole at k=10; the recall an
 approximate search reports matches brute force; min_recall widens the search; the embeddings
 are not copied; bad arguments and tiny inputs behave."""
@@ -69,13 +69,16 @@ def small() -> np.ndarray:
     [
         pytest.param(exact_cpu, id="faiss"),
         pytest.param(lambda x, k, t: exact_torch(x, k, t, device="cpu"), id="torch-cpu-fp32"),
-        # bf16 products are off by up to ~0.03: only the fp32 re-check makes these pairs exact.
-        # A small block forces many blocks.
-        pytest.param(
-            lambda x, k, t: exact_torch(
-                x, k, t, device="cpu", dtype=torch.bfloat16, block_bytes=1 << 18
-            ),
-            id="torch-cpu-bf16",
+        # fp16 (what CUDA uses) and bf16 products are off by up to ~0.001 and ~0.008: only the
+        # fp32 re-check makes these pairs exact. A small block forces many blocks.
+        *(
+            pytest.param(
+                lambda x, k, t, dtype=dtype: exact_torch(
+                    x, k, t, device="cpu", dtype=dtype, block_bytes=1 << 18
+                ),
+                id=f"torch-cpu-{dtype}",
+            )
+            for dtype in (torch.float16, torch.bfloat16)
         ),
     ],
 )
