@@ -252,7 +252,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    sizes = [2000, 5000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    sizes = [3000] if args.quick else [int(s) for s in args.sizes.split(",")]
     methods = args.methods.split(",")
     unknown = set(methods) - set(METHODS)
     if unknown:

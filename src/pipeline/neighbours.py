@@ -15,7 +15,8 @@ or above the threshold may have more, so its whole neighbourhood above the thres
 Groups are connected components of those pairs (`groups`), never all pairs of a component.
 
 Memory: the embeddings are read in place (float32, C order) and never copied whole; similarities
-are computed a block at a time. HNSW is the exception: faiss stores its own copy of the vectors.
+are computed a block at a time. IVF copies its k-means training sample (40 rows per list: 16% of
+the rows at N=1M); HNSW is the exception: faiss stores its own copy of the vectors.
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ METHODS = ("auto", "exact", "ivf", "hnsw")
 IP = faiss.METRIC_INNER_PRODUCT
 
 # Switch point of method=auto on the CPU. Measured on the 2-core development machine, dim 256,
-# k=10: exact (faiss BLAS) takes 6.3 s at N=50k and grows as N^2 (~25 s at 100k, ~100 s at 200k,
-# ~40 min at 1M); IVF with recall@10 >= 0.99 takes ~12 s at 200k and ~3 min at 1M. Below 100k
-# exact costs under half a minute and loses nothing, so it is kept there.
+# k=10 (benchmarks/dedup_bench.py): exact (faiss BLAS) takes 6.3 s at N=50k with the machine to
+# itself, 22-31 s with other processes busy on it (load ~4), 254 s at 200k (loaded), and grows
+# as N^2 (~2 h at 1M); IVF at recall@10 >= 0.99 took 7 s at 50k, 28 s at 200k, 106 s at 1M
+# (loaded). Up to 100k exact stays within ~2 minutes even on the loaded machine and loses
+# nothing, so it is kept there; beyond, its cost runs away.
 EXACT_CPU_MAX_N = 100_000
 
 # Similarities computed at once by the torch path (rows x N of them): bounds device memory.
@@ -65,9 +68,10 @@ IVF_KMEANS_ITER = 10
 IVF_NPROBE_START = 8
 IVF_MAX_SCAN = 8
 
-# HNSW (method="hnsw" only: on 200k clustered vectors, M=32 reached recall@10 0.935 at
-# efSearch=128 in 31 s including the build; IVF reached 0.9999 in 12 s). efSearch doubles from
-# 32 until the sampled recall holds, up to 1024.
+# HNSW (method="hnsw" only). On the benchmark's clustered vectors it reached recall@10 0.9896 at
+# 50k in 80 s and 0.972 at 200k in 325 s (efSearch at its cap, 1024; it also missed 0.3% of the
+# planted copies there), where IVF reached 0.99 in 7 s and 1.0 in 28 s. efSearch doubles from 32
+# (at least k + 1) until the sampled recall holds, up to 1024.
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 40
 HNSW_EF_START = 32
