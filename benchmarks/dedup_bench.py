@@ -2,13 +2,13 @@
 pipeline.neighbours, and of imagededup's CNN.find_duplicates on encodings of the same size.
 
     python benchmarks/dedup_bench.py [--sizes 50000,200000,1000000] [--methods auto,exact,...]
-    python benchmarks/dedup_bench.py --quick          # a few seconds: tiny sizes, all methods
+    python benchmarks/dedup_bench.py --quick          # a few seconds: N=3,000, all methods
 
 Data: N unit vectors of dim 256. The background is clustered like image embeddings (N/1000
 centres, cosine ~0.4 within a cluster; --background isotropic for i.i.d. Gaussian directions,
 where the k nearest neighbours of a row are noise at cosine ~0.25 and no index beats a full scan
-on recall@k). 1% of the background rows get 1-5 noisy copies each (cosine 0.94-0.995 to their
-source): the planted groups.
+on recall@k). 1% of the rows are in planted groups: a background row (0.25% of them) and 1-5
+noisy copies of it (cosine 0.94-0.995 to it).
 
 Each (method, N) runs in a fresh subprocess that makes the data, resets the kernel's high-water
 mark of resident memory (/proc/self/clear_refs), searches, and reads the mark back: peak memory
@@ -37,18 +37,19 @@ import numpy as np
 from pipeline import neighbours
 
 METHODS = ("auto", "exact", "ivf", "hnsw", "exact-cuda", "imagededup")
-# Exact on the CPU grows as N^2 (~100 s at 200k here): above this it is extrapolated, not run.
+# Exact on the CPU grows as N^2 (254 s at 200k on the busy 2-core machine): above this it is
+# extrapolated, not run.
 EXACT_RUN_MAX_N = 200_000
 EXACT_PROBE_N = 20_000  # the size timed to extrapolate from
 # imagededup stacks an N x N float16 matrix from float16 chunks: twice its size at the peak.
 IMAGEDEDUP_MEMORY_SHARE = 0.6  # of the memory available now
-PLANTED_SHARE = 0.01
+PLANTED_SHARE = 0.01  # of the rows, in planted groups (a source and 1-5 copies: 4 rows on average)
 CHECK_QUERIES = 1000
 
 
 def planted_data(n: int, dim: int, seed: int, background: str) -> tuple[np.ndarray, np.ndarray]:
-    """n unit vectors (float32) and each row's planted group (-1 outside any): 1% of the
-    background rows are sources with 1-5 noisy copies each, appended at the end."""
+    """n unit vectors (float32) and each row's planted group (-1 outside any): PLANTED_SHARE of
+    the rows are in groups of a background row and its 1-5 noisy copies, appended at the end."""
     rng = np.random.default_rng(seed)
     copies = rng.integers(1, 6, size=max(1, round(PLANTED_SHARE * n / 4)))
     copies = copies[np.cumsum(copies) < n // 2]  # tiny n: the copies never crowd out the rest
@@ -91,14 +92,13 @@ def planted_pairs(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.minimum(a, b), np.maximum(a, b)
 
 
-def memory_mb() -> dict[str, float]:
-    """Resident memory now and its high-water mark, MB (Linux /proc)."""
-    fields = {}
+def peak_gb() -> float:
+    """The high-water mark of resident memory, GB (Linux /proc)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) / 1024
-    return fields
+        if key == "VmHWM":
+            return int(value.split()[0]) / 2**20
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
 
 
 def reset_peak() -> None:
@@ -115,17 +115,14 @@ def worker(spec: dict) -> dict:
     if method == "imagededup":
         return row | run_imagededup(x, threshold, keys_a, keys_b, truth_sims)
     reset_peak()
-    before = memory_mb()["VmRSS"]
     start = time.perf_counter()
     device = "cuda" if method == "exact-cuda" else "cpu"
     found = neighbours.search(
         x, k, threshold, method=method.removesuffix("-cuda"), device=device, seed=spec["seed"]
     )
     row["seconds"] = time.perf_counter() - start
-    row["peak_gb"] = memory_mb()["VmHWM"] / 1024
-    row["before_gb"] = before / 1024
+    row["peak_gb"] = peak_gb()
     row["recall_self"] = found.recall_at_k
-    row["pair_recall_self"] = found.pair_recall
     row["summary"] = found.summary()
     row["n_pairs"] = len(found.pairs_a)
     # Independent check on other queries than the method's own sample.
@@ -182,7 +179,7 @@ def run_imagededup(
         encoding_map=encodings, min_similarity_threshold=threshold, scores=False
     )
     seconds = time.perf_counter() - start
-    peak = memory_mb()["VmHWM"] / 1024
+    peak = peak_gb()
     found = {
         (min(int(a), int(b)), max(int(a), int(b))) for a, dups in duplicates.items() for b in dups
     }
@@ -246,7 +243,7 @@ def main() -> None:
     parser.add_argument("--background", choices=("clustered", "isotropic"), default="clustered")
     parser.add_argument("--exact-max", type=int, default=EXACT_RUN_MAX_N)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a few seconds")
+    parser.add_argument("--quick", action="store_true", help="N=3,000: a few seconds")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -266,7 +263,8 @@ def main() -> None:
     }
     print(
         f"dim {args.dim}, k {args.k}, threshold {args.threshold}, {args.background} background, "
-        f"{PLANTED_SHARE:.0%} of rows with 1-5 planted copies; {os.cpu_count()} CPU cores; "
+        f"{PLANTED_SHARE:.0%} of rows in planted groups (a row and 1-5 copies); "
+        f"{os.cpu_count()} CPU cores; "
         f"auto: exact on CPU up to EXACT_CPU_MAX_N={neighbours.EXACT_CPU_MAX_N:,}, IVF above"
     )
     # Other processes on the machine slow every column but the recalls: say how busy it was.
