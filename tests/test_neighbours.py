@@ -1,0 +1,269 @@
+"""Neighbour search: the exact paths (faiss, torch on the CPU in fp32, fp16 and bf16 with the fp32
+re-check) agree with brute force; range search finds a 60-copy group whole at k=10; the recall an
+approximate search reports matches brute force; min_recall widens the search; the embeddings
+are not copied; bad arguments and tiny inputs behave."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import neighbours
+from pipeline.neighbours import exact_cpu, exact_torch, groups, hnsw, ivf, search
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered(n: int, dim: int, seed: int = 0, per_cluster: int = 500) -> np.ndarray:
+    """Rows around n / per_cluster random centres (cosine ~0.4 within a cluster), as image
+    embeddings are: on i.i.d. directions an index cannot beat a full scan on recall@k."""
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.standard_normal((max(1, n // per_cluster), dim)))
+    noise = rng.standard_normal((n, dim)) * 1.2 / np.sqrt(dim)
+    return unit(centres[rng.integers(0, len(centres), n)] + noise)
+
+
+def with_copies(x: np.ndarray, sources: np.ndarray, copies: int, noise: float, seed: int = 1):
+    """x with `copies` noisy copies of each source row appended (cosine ~1/sqrt(1+noise^2))."""
+    rng = np.random.default_rng(seed)
+    src = np.repeat(sources, copies)
+    extra = x[src] + rng.standard_normal((len(src), x.shape[1])) * noise / np.sqrt(x.shape[1])
+    return np.vstack([x, unit(extra)])
+
+
+def brute_force(x: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, set]:
+    """Reference by numpy, 1,000 rows at a time: each row's k best similarities to other rows,
+    best first, and the pairs (a < b) at or above the threshold."""
+    top, pairs = [], set()
+    for start in range(0, len(x), 1000):
+        sims = x[start : start + 1000] @ x.T
+        rows = np.arange(len(sims))
+        sims[rows, rows + start] = -np.inf
+        best = -np.partition(-sims, k - 1, axis=1)[:, :k]
+        top.append(-np.sort(-best, axis=1))
+        a, b = np.nonzero(sims >= threshold)
+        pairs |= {
+            (i + start, j) for i, j in zip(a.tolist(), b.tolist(), strict=True) if i + start < j
+        }
+    return np.concatenate(top), pairs
+
+
+def pair_set(found: neighbours.Neighbours) -> set[tuple[int, int]]:
+    return set(zip(found.pairs_a.tolist(), found.pairs_b.tolist(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def small() -> np.ndarray:
+    """1,500 random rows of dim 32 and 3 copies each of 20 of them: pairs near any threshold."""
+    x = unit(np.random.default_rng(0).standard_normal((1500, 32)))
+    return with_copies(x, np.arange(0, 400, 20), copies=3, noise=0.4)
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        pytest.param(exact_cpu, id="faiss"),
+        pytest.param(lambda x, k, t: exact_torch(x, k, t, device="cpu"), id="torch-cpu-fp32"),
+        # fp16 (what CUDA uses) and bf16 products are off by up to ~0.001 and ~0.008: only the
+        # fp32 re-check makes these pairs exact. A small block forces many blocks.
+        *(
+            pytest.param(
+                lambda x, k, t, dtype=dtype: exact_torch(
+                    x, k, t, device="cpu", dtype=dtype, block_bytes=1 << 18
+                ),
+                id=f"torch-cpu-{dtype}",
+            )
+            for dtype in (torch.float16, torch.bfloat16)
+        ),
+    ],
+)
+def test_exact_paths_agree_with_brute_force(small: np.ndarray, run) -> None:
+    k, threshold = 10, 0.8
+    top, truth = brute_force(small, k, threshold)
+    sims = small @ small.T
+    found = run(small, k, threshold)
+    np.testing.assert_allclose(found.knn_similarities, top, atol=1e-5)
+    # Indices agree wherever the similarity has no near-tie to swap them.
+    listed = np.take_along_axis(sims, found.knn_indices, axis=1)
+    np.testing.assert_allclose(listed, found.knn_similarities, atol=1e-5)
+    # Pairs agree, but for any within float noise of the threshold.
+    edge = {(a, b) for a, b in truth ^ pair_set(found) if abs(sims[a, b] - threshold) < 1e-5}
+    assert truth ^ pair_set(found) == edge
+    assert len(truth) > 50
+    np.testing.assert_allclose(found.similarity, sims[found.pairs_a, found.pairs_b], atol=1e-5)
+    assert np.all(np.diff(found.similarity) <= 0)
+    assert np.all(found.pairs_a < found.pairs_b)
+
+
+@pytest.fixture(scope="module")
+def sixty_copies() -> np.ndarray:
+    """60 noisy copies (cosine ~0.97 to it, ~0.94 to each other) of row 0 among 5,000 random
+    rows of dim 64 (cosine to anything else < 0.6): 61 rows, 1830 pairs above 0.85."""
+    x = unit(np.random.default_rng(2).standard_normal((5000, 64)))
+    return with_copies(x, np.array([0]), copies=60, noise=0.25)
+
+
+@pytest.mark.parametrize("method", ["exact", "ivf", "hnsw"])
+def test_a_sixty_copy_group_is_found_whole_at_k10(sixty_copies: np.ndarray, method: str) -> None:
+    found = search(sixty_copies, k=10, threshold=0.85, method=method, device="cpu")
+    planted = np.r_[0, np.arange(5000, 5060)]
+    assert len(found.pairs_a) == 61 * 60 // 2
+    assert set(found.pairs_a.tolist()) | set(found.pairs_b.tolist()) == set(planted.tolist())
+    labels = groups(len(sixty_copies), found.pairs_a, found.pairs_b)
+    assert np.all(labels[planted] == 0) and np.all(np.delete(labels, planted) == -1)
+    assert found.params["rows_range_searched"] == 61
+    # The candidates for precision/recall curves hold the range pairs and all k-nearest lists.
+    a, b, _ = found.candidates()
+    assert len(set(zip(a.tolist(), b.tolist(), strict=True))) == len(a)
+    assert pair_set(found) <= set(zip(a.tolist(), b.tolist(), strict=True))
+    assert len(a) >= len(sixty_copies) * 10 // 2
+
+
+def test_exact_torch_finds_the_group_in_bf16(sixty_copies: np.ndarray) -> None:
+    found = exact_torch(sixty_copies, 10, 0.85, device="cpu", dtype=torch.bfloat16)
+    assert len(found.pairs_a) == 1830
+
+
+@pytest.fixture(scope="module")
+def planted_20k() -> np.ndarray:
+    """20,000 clustered rows of dim 64 and 2 copies each of 200 of them."""
+    x = clustered(20_000, 64)
+    return with_copies(x, np.arange(0, 20_000, 100), copies=2, noise=0.2)
+
+
+def test_reported_recall_matches_brute_force(planted_20k: np.ndarray) -> None:
+    k, threshold = 10, 0.9
+    # nprobe=2 and no widening: a recall well below 1, so a wrong estimate shows.
+    found = ivf(planted_20k, k, threshold, nprobe=2, min_recall=0.01, sample=1000)
+    top, truth = brute_force(planted_20k, k, threshold)
+    kth = top[:, -1:]
+    per_row = ((found.knn_similarities >= kth - neighbours.SIM_TOL).sum(axis=1)) / k
+    true_recall = per_row.mean()
+    assert 0.3 < true_recall < 0.95
+    # A sample of 1,000 rows: 4 standard errors of the mean.
+    assert abs(found.recall_at_k - true_recall) < 4 * per_row.std() / np.sqrt(1000)
+    assert found.params["nprobe"] == 2 and found.params["sample"] == 1000
+    # The planted pairs sit in the same list: found, and the sampled pair recall says so.
+    assert pair_set(found) == truth
+    assert found.pair_recall == 1.0 and found.params["sample_pairs"] > 0
+
+
+def test_min_recall_widens_nprobe(planted_20k: np.ndarray) -> None:
+    found = ivf(planted_20k, 10, 0.9, nprobe=1, min_recall=0.98)
+    tried = [nprobe for nprobe, _ in found.params["calibration"]]
+    recalls = [recall for _, recall in found.params["calibration"]]
+    assert tried[0] == 1 and recalls[0] < 0.98
+    assert tried == [2**i for i in range(len(tried))] and found.params["nprobe"] == tried[-1]
+    assert found.recall_at_k >= 0.98 and found.params["recall_reached"]
+    assert "NOT reached" not in found.summary()
+
+
+def test_min_recall_stops_at_the_cap_and_says_so() -> None:
+    # i.i.d. directions: the nearest neighbours are noise that no list holds together.
+    x = unit(np.random.default_rng(3).standard_normal((4000, 32)))
+    found = ivf(x, 10, 0.9, min_recall=0.999)
+    nlist = found.params["nlist"]
+    assert found.params["nprobe"] == nlist // neighbours.IVF_MAX_SCAN
+    assert not found.params["recall_reached"] and found.recall_at_k < 0.999
+    assert "NOT reached" in found.summary()
+
+
+def test_hnsw_widens_ef_search() -> None:
+    # i.i.d. directions: a hard case for a graph, which needs a wide search to reach 0.99.
+    x = unit(np.random.default_rng(4).standard_normal((5000, 32)))
+    found = hnsw(x, 10, 0.9, ef_search=2, min_recall=0.99)
+    tried = [ef for ef, _ in found.params["calibration"]]
+    # efSearch below k + 1 would return fewer than k neighbours: it starts there.
+    assert tried[0] == 11 and len(tried) > 1 and found.params["ef_search"] == tried[-1]
+    assert found.recall_at_k >= 0.99
+
+
+def test_auto_states_its_switch_point(
+    planted_20k: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small = search(planted_20k[:3000], 10, 0.9, device="cpu")
+    assert small.method_used == "exact" and small.recall_at_k is None
+    assert "N=3,000 <= EXACT_CPU_MAX_N" in small.reason
+    assert small.reason in small.summary()
+    monkeypatch.setattr(neighbours, "EXACT_CPU_MAX_N", 1000)
+    large = search(planted_20k[:3000], 10, 0.9, device="cpu")
+    assert large.method_used == "ivf" and "N=3,000 > EXACT_CPU_MAX_N=1,000" in large.reason
+    assert f"recall@10 {large.recall_at_k:.4f}" in large.summary()
+
+
+@pytest.mark.parametrize("method", ["exact", "ivf"])
+def test_embeddings_are_not_copied(method: str) -> None:
+    x = clustered(8_000, 768)  # 25 MB
+    tracemalloc.start()
+    search(x, 10, 0.9, method=method, device="cpu")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # Results, blocks, (IVF) probe lists, heaps and the rows gathered for one list: about half
+    # the data here (less at larger N). A copy of the data would be all of it on its own.
+    assert peak < 0.9 * x.nbytes
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "annoy"}, "method must be one of auto, exact, ivf, hnsw"),
+        ({"device": "tpu"}, "device must be"),
+        ({"k": 0}, "k must be at least 1"),
+        ({"threshold": 1.5}, "threshold is a cosine similarity"),
+        ({"min_recall": 0}, "min_recall"),
+        ({"sample": 0}, "sample must be"),
+    ],
+)
+def test_invalid_arguments(kwargs: dict, message: str) -> None:
+    args = {"unit": unit(np.ones((3, 4))), "k": 2, "threshold": 0.9, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        search(**args)
+
+
+def test_approximate_methods_refuse_a_gpu() -> None:
+    # Without CUDA the device itself is refused; with it, the method is: both say why.
+    with pytest.raises(ValueError, match=r"CUDA|cuda"):
+        search(unit(np.ones((3, 4))), 2, 0.9, method="ivf", device="cuda")
+
+
+@pytest.mark.parametrize("method", ["auto", "exact", "ivf", "hnsw", "torch"])
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_tiny_inputs(method: str, n: int) -> None:
+    x = unit(np.ones((n, 8)) + np.arange(8) * 1e-3)
+    if method == "torch":
+        found = exact_torch(x, 5, 0.9, device="cpu")
+    else:
+        found = search(x, 5, 0.9, method=method, device="cpu")
+    assert found.knn_indices.shape == (n, 5) and found.knn_similarities.shape == (n, 5)
+    assert np.all(found.knn_indices[:, 1:] == -1)
+    if n == 2:  # two near-identical rows: one pair, each the other's only neighbour
+        assert found.knn_indices[:, 0].tolist() == [1, 0]
+        assert (found.pairs_a.tolist(), found.pairs_b.tolist()) == ([0], [1])
+    else:
+        assert len(found.pairs_a) == 0 and np.all(found.knn_indices == -1)
+    assert groups(n, found.pairs_a, found.pairs_b).tolist() == ([0, 0] if n == 2 else [-1] * n)
+
+
+def test_groups_are_connected_components() -> None:
+    labels = groups(7, np.array([0, 1, 4]), np.array([1, 2, 6]))
+    assert labels.tolist() == [0, 0, 0, -1, 1, -1, 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_exact_equals_cpu_exact(small: np.ndarray, sixty_copies: np.ndarray) -> None:
+    for x in (small, sixty_copies):
+        cpu = exact_cpu(x, 10, 0.8)
+        gpu = search(x, 10, 0.8, method="auto", device="cuda")
+        assert gpu.method_used == "exact" and gpu.device.startswith("cuda")
+        assert gpu.params["dtype"] == "torch.float16"
+        np.testing.assert_allclose(gpu.knn_similarities, cpu.knn_similarities, atol=1e-5)
+        sims = x @ x.T
+        edge = {(a, b) for a, b in pair_set(cpu) ^ pair_set(gpu) if abs(sims[a, b] - 0.8) < 1e-5}
+        assert pair_set(cpu) ^ pair_set(gpu) == edge
+        np.testing.assert_allclose(gpu.similarity, sims[gpu.pairs_a, gpu.pairs_b], atol=1e-5)
