@@ -1,24 +1,19 @@
-"""Near-duplicate detection: exact search equals brute force, HNSW is close, planted pairs are
-found, memory stays far below an N x N matrix, and the CLI writes the contract's files."""
+"""Near-duplicate detection: planted pairs are found and scored, and the CLI writes the
+contract's files (the search itself is tests/test_neighbours.py's)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import dedup
+from pipeline import dedup, neighbours
 from pipeline.dedup import (
-    candidate_pairs,
     count_true_pairs,
-    groups_of,
-    knn_exact,
-    knn_hnsw,
     pair_scores,
     pr_curve,
     shares_group,
@@ -35,39 +30,21 @@ def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
     return normalise(rng.standard_normal((n, dim)).astype(np.float32))
 
 
-def test_exact_knn_equals_brute_force() -> None:
-    unit = unit_vectors(300, 16)
-    indices, sims = knn_exact(unit, k=5)
-    full = unit @ unit.T
-    np.fill_diagonal(full, -np.inf)
-    expected = np.argsort(-full, axis=1, kind="stable")[:, :5]
-    np.testing.assert_array_equal(np.sort(indices, axis=1), np.sort(expected, axis=1))
-    np.testing.assert_allclose(sims, np.take_along_axis(full, expected, axis=1), rtol=1e-5)
-
-
-def test_hnsw_recall_is_near_exact() -> None:
-    unit = unit_vectors(2000, 32)
-    exact, _ = knn_exact(unit, k=10)
-    approx, _ = knn_hnsw(unit, k=10)
-    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
-    assert recall > 0.9
-
-
 def test_planted_duplicates_found_with_full_precision_and_recall() -> None:
     rng = np.random.default_rng(1)
     originals = unit_vectors(200, 64, seed=2)
     copies = normalise(originals[:50] + rng.standard_normal((50, 64)).astype(np.float32) * 0.02)
     unit = np.concatenate([originals, copies])
-    candidates = candidate_pairs(*knn_exact(unit, k=5))
+    found = neighbours.search(unit, k=5, threshold=0.9)
+    candidates = pd.DataFrame(dict(zip(("a", "b", "similarity"), found.candidates(), strict=True)))
     above = candidates["similarity"].to_numpy() >= 0.9
     # The truth: copy i of original i, every other image in a group of its own.
     codes = truth_codes(pd.Series([*range(200), *range(50)]))
     hits = shares_group(codes, candidates["a"].to_numpy(), candidates["b"].to_numpy())
     scores = pair_scores(int(above.sum()), int(hits[above].sum()), count_true_pairs(codes))
     assert scores == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
-    found = candidates[above]
-    assert set(zip(found["a"], found["b"], strict=True)) == {(i, 200 + i) for i in range(50)}
-    groups = groups_of(len(unit), found)
+    assert set(zip(found.pairs_a, found.pairs_b, strict=True)) == {(i, 200 + i) for i in range(50)}
+    groups = neighbours.groups(len(unit), found.pairs_a, found.pairs_b)
     assert (groups[:50] == groups[200:]).all() and (groups[50:200] == -1).all()
     curve = pr_curve(candidates["similarity"].to_numpy(), hits, count_true_pairs(codes))
     assert curve.loc[curve["threshold"] == 0.9, "f1"].item() == 1.0
@@ -81,25 +58,6 @@ def test_true_pairs_are_counted_not_listed() -> None:
     assert shares_group(codes, a, b).tolist() == [True, False, False, False]
     # Two groups of 100,000: ten billion true pairs, which no set of tuples would hold.
     assert count_true_pairs(np.repeat([0, 1], 100_000)) == 2 * (100_000 * 99_999 // 2)
-
-
-def test_hnsw_with_fewer_images_than_neighbours_pads_nothing_into_pairs() -> None:
-    unit = unit_vectors(4, 8)
-    candidates = candidate_pairs(*knn_hnsw(unit, k=10))
-    assert (candidates["a"] >= 0).all() and (candidates["a"] < candidates["b"]).all()
-    assert len(candidates) == 6  # every pair of the 4 images, once
-
-
-def test_memory_stays_far_below_an_n_by_n_matrix() -> None:
-    """20,000 vectors: an N x N float32 matrix would take 1.6 GB."""
-    unit = unit_vectors(20_000, 64)
-    tracemalloc.start()
-    try:
-        candidate_pairs(*knn_exact(unit, k=10))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 200 * 2**20, f"peak {peak / 2**20:.0f} MiB"
 
 
 @pytest.mark.slow

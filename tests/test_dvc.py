@@ -24,6 +24,7 @@ def dvc(*args: str, cwd: Path) -> str:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(cwd / "src"),  # the clone's code, not this checkout's
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "GIT_AUTHOR_NAME": "test",
         "GIT_AUTHOR_EMAIL": "test@example.com",
@@ -71,7 +72,10 @@ def test_repro_and_an_experiment_from_a_fresh_clone(tmp_path: Path) -> None:
     assert ran(dvc("repro", cwd=clone)) == []
     # The demo typed by hand writes its own folders: what DVC tracks stays up to date.
     by_hand = subprocess.run(
-        [sys.executable, "-m", "pipeline", "tracking=none"], cwd=clone, capture_output=True
+        [sys.executable, "-m", "pipeline", "tracking=none"],
+        cwd=clone,
+        env={**os.environ, "PYTHONPATH": str(clone / "src"), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
     )
     assert by_hand.returncode == 0 and (clone / "outputs/embeddings/demo").is_dir()
     assert "up to date" in dvc("status", cwd=clone)

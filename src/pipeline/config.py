@@ -52,7 +52,9 @@ class ClusterMethod(Enum):
 
 
 class SearchMethod(Enum):
+    auto = "auto"  # exact on a GPU or for small sets, ivf for large ones on the CPU
     exact = "exact"
+    ivf = "ivf"
     hnsw = "hnsw"
 
 
@@ -116,6 +118,9 @@ class DedupConfig:
     threshold: float = MISSING
     k: int = MISSING
     method: SearchMethod = MISSING
+    device: str = MISSING
+    min_recall: float = MISSING
+    recall_sample: int = MISSING
     truth: str | None = MISSING
     truth_id_column: str = MISSING
     truth_group_column: str = MISSING

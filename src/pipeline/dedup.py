@@ -1,7 +1,9 @@
 """python -m pipeline.dedup [overrides]: near-duplicate images from one layer's embeddings.
 
-Cosine similarity on L2-normalised embeddings; each image's k nearest neighbours found exactly by
-a blocked matrix product (never an N x N matrix in memory) or approximately with faiss HNSW.
+Cosine similarity on L2-normalised embeddings; each image's k nearest neighbours and every pair
+at or above the threshold found by `neighbours.search`: exactly (on a GPU when there is one, by
+blocked matrix products on the CPU for smaller sets) or approximately for large sets on the CPU,
+with the approximation's recall measured and reported.
 Writes `pairs.parquet` (`image_a`, `image_b`, `similarity`: pairs at or above the threshold),
 `groups.parquet` (`image_id`, `group`: connected components of those pairs),
 `exact_duplicates.parquet` (files with the same bytes), `metrics.json` (precision, recall and F1
@@ -19,11 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
-from pipeline import plots
-from pipeline.config import PipelineConfig, SearchMethod
+from pipeline import neighbours, plots
+from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError
 from pipeline.results import StageResult
 from pipeline.store import embeddings_input, existing_embeddings, images_root, read_embeddings
@@ -34,68 +34,6 @@ BLOCK_BYTES = 64 * 2**20  # similarity rows computed at once: bounds memory at a
 PR_THRESHOLDS = np.round(np.arange(0.50, 1.00, 0.01), 2)
 # Written only by some runs: removed first, so a folder never mixes two runs' results.
 OPTIONAL_OUTPUTS = ("exact_duplicates.parquet", "pr_curve.csv", "pr_curve.png", "top_pairs.png")
-
-
-def knn_exact(unit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's k most similar other rows (indices, cosine similarities), best first."""
-    n = len(unit)
-    k = min(k, n - 1)
-    # Per similarity computed at once: 4 bytes for it, 8 for argpartition's index.
-    block = max(1, BLOCK_BYTES // (12 * n))
-    indices = np.empty((n, k), np.int64)
-    similarities = np.empty((n, k), np.float32)
-    for start in range(0, n, block):
-        rows = np.arange(start, min(n, start + block))
-        distances = np.negative(unit[rows] @ unit.T)  # smallest first for argpartition
-        distances[np.arange(len(rows)), rows] = np.inf  # an image is not its own duplicate
-        top = np.argpartition(distances, k - 1, axis=1)[:, :k]
-        top_distances = np.take_along_axis(distances, top, axis=1)
-        order = np.argsort(top_distances, axis=1, kind="stable")
-        indices[rows] = np.take_along_axis(top, order, axis=1)
-        similarities[rows] = -np.take_along_axis(top_distances, order, axis=1)
-    return indices, similarities
-
-
-def knn_hnsw(unit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate k nearest neighbours by inner product on a faiss HNSW graph."""
-    import faiss  # only this method needs it
-
-    index = faiss.IndexHNSWFlat(unit.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efSearch = max(64, 2 * k)
-    index.add(np.ascontiguousarray(unit, dtype=np.float32))
-    sims, indices = index.search(np.ascontiguousarray(unit, dtype=np.float32), k + 1)
-    own = indices == np.arange(len(unit))[:, None]
-    # Drop each row's own entry (or, if it was not found, its weakest neighbour).
-    drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
-    keep = np.ones_like(own)
-    keep[np.arange(len(unit)), drop] = False
-    return indices[keep].reshape(len(unit), k), sims[keep].reshape(len(unit), k)
-
-
-def candidate_pairs(indices: np.ndarray, similarities: np.ndarray) -> pd.DataFrame:
-    """Neighbour lists as unordered pairs (a < b in dataset order), each once."""
-    a = np.repeat(np.arange(len(indices)), indices.shape[1])
-    b = indices.reshape(-1)
-    found = b >= 0  # faiss pads missing neighbours with -1: drop them before ordering a, b
-    a, b, similarities = a[found], b[found], similarities.reshape(-1)[found]
-    pairs = pd.DataFrame({"a": np.minimum(a, b), "b": np.maximum(a, b), "similarity": similarities})
-    return (
-        pairs.sort_values("similarity", ascending=False, kind="stable")
-        .drop_duplicates(["a", "b"])
-        .reset_index(drop=True)
-    )
-
-
-def groups_of(n: int, pairs: pd.DataFrame) -> np.ndarray:
-    """Connected components of the pair graph; -1 for images in no pair."""
-    graph = coo_matrix((np.ones(len(pairs)), (pairs["a"], pairs["b"])), shape=(n, n))
-    _, components = connected_components(graph, directed=False)
-    in_pair = np.zeros(n, bool)
-    in_pair[pairs["a"]] = in_pair[pairs["b"]] = True
-    _, renumbered = np.unique(components[in_pair], return_inverse=True)
-    groups = np.full(n, -1)
-    groups[in_pair] = renumbered
-    return groups
 
 
 def truth_codes(groups: pd.Series) -> np.ndarray:
@@ -199,17 +137,27 @@ def run(cfg: PipelineConfig) -> StageResult:
         raise ConfigError(
             f"embeddings {source} hold NaN or Inf values: extract again (precision=fp32)"
         )
-    unit = normalise(embeddings.vectors)
-    search = knn_hnsw if params.method is SearchMethod.hnsw else knn_exact
-    candidates = (
-        candidate_pairs(*search(unit, params.k))
-        if n > 1
-        else candidate_pairs(np.empty((n, 0), np.int64), np.empty((n, 0), np.float32))
-    )
+    if not 0 < params.min_recall <= 1:
+        raise ConfigError(f"dedup.min_recall is a share in (0, 1], got {params.min_recall}")
+    unit = normalise(embeddings.vectors, out=embeddings.vectors)  # in place: one copy in memory
+    try:
+        found = neighbours.search(
+            unit,
+            params.k,
+            params.threshold,
+            params.method.value,
+            params.device,
+            params.min_recall,
+            params.recall_sample,
+        )
+    except ValueError as err:
+        raise ConfigError(f"dedup: {err}") from None
+    log.info("%s", found.summary())
+    candidates = pd.DataFrame(dict(zip(("a", "b", "similarity"), found.candidates(), strict=True)))
     similarities = candidates["similarity"].to_numpy()
     above = similarities >= params.threshold
-    pairs = candidates[above]
-    groups = groups_of(n, pairs)
+    pairs = pd.DataFrame({"a": found.pairs_a, "b": found.pairs_b, "similarity": found.similarity})
+    groups = neighbours.groups(n, found.pairs_a, found.pairs_b)
     out = Path(params.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in OPTIONAL_OUTPUTS:
@@ -229,7 +177,9 @@ def run(cfg: PipelineConfig) -> StageResult:
         "n_images": n,
         "threshold": params.threshold,
         "n_pairs": len(pairs),
-        "n_groups": int(groups.max() + 1),
+        "n_groups": int(groups.max() + 1) if n else 0,
+        **({"recall_at_k": found.recall_at_k} if found.recall_at_k is not None else {}),
+        **({"pair_recall": found.pair_recall} if found.pair_recall is not None else {}),
     }
     artifacts = [out / "metrics.json"]
     root = images_root(cfg.images_root, embeddings.metadata)
@@ -285,6 +235,7 @@ def run(cfg: PipelineConfig) -> StageResult:
         output_dir=out,
         metrics={k: v for k, v in metrics.items() if isinstance(v, float | int)},
         artifacts=artifacts,
+        tags={"search": found.summary()},
         inputs=[embeddings_input(source, embeddings.metadata)],
         summary=summary,
     )

@@ -209,17 +209,30 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def read_embeddings(path: str | Path, rows: Sequence[int] | None = None) -> Embeddings:
-    """Read a layer's embeddings whole, or only the given rows."""
+    """Read a layer's embeddings whole, or only the given rows. The vectors are one writable
+    float32 matrix, filled a record batch at a time: no second copy of a large layer."""
     dataset = _dataset(path)
     metadata = read_metadata(path)
     if "embedding" not in dataset.schema.names or "image_id" not in dataset.schema.names:
         raise ConfigError(f"{path} has no image_id and embedding columns")
-    table = dataset.to_table() if rows is None else dataset.take(pa.array(rows, pa.int64()))
-    column = table.column("embedding").combine_chunks()
-    dim = column.type.list_size
-    vectors = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
-    labels = table.column("label").to_pylist() if "label" in table.column_names else None
-    return Embeddings(table.column("image_id").to_pylist(), labels, vectors, metadata)
+    dim = dataset.schema.field("embedding").type.list_size
+    columns = [c for c in ("image_id", "label") if c in dataset.schema.names]
+    if rows is None:
+        batches = dataset.to_batches()
+        vectors = np.empty((dataset.count_rows(), dim), np.float32)
+    else:
+        batches = dataset.take(pa.array(rows, pa.int64())).to_batches()
+        vectors = np.empty((len(rows), dim), np.float32)
+    ids: list[str] = []
+    labels: list[str] = []
+    for batch in batches:
+        start = len(ids)
+        ids += batch.column("image_id").to_pylist()
+        if "label" in columns:
+            labels += batch.column("label").to_pylist()
+        values = batch.column("embedding").flatten().to_numpy(zero_copy_only=False)
+        vectors[start : len(ids)] = values.reshape(-1, dim)
+    return Embeddings(ids, labels if "label" in columns else None, vectors, metadata)
 
 
 def embeddings_input(path: Path, metadata: dict[str, Any]) -> DatasetRef:
