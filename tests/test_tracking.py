@@ -111,6 +111,9 @@ def test_failed_job_does_not_hide_the_others(tmp_path: Path, photos: Path) -> No
         "FAILED",
         "FINISHED",
     ]
+    [failed] = [r for r in runs if r.info.status == "FAILED" and r.data.tags["stage"] == "extract"]
+    assert "layer 'no_such_layer' matches no module" in failed.data.tags["error"]
+    assert failed.info.run_name == "extract photos/test_efficientnet-random [no_such_layer]"
 
 
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path: Path, photos: Path) -> None:
