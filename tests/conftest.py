@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -68,6 +69,27 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def start_until_chunks(
+    args: list[str], cwd: Path, out: Path, chunks: int, **popen: object
+) -> subprocess.Popen:
+    """`python -m pipeline args...` started in the background, returned once it has staged
+    `chunks` chunks of `out` (so a test can kill it, or start a second run, mid-way)."""
+    from pipeline.staging import staging_root
+
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        **({"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} | popen),
+    )
+    deadline = time.monotonic() + 300
+    while len(list(staging_root(out).glob("*/chunks/*.json"))) < chunks:
+        assert run.poll() is None, "the run ended before it staged enough chunks"
+        assert time.monotonic() < deadline, "the run staged too little in 300 s"
+        time.sleep(0.02)
+    return run
 
 
 def composed(*overrides: str) -> PipelineConfig:

@@ -9,8 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -21,9 +19,8 @@ import torch
 
 from pipeline import extract, store
 from pipeline.errors import ConfigError
-from pipeline.staging import staging_root
 
-from conftest import TINY_MODEL, composed, run_cli, write_image
+from conftest import TINY_MODEL, composed, run_cli, start_until_chunks, write_image
 
 pytestmark = pytest.mark.slow
 SMALL = [*TINY_MODEL, "model.input_size=[3,32,32]", "batch_size=4"]
@@ -100,7 +97,7 @@ def test_a_hostile_folder_gives_each_bad_entry_its_row(tmp_path: Path) -> None:
 
 def test_two_runs_into_one_output_the_second_refuses_the_first_completes(tmp_path: Path) -> None:
     root = tmp_path / "images"
-    names = photos_in(root, 300)
+    names = photos_in(root, 1000)  # enough that the first run is still going when it is paused
     out = tmp_path / "out"
     args = [
         *SMALL,
@@ -110,19 +107,11 @@ def test_two_runs_into_one_output_the_second_refuses_the_first_completes(tmp_pat
         "save_every=16",
         "num_workers=0",
     ]
-    first = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=tmp_path,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while not list(staging_root(out).glob("*/chunks/*.json")):
-        assert first.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    first = start_until_chunks(args, tmp_path, out, chunks=1)
+    first.send_signal(signal.SIGSTOP)  # paused mid-run, so the second surely meets it running
     second = run_cli(*args, cwd=tmp_path, timeout=120)
     one_line_error(second, 2, f"another run (pid {first.pid} on {socket.gethostname()}")
+    first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=300) == 0
     rows = layer_rows(out)
     assert rows["image_id"].tolist() == names and rows["image_id"].is_unique
@@ -140,17 +129,7 @@ def test_a_resume_after_the_folder_changed_has_every_image_once(tmp_path: Path) 
         "save_every=16",
         "num_workers=0",
     ]
-    victim = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=tmp_path,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while len(list(staging_root(out).glob("*/chunks/*.json"))) < 3:
-        assert victim.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
+    victim = start_until_chunks(args, tmp_path, out, chunks=3)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     added = photos_in(root, 1, start=5000)  # sorts after the others: 5000.jpg
@@ -233,19 +212,16 @@ def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(tmp_path: Path) -> No
         "num_workers=1",
         "tracking=none",
     ]
-    run = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=tmp_path,
-        env=ENV,
+    run = start_until_chunks(
+        args,
+        tmp_path,
+        out,
+        chunks=2,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,
+        start_new_session=True,  # Ctrl-C reaches the whole group: the loader's worker too
     )
-    deadline = time.monotonic() + 120
-    while len(list(staging_root(out).glob("*/chunks/*.json"))) < 2:
-        assert run.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
     os.killpg(run.pid, signal.SIGINT)  # as Ctrl-C does: the whole foreground group
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 130, stderr

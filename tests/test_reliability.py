@@ -5,9 +5,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -31,7 +28,7 @@ from pipeline.data import (
 )
 from pipeline.staging import staging_root
 
-from conftest import TINY_MODEL, run_cli, write_image
+from conftest import TINY_MODEL, run_cli, start_until_chunks, write_image
 
 SMALL = [*TINY_MODEL, "model.input_size=[3,32,32]", "batch_size=4"]
 
@@ -163,19 +160,7 @@ def test_killed_run_resumes_to_identical_files(tmp_path: Path) -> None:
     assert reference.returncode == 0, reference.stderr
 
     out = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    victim = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args, f"output_dir={out}"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while len(list(staging_root(out).glob("*/chunks/*.json"))) < 3:
-        assert victim.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    victim = start_until_chunks([*args, f"output_dir={out}"], tmp_path, out, chunks=3)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert not (out / "global_pool.parquet").exists()  # nothing that looks complete

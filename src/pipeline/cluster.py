@@ -185,7 +185,7 @@ def run(cfg: PipelineConfig) -> StageResult:
     log.info("%s", summary)
     return StageResult(
         output_dir=out,
-        metrics={k: v for k, v in metrics.items() if isinstance(v, float | int)},
+        metrics=metrics,
         artifacts=artifacts,
         inputs=[embeddings_input(source, embeddings.metadata)],
         summary=summary,

@@ -233,7 +233,7 @@ def run(cfg: PipelineConfig) -> StageResult:
     log.info("%s", summary)
     return StageResult(
         output_dir=out,
-        metrics={k: v for k, v in metrics.items() if isinstance(v, float | int)},
+        metrics=metrics,
         artifacts=artifacts,
         tags={"search": found.summary()},
         inputs=[embeddings_input(source, embeddings.metadata)],
