@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from pipeline.extract import ChunkWriter
 
 EMBEDDING_PREFIX = "embedding:"  # a layer's pooled outputs, as a column of the model's blocks
+DECODE_MEMORY = 2**30
 Batches = Iterator[tuple[list[int], dict[str, np.ndarray], list[tuple[int, str, str]]]]
 
 
@@ -153,6 +154,11 @@ class RaySession:
                 fn_kwargs={"images": ray.put(images), "input_size": plan.input_size},
                 compute=ray.data.TaskPoolStrategy(size=self.settings.decode_workers),
                 num_cpus=1,
+                # A decode worker's footprint (Python, torch, OpenCV: ~0.5 GiB) and a batch.
+                # Set, it also keeps decoding in its own tasks: Ray Data fuses a task op into
+                # the next actor op when their resources match, and decode would then run
+                # inside the model actors, one batch at a time.
+                memory=DECODE_MEMORY + 2 * batch_size * 4 * int(np.prod(plan.input_size)),
             )
             .map_batches(
                 _Model,
