@@ -206,3 +206,38 @@ def test_plan_hands_on_the_local_batches_in_order_with_their_failures(
             else:
                 np.testing.assert_allclose(outputs[name], want_outputs[name].numpy(), atol=1e-6)
     assert sum(len(f) for _, _, f in batches) == 5
+
+
+@pytest.mark.slow
+def test_a_killed_ray_job_resumes_without_redoing_staged_chunks(tmp_path: Path) -> None:
+    """SIGKILL the driver partway, run again: finished chunks are kept, the result is whole."""
+    root = images_with_bad_files(tmp_path / "images", 300)
+    args = [*ARGS, f"dataset.root={root}", "batch_size=4", "save_every=4", "engine=ray"]
+    out = tmp_path / "out"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args, f"output_dir={out}"],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while len(chunks := list(staging_root(out).glob("*/chunks/*.json"))) < 3:
+        assert job.poll() is None, "the job ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    job.kill()
+    job.wait()
+    staged = {p.name: p.stat().st_mtime_ns for p in chunks}
+    resumed = run_cli(*args, f"output_dir={out}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming:" in resumed.stdout
+    # The staged chunks' parts were published as they were written, not written again.
+    manifest = json.loads((out / "global_pool.parquet/_manifest.json").read_text())
+    assert len(manifest["parts"]) >= len(staged)
+    ids = folder_manifest(root, [".jpg", ".png"], False)["image_id"].tolist()
+    failed = set(pd.read_parquet(out / "failures.parquet")["image_id"])
+    assert len(failed) == 5
+    for layer in LAYERS:
+        written = pd.read_parquet(out / f"{layer}.parquet")["image_id"].tolist()
+        assert written == [i for i in ids if i not in failed]

@@ -243,6 +243,7 @@ def extract_images(
     )
     if session is not None:
         result.tags.update(session.tags())
+        session.close()
     return result
 
 

@@ -78,7 +78,8 @@ class RaySession:
             )
         self.settings = settings
         self.dashboard: str | None = None
-        if not ray.is_initialized():
+        self.owned = not ray.is_initialized()  # else the caller's session, left as it is
+        if self.owned:
             try:
                 context = ray.init(address=settings.address, log_to_driver=False)
             except (ConnectionError, ValueError) as err:
@@ -87,6 +88,13 @@ class RaySession:
                 ) from None
             self.dashboard = context.dashboard_url or None
         self.model = ray.put(model)
+
+    def close(self) -> None:
+        """Disconnect, or stop the cluster started here: each run (each sweep job) is its own
+        Ray job, and a CLI run leaves nothing behind."""
+        self.model = None
+        if self.owned:
+            ray.shutdown()
 
     def placement(self, device: str, precision: Precision) -> Placement:
         """The actors' device and precision, resolved on a worker that has their resources."""
