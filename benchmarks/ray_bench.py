@@ -3,8 +3,8 @@ one run on the same JPEG files, with the per-image costs the README's scaling mo
 
     python benchmarks/ray_bench.py [--images 1000] [--quick] [overrides...]
 
-Overrides are the CLI's (default: the tiny test_efficientnet at 32x32, as the tests run; try
-model=resnet18 for a model whose forward pass costs something). Each engine runs the CLI's own
+Overrides are the CLI's (without a model=..., the tiny test_efficientnet at 32x32, as the tests
+run; model=resnet18 model.pretrained=false for a forward pass that costs something). Each engine runs the CLI's own
 `extract.run` in this process into a fresh folder; its images/s is the extraction's own metric
 (staging to publish, so Ray's start-up is not in it; the first batch's actor start is).
 
@@ -44,12 +44,11 @@ from pipeline.hooks import LayerHooks
 from pipeline.models import build_model
 from pipeline.store import embedding_schema, embedding_table, write_part
 
-DEFAULTS = [
+TINY_MODEL = [  # unless the overrides name a model
     "model=timm",
     "model.name=test_efficientnet",
     "model.pretrained=false",
     "model.input_size=[3,32,32]",
-    "tracking=none",
 ]
 
 
@@ -122,7 +121,9 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     count = 200 if args.quick else args.images
     with initialize_config_module("pipeline.conf", version_base="1.3"):
-        cfg = typed(compose("config", overrides=[*DEFAULTS, *overrides]))
+        own_model = any(o.startswith("model") for o in overrides)
+        base = ["tracking=none", *([] if own_model else TINY_MODEL)]
+        cfg = typed(compose("config", overrides=[*base, *overrides]))
     work = Path(tempfile.mkdtemp(prefix="ray_bench-"))
     try:
         root = work / "images"
