@@ -4,9 +4,11 @@ one run on the same JPEG files, with the per-image costs the README's scaling mo
     python benchmarks/ray_bench.py [--images 1000] [--quick] [overrides...]
 
 Overrides are the CLI's (without a model=..., the tiny test_efficientnet at 32x32, as the tests
-run; model=resnet18 model.pretrained=false for a forward pass that costs something). Each engine runs the CLI's own
-`extract.run` in this process into a fresh folder; its images/s is the extraction's own metric
-(staging to publish, so Ray's start-up is not in it; the first batch's actor start is).
+run; model=resnet18 model.pretrained=false for a forward pass that costs something). Each
+engine runs the CLI's own `extract.run` in this process, into a fresh folder, twice: on one
+batch (the fixed cost: workers started, the model shipped, the first batch) and on all the
+images; `steady/s` is the rest of the images over the rest of the time. `images/s` is the
+extraction's own metric for the full run (staging to publish; ray.init is not in it).
 
 Measured once, single-threaded, on the same files:
   decode    read + decode + transform, per image: what one decode worker (core) pays
