@@ -20,6 +20,7 @@ model runs on each batch's decodable images, as the local loop does.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from pipeline.extract import ChunkWriter
 
 EMBEDDING_PREFIX = "embedding:"  # a layer's pooled outputs, as a column of the model's blocks
+log = logging.getLogger(__name__)
 DECODE_MEMORY = 2**30
 Batches = Iterator[tuple[list[int], dict[str, np.ndarray], list[tuple[int, str, str]]]]
 
@@ -87,12 +89,19 @@ class RaySession:
                     f"cannot reach the Ray cluster at engine.address={settings.address}: {err}"
                 ) from None
             self.dashboard = context.dashboard_url or None
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if settings.gpus_per_worker > gpus:
+            log.warning(
+                "engine.gpus_per_worker=%s but the cluster has %s GPUs now: the model workers "
+                "wait until an autoscaler adds GPU nodes (engine.gpus_per_worker=0: CPU)",
+                settings.gpus_per_worker,
+                gpus,
+            )
         self.model = ray.put(model)
 
     def close(self) -> None:
-        """Disconnect, or stop the cluster started here: each run (each sweep job) is its own
-        Ray job, and a CLI run leaves nothing behind."""
-        self.model = None
+        """Leave the cluster (stopping it, if it was started here), unless the caller had
+        connected: each run, each sweep job among them, is its own Ray job."""
         if self.owned:
             ray.shutdown()
 
