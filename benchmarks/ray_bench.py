@@ -37,7 +37,7 @@ from hydra import compose, initialize_config_module
 from sklearn.datasets import load_sample_images
 
 from pipeline.app import typed
-from pipeline.config import DatasetKind, EngineConfig, PipelineConfig
+from pipeline.config import DatasetKind, Engine, EngineConfig, PipelineConfig
 from pipeline.data import ImageDataset, build_transform, resolve_preprocess
 from pipeline.devices import available_cores, resolve_device
 from pipeline.extract import run
@@ -136,9 +136,9 @@ def main() -> None:
         costs = per_image_costs(cfg, sorted(root.glob("*.jpg"))[: min(count, 200)])
         ray.init(num_cpus=available_cores() + 1, log_to_driver=False)
         runs = [
-            ("local", replace(cfg.engine, name="local")),
-            ("ray, 1 decode worker", replace(cfg.engine, name="ray", decode_workers=1)),
-            ("ray, 2 decode workers", replace(cfg.engine, name="ray", decode_workers=2)),
+            ("local", replace(cfg.engine, name=Engine.local)),
+            ("ray, 1 decode worker", replace(cfg.engine, name=Engine.ray, decode_workers=1)),
+            ("ray, 2 decode workers", replace(cfg.engine, name=Engine.ray, decode_workers=2)),
         ]
         print(
             f"\n{count} JPEGs 500x375, model {cfg.model.name} at {cfg.model.input_size}, "

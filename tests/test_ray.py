@@ -20,7 +20,7 @@ import timm
 import torch
 from test_reliability import bad_and_good_files, many_images
 
-from pipeline.config import EngineConfig, Pool, Precision
+from pipeline.config import Engine, EngineConfig, Pool, Precision
 from pipeline.data import (
     build_transform,
     folder_manifest,
@@ -181,7 +181,7 @@ def test_plan_hands_on_the_local_batches_in_order_with_their_failures(
     loader = image_loader(
         paths[start:], build_transform(preprocess), size, 0, False, max_image_pixels=50000
     )
-    settings = EngineConfig("ray", None, 1, 0, 1, 2)  # 1 worker, 1 CPU, 2 decode tasks
+    settings = EngineConfig(Engine.ray, None, 1, 0, 1, 2)  # 1 worker, 1 CPU, 2 decode tasks
     session = RaySession(settings, model)
     placement = Placement("cpu", Precision.fp32)
     plan = ModelPlan(LAYERS, Pool.auto, None, preprocess.input_size, placement)

@@ -92,12 +92,17 @@ class ModelConfig:
     std: list[float] | None = MISSING
 
 
+class Engine(Enum):
+    local = "local"
+    ray = "ray"
+
+
 @dataclass
 class EngineConfig:
     """Where the inference loop runs: `local` (this process and its loader processes) or `ray`
     (a Ray Data plan on a local or existing cluster). Only `ray` reads the other keys."""
 
-    name: str = MISSING
+    name: Engine = MISSING
     address: str | None = MISSING  # null: a local cluster in-process; auto or ray://host:port
     workers: int = MISSING  # model actors
     gpus_per_worker: float = MISSING

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 import pipeline
-from pipeline.config import PipelineConfig
+from pipeline.config import Engine, PipelineConfig
 from pipeline.data import build_transform, image_loader, load_manifest, resolve_preprocess
 from pipeline.devices import (
     AUTOCAST_DTYPES,
@@ -143,7 +143,7 @@ def extract_images(
     its own); `cfg` says which layers, how, and where."""
     _check_numbers(cfg)
     session = None
-    if cfg.engine.name == "ray":
+    if cfg.engine.name is Engine.ray:
         from pipeline.engines.ray import ModelPlan, RaySession  # ray: an optional extra
 
         session = RaySession(cfg.engine, model)  # ships the model before any hook is on it
@@ -173,7 +173,7 @@ def extract_images(
         },
         "preprocess": preprocess.as_dict(),
         "config_hash": config_hash(cfg),
-        "engine": cfg.engine.name,
+        "engine": cfg.engine.name.value,
         "device": placement.device if session else device.type,
         "precision": precision.value,
         "versions": versions(),
