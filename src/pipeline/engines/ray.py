@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import ray
 import torch
 from tqdm import tqdm
 
@@ -36,6 +35,11 @@ from pipeline.data import ImageDataset
 from pipeline.devices import AUTOCAST_DTYPES, resolve_device, resolve_precision
 from pipeline.errors import ConfigError
 from pipeline.hooks import LayerHooks
+
+try:
+    import ray
+except ModuleNotFoundError:
+    raise ConfigError("engine=ray needs Ray: pip install 'pipeline[ray]'") from None
 
 if TYPE_CHECKING:
     from pipeline.extract import ChunkWriter
