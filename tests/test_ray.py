@@ -34,6 +34,7 @@ from pipeline.store import METADATA_KEY
 from conftest import TINY_MODEL, run_cli
 
 ray = pytest.importorskip("ray")
+from pipeline.engines import ray as ray_engine  # noqa: E402
 from pipeline.engines.ray import ModelPlan, Placement, RaySession  # noqa: E402
 
 LAYERS = ["blocks.2", "global_pool"]
@@ -130,6 +131,7 @@ def test_a_killed_model_worker_is_restarted_and_every_image_is_written(tmp_path:
             "pipeline",
             *ARGS,
             f"dataset.root={root}",
+            "model.input_size=[3,128,128]",  # blocks of 84 images: a few, each taking a while
             "batch_size=4",
             "save_every=4",
             "engine=ray",
@@ -169,10 +171,12 @@ def cluster() -> Iterator[None]:
 
 
 def test_plan_hands_on_the_local_batches_in_order_with_their_failures(
-    tmp_path: Path, cluster: None
+    tmp_path: Path, cluster: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The Ray plan's batches are the local DataLoader's: same indices, same failures, and
-    the same pooled outputs, for a slice that starts mid-dataset as a resumed run's does."""
+    the same pooled outputs, for a slice that starts mid-dataset as a resumed run's does,
+    over blocks of two batches and a last one that is short."""
+    monkeypatch.setattr(ray_engine, "BLOCK_IMAGES", 10)
     root = images_with_bad_files(tmp_path / "images", 40)
     paths = folder_manifest(root, [".jpg", ".png"], False)["path"].tolist()
     model = timm.create_model("test_efficientnet", pretrained=False).eval()
@@ -212,7 +216,14 @@ def test_plan_hands_on_the_local_batches_in_order_with_their_failures(
 def test_a_killed_ray_job_resumes_without_redoing_staged_chunks(tmp_path: Path) -> None:
     """SIGKILL the driver partway, run again: finished chunks are kept, the result is whole."""
     root = images_with_bad_files(tmp_path / "images", 300)
-    args = [*ARGS, f"dataset.root={root}", "batch_size=4", "save_every=4", "engine=ray"]
+    args = [
+        *ARGS,
+        f"dataset.root={root}",
+        "model.input_size=[3,128,128]",  # blocks of 84 images: a few, each staged as it comes
+        "batch_size=4",
+        "save_every=4",
+        "engine=ray",
+    ]
     out = tmp_path / "out"
     job = subprocess.Popen(
         [sys.executable, "-m", "pipeline", *args, f"output_dir={out}"],

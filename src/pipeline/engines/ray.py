@@ -1,6 +1,6 @@
 """engine=ray: the extraction as a Ray Data plan, on a local cluster or an existing one.
 
-    positions 0..n-1 of the images still to do, one block per batch
+    positions 0..n-1 of the images still to do, in blocks of whole batches
       -> map_batches(decode_batch), CPU tasks    the local engine's own ImageDataset, per row
       -> map_batches(_Model), an actor pool      model and LayerHooks built once per actor
       -> iter_batches, in dataset order          -> the local engine's ChunkWriter and Staging
@@ -12,9 +12,12 @@ chunk not yet staged, exactly as the local engine does. Each row still carries i
 and the driver checks that they arrive consecutive.
 
 Byte identity with the local engine needs the same batches in every forward pass (CPU kernels
-may round differently for another batch shape): each input block is one batch of `batch_size`
-images, so the decode task and the model see exactly the local DataLoader's batches, and the
-model runs on each batch's decodable images, as the local loop does.
+may round differently for another batch shape): blocks hold whole batches of `batch_size`
+positions counted from the first, and the actor runs one forward pass per batch on its
+decodable images, so the model sees exactly the local DataLoader's batches. A block holds
+about BLOCK_IMAGES images, fewer when their pixels pass BLOCK_BYTES, never less than a batch:
+Ray's cost per block (a task, object store puts, ~20 ms on a busy 2-core machine) is then
+small next to decoding them (~1-2 ms an image at ImageNet sizes).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ if TYPE_CHECKING:
 EMBEDDING_PREFIX = "embedding:"  # a layer's pooled outputs, as a column of the model's blocks
 log = logging.getLogger(__name__)
 DECODE_MEMORY = 2**30
+BLOCK_IMAGES = 256
+BLOCK_BYTES = 16 * 2**20
 Batches = Iterator[tuple[list[int], dict[str, np.ndarray], list[tuple[int, str, str]]]]
 
 
@@ -162,15 +167,16 @@ class RaySession:
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False
         positions = np.arange(len(images), dtype=np.int64)
+        batch_bytes = batch_size * 4 * int(np.prod(plan.input_size))
+        rows = batch_size * max(1, min(BLOCK_IMAGES // batch_size, BLOCK_BYTES // batch_bytes))
         blocks = [
-            pd.DataFrame({"position": positions[i : i + batch_size]})
-            for i in range(0, len(images), batch_size)
+            pd.DataFrame({"position": positions[i : i + rows]}) for i in range(0, len(images), rows)
         ]
         dataset = (
             ray.data.from_pandas(blocks)
             .map_batches(
                 decode_batch,
-                batch_size=batch_size,
+                batch_size=rows,
                 batch_format="numpy",
                 fn_kwargs={"images": ray.put(images), "input_size": plan.input_size},
                 compute=ray.data.TaskPoolStrategy(size=self.settings.decode_workers),
@@ -179,16 +185,17 @@ class RaySession:
                 # Set, it also keeps decoding in its own tasks: Ray Data fuses a task op into
                 # the next actor op when their resources match, and decode would then run
                 # inside the model actors, one batch at a time.
-                memory=DECODE_MEMORY + 2 * batch_size * 4 * int(np.prod(plan.input_size)),
+                memory=DECODE_MEMORY + 2 * rows // batch_size * batch_bytes,
             )
             .map_batches(
                 _Model,
-                batch_size=batch_size,
+                batch_size=rows,
                 batch_format="numpy",
                 fn_constructor_kwargs={
                     "model": self.model,
                     "plan": plan,
                     "threads": max(1, int(self.settings.cpus_per_worker)),
+                    "batch_size": batch_size,
                 },
                 # Ray Data restarts an actor that dies and runs its batches again
                 # (max_restarts and max_task_retries default to -1 for actor pools).
@@ -203,7 +210,7 @@ class RaySession:
             if not np.array_equal(position, np.arange(expected, expected + len(position))):
                 raise RuntimeError(f"Ray returned rows out of order at image {start + expected}")
             expected += len(position)
-            for lo in range(0, len(position), batch_size):  # a block Ray merged: split again
+            for lo in range(0, len(position), batch_size):  # the local batches, one by one
                 part = slice(lo, lo + batch_size)
                 index, ok = position[part] + start, batch["ok"][part]
                 failures = [
@@ -246,15 +253,17 @@ def decode_batch(
 
 
 class _Model:
-    """A model actor: the model and its hooks built once, then one forward pass per batch,
-    pooled on the device, stopped early as locally, under autocast on CUDA."""
+    """A model actor: the model and its hooks built once, then one forward pass per batch of
+    a block, pooled on the device, stopped early as locally, under autocast on CUDA."""
 
-    def __init__(self, model: ray.ObjectRef, plan: ModelPlan, threads: int) -> None:
+    def __init__(
+        self, model: ray.ObjectRef, plan: ModelPlan, threads: int, batch_size: int
+    ) -> None:
         # As many threads as CPUs reserved. On the CPU the bytes depend on it (a reduction split
         # over threads adds in another order): the local engine's equal those of a process
         # with the same count (OMP_NUM_THREADS=<engine.cpus_per_worker>).
         torch.set_num_threads(threads)
-        self.plan = plan
+        self.plan, self.batch_size = plan, batch_size
         self.device = torch.device(plan.placement.device)
         self.model = ray.get(model).eval().to(self.device)
         if self.device.type == "cuda":
@@ -273,17 +282,22 @@ class _Model:
         ):
             yield
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = batch["ok"]
-        out = {key: batch[key] for key in ("position", "ok", "error", "reason")}
+    def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {key: block[key] for key in ("position", "ok", "error", "reason")}
         for name, info in self.hooks.info.items():
-            out[EMBEDDING_PREFIX + name] = np.zeros((len(ok), info.dim), np.float32)
-        if ok.any():
-            images = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device)
+            out[EMBEDDING_PREFIX + name] = np.zeros((len(block["ok"]), info.dim), np.float32)
+        # Blocks start at a multiple of batch_size: these are the local engine's batches.
+        for lo in range(0, len(block["ok"]), self.batch_size):
+            part = slice(lo, lo + self.batch_size)
+            ok = block["ok"][part]
+            if not ok.any():
+                continue
+            pixels = np.ascontiguousarray(block["pixels"][part][ok])
+            images = torch.from_numpy(pixels).to(self.device)
             if self.device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
             with self._computing():
                 pooled = self.hooks(images)
             for name, tensor in pooled.items():
-                out[EMBEDDING_PREFIX + name][ok] = tensor.float().cpu().numpy()
+                out[EMBEDDING_PREFIX + name][part][ok] = tensor.float().cpu().numpy()
         return out
