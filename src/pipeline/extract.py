@@ -191,6 +191,8 @@ def extract_images(
         schemas = layer_schemas(info, labels is not None, metadata)
         rows = chunk_rows(cfg.save_every, cfg.batch_size, sum(i.dim for i in info.values()))
         key = f"{metadata['config_hash']}-{images_digest[:12]}-b{cfg.batch_size}-c{rows}"
+        if session is not None:  # the parts' metadata name their engine: never mix them
+            key += "-ray"
         started = time.perf_counter()
         with Staging(output_dir, key, list(info)) as staging:
             done = staging.resume(cfg.resume)
