@@ -140,8 +140,9 @@ def main() -> None:
             ("ray, 1 decode worker", replace(cfg.engine, name=Engine.ray, decode_workers=1)),
             ("ray, 2 decode workers", replace(cfg.engine, name=Engine.ray, decode_workers=2)),
         ]
+        size = cfg.model.input_size or "its own input size"
         print(
-            f"\n{count} JPEGs 500x375, model {cfg.model.name} at {cfg.model.input_size}, "
+            f"\n{count} JPEGs 500x375, model {cfg.model.name} at {size}, "
             f"batch_size {cfg.batch_size}, {available_cores()} cores, layers {cfg.layers}"
         )
         print(f"{'engine':<24}{'images/s':>10}{'seconds':>10}{'fixed s':>10}")
