@@ -163,7 +163,7 @@ class RaySession:
     ) -> Batches:
         """(indices, pooled outputs, failures) per batch, in dataset order: what the local
         loop hands to `ChunkWriter.add`; indices count from `start`, like the manifest's."""
-        context = ray.data.DataContext.get_current()
+        context = ray.data.DataContext.get_current()  # this process's, for its plans
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False
         positions = np.arange(len(images), dtype=np.int64)
@@ -181,7 +181,8 @@ class RaySession:
                 fn_kwargs={"images": ray.put(images), "input_size": plan.input_size},
                 compute=ray.data.TaskPoolStrategy(size=self.settings.decode_workers),
                 num_cpus=1,
-                # A decode worker's footprint (Python, torch, OpenCV: ~0.5 GiB) and a batch.
+                # A decode worker's footprint (Python, torch, OpenCV: ~0.5 GiB) and a block's
+                # pixels, out and in the making.
                 # Set, it also keeps decoding in its own tasks: Ray Data fuses a task op into
                 # the next actor op when their resources match, and decode would then run
                 # inside the model actors, one batch at a time.
