@@ -29,7 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config import PipelineConfig
+from pipeline.config import Engine, PipelineConfig
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def main(stage: str, run: Callable[[PipelineConfig], Any], track: bool = True) -
         sys.exit(max(codes) if codes else exit.code)
 
 
-GROUPS = ("dataset", "model", "tracking")
+GROUPS = ("dataset", "model", "tracking", "engine")
 
 
 def _check_presets(arguments: list[str]) -> None:
@@ -158,7 +158,8 @@ def _in_sweep() -> bool:
 def run_name(stage: str, cfg: PipelineConfig) -> str:
     """What a run did, as the MLflow UI's runs table shows it."""
     if stage == "extract":
-        return f"extract {cfg.extraction_name} [{', '.join(cfg.layers)}]"
+        engine = "" if cfg.engine.name is Engine.local else f" on {cfg.engine.name.value}"
+        return f"extract {cfg.extraction_name} [{', '.join(cfg.layers)}]{engine}"
     if stage in ("report", "visualize"):
         return f"{stage} {cfg.extraction_name}"
     return f"{stage} {embeddings_key(cfg.embeddings)}"

@@ -94,6 +94,24 @@ class ModelConfig:
     std: list[float] | None = MISSING
 
 
+class Engine(Enum):
+    local = "local"
+    ray = "ray"
+
+
+@dataclass
+class EngineConfig:
+    """Where the inference loop runs: `local` (this process and its loader processes) or `ray`
+    (a Ray Data plan on a local or existing cluster). Only `ray` reads the other keys."""
+
+    name: Engine = MISSING
+    address: str | None = MISSING  # null: a local cluster in-process; auto or ray://host:port
+    workers: int = MISSING  # model actors
+    gpus_per_worker: float = MISSING
+    cpus_per_worker: float = MISSING
+    decode_workers: int | None = MISSING  # concurrent decode tasks; null: Ray decides
+
+
 @dataclass
 class TrackingConfig:
     backend: str = MISSING
@@ -161,6 +179,7 @@ class PipelineConfig:
     dataset: DatasetConfig = MISSING
     model: ModelConfig = MISSING
     tracking: TrackingConfig = MISSING
+    engine: EngineConfig = MISSING
     # Extraction
     layers: list[str] = MISSING
     pool: Pool = MISSING

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 import pipeline
-from pipeline.config import PipelineConfig
+from pipeline.config import Engine, PipelineConfig
 from pipeline.data import build_transform, image_loader, load_manifest, resolve_preprocess
 from pipeline.devices import (
     AUTOCAST_DTYPES,
@@ -142,8 +142,17 @@ def extract_images(
     """The extraction of `manifest`'s images with a model already built (the Python API hands
     its own); `cfg` says which layers, how, and where."""
     _check_numbers(cfg)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    session = None
+    if cfg.engine.name is Engine.ray:
+        from pipeline.engines.ray import ModelPlan, RaySession  # ray: an optional extra
+
+        session = RaySession(cfg.engine, model)  # ships the model before any hook is on it
+        placement = session.placement(cfg.device, cfg.precision)
+        # This process only describes the layers and writes the parts; the actors compute.
+        device, precision = torch.device("cpu"), placement.precision
+    else:
+        device = resolve_device(cfg.device)
+        precision = resolve_precision(cfg.precision, device)
     output_dir = Path(cfg.output_dir).expanduser()
     m = cfg.model
     preprocess = resolve_preprocess(model, m.input_size, m.crop_pct, m.interpolation, m.mean, m.std)
@@ -164,8 +173,8 @@ def extract_images(
         },
         "preprocess": preprocess.as_dict(),
         "config_hash": config_hash(cfg),
-        "engine": "local",
-        "device": device.type,
+        "engine": cfg.engine.name.value,
+        "device": placement.device if session else device.type,
         "precision": precision.value,
         "versions": versions(),
     }
@@ -182,6 +191,8 @@ def extract_images(
         schemas = layer_schemas(info, labels is not None, metadata)
         rows = chunk_rows(cfg.save_every, cfg.batch_size, sum(i.dim for i in info.values()))
         key = f"{metadata['config_hash']}-{images_digest[:12]}-b{cfg.batch_size}-c{rows}"
+        if session is not None:  # the parts' metadata name their engine: never mix them
+            key += "-ray"
         started = time.perf_counter()
         with Staging(output_dir, key, list(info)) as staging:
             done = staging.resume(cfg.resume)
@@ -210,11 +221,17 @@ def extract_images(
                     min_side=preprocess.min_side,
                     max_file_bytes=cfg.max_file_bytes,
                 )
-                _extract(hooks, loader, writer, start, device)
+                if session is not None:
+                    plan = ModelPlan(
+                        list(info), cfg.pool, cfg.output_key, preprocess.input_size, placement
+                    )
+                    session.extract(writer, loader.dataset, start, plan, cfg.batch_size)
+                else:
+                    _extract(hooks, loader, writer, start, device)
                 outputs = staging.publish(writer.chunks, ids)
                 processed, sample = len(ids) - start, writer.sample
         seconds = time.perf_counter() - started
-    return _result(
+    result = _result(
         cfg,
         output_dir,
         info,
@@ -226,6 +243,10 @@ def extract_images(
         DatasetRef(cfg.dataset.name, images_digest, metadata["dataset"]["root"], "images"),
         metadata,
     )
+    if session is not None:
+        result.tags.update(session.tags())
+        session.close()
+    return result
 
 
 def _result(
@@ -291,7 +312,7 @@ def _result(
             "config_hash": metadata["config_hash"],
             "device": metadata["device"],
             "precision": metadata["precision"],
-            "engine": "local",
+            "engine": metadata["engine"],
             "weights": metadata["weights"]["init"],
             "output.sha256": " ".join(o.sha256 for o in outputs.values()),
         },
