@@ -48,6 +48,7 @@ from pipeline.augment import copies_of, near_duplicate
 from pipeline.calibration import average_precision, calibrate
 from pipeline.config import PipelineConfig
 from pipeline.data import decode_image
+from pipeline.report import pooling
 from pipeline.store import read_metadata
 
 SKIMAGE_PHOTOS = (
@@ -146,9 +147,9 @@ def build(root: Path, quick: bool, flip: bool) -> pd.DataFrame:
 # name -> overrides of `python -m pipeline`; several layers share one forward pass.
 EXTRACTIONS: dict[str, tuple[str, ...]] = {
     "default": (),
-    "avg": ("layers=[blocks.4,global_pool]", "pool=avg"),
+    "avg": ("layers=[blocks.4]", "pool=avg"),
     "gem": ("layers=[blocks.5,bn2]", "pool=gem"),
-    "grid4": ("layers=[blocks.3,blocks.4,blocks.5,bn2]", "pool=grid", "pool_grid=4"),
+    "grid4": ("layers=[blocks.3,blocks.5,bn2]", "pool=grid", "pool_grid=4"),
     "grid7": ("layers=[blocks.2,blocks.3,blocks.4]", "pool=grid", "pool_grid=7"),
     "multiscale": ("layers=[blocks.4]", "pool=grid", "pool_grid=4", "scales=[1.0,0.7]"),
 }
@@ -168,29 +169,27 @@ class Setup:
         if self.layer is None:
             return f"default ({overrides})" if overrides else "default (no overrides)"
         layer_free = [o for o in EXTRACTIONS[self.extraction] if not o.startswith("layers=")]
-        return " ".join([f"layers=[{self.layer}]", *layer_free, *self.dedup])
+        return " ".join([f"layer={self.layer}", *layer_free, *self.dedup])
 
 
 NO_WHITENING = ("dedup.whiten=false",)
 SETUPS = (
     Setup("default", None),
     Setup("default", None, NO_WHITENING),
-    Setup("avg", "global_pool", NO_WHITENING),
-    Setup("avg", "global_pool"),
+    Setup("default", "global_pool", NO_WHITENING),
+    Setup("default", "global_pool"),
     Setup("avg", "blocks.4"),
     Setup("gem", "bn2"),
     Setup("gem", "blocks.5"),
     Setup("grid4", "bn2"),
     Setup("grid4", "blocks.5"),
-    Setup("grid4", "blocks.4", NO_WHITENING),
-    Setup("grid4", "blocks.4"),
     Setup("grid4", "blocks.3"),
     Setup("multiscale", "blocks.4"),
     Setup("grid7", "blocks.4"),
     Setup("grid7", "blocks.3"),
     Setup("grid7", "blocks.2"),
 )
-QUICK_SETUPS = (Setup("default", None), Setup("avg", "global_pool", NO_WHITENING))
+QUICK_SETUPS = (Setup("default", None), Setup("default", "global_pool", NO_WHITENING))
 
 
 def config(*overrides: str, app: str = "config") -> PipelineConfig:
@@ -230,12 +229,13 @@ def run_setups(root: Path, out: Path, setups: tuple[Setup, ...]) -> list[dict[st
             dedup.run(cfg)
             metrics = json.loads((Path(cfg.dedup.output_dir) / "metrics.json").read_text())
             curve = pd.read_csv(Path(cfg.dedup.output_dir) / "pr_curve.csv")
-            dim = read_metadata(cfg.embeddings)["dim"]
+            metadata = read_metadata(cfg.embeddings)
             rows.append(
                 {
                     "configuration": setup.label,
                     "layer": cfg.layer,
-                    "dim": dim,
+                    "pooling": pooling(metadata),
+                    "dim": metadata["dim"],
                     "AP": metrics["ap"],
                     "F1": metrics["f1"],
                     "precision": metrics["precision"],
@@ -297,6 +297,7 @@ def hash_rows(root: Path, manifest: pd.DataFrame) -> list[dict[str, Any]]:
                 {
                     "configuration": f"{type(method).__name__} ({label})",
                     "layer": "-",
+                    "pooling": "-",
                     "dim": 64,
                     "AP": ap,
                     **scores,

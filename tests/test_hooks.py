@@ -160,6 +160,8 @@ def test_list_layers_reports_shapes_dims_and_calls(resnet: torch.nn.Module) -> N
     assert rows["layer2"]["output"] == "128x8x8" and rows["layer2"]["dim"] == 128
     assert rows["fc"]["dim"] == 1000 and rows["fc"]["bytes"] == 4000
     assert rows["layer1.0.relu"]["calls"] == 2  # torchvision's BasicBlock reuses its ReLU
+    gridded = {r["layer"]: r for r in list_layers(resnet, torch.zeros(1, 3, 64, 64), Pool.grid)}
+    assert gridded["layer2"]["dim"] == 4 * 128 and gridded["fc"]["dim"] == 1000
 
 
 def test_gem_against_hand_computed_means() -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 PRESUMED_DUPLICATE_QUANTILE = 0.05
-MAX_PRESUMED_DUPLICATES = 3  # per sampled image: a descriptor that finds more is not trusted
+MAX_PRESUMED_DUPLICATES = 10  # per sampled image: a descriptor that finds more is not trusted
 BLOCK_BYTES = 64 * 2**20  # similarities computed at once
 CURVE_POINTS = 101
 

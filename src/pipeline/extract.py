@@ -311,6 +311,7 @@ def _result(
                 name: {
                     "output_shape": list(layer.shape),
                     "pool": layer.pool.value,
+                    "pool_params": layer.params,
                     "dim": layer.dim,
                 }
                 for name, layer in info.items()

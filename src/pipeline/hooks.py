@@ -363,9 +363,15 @@ def _blank(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty((1, *shape), device="meta")
 
 
-def list_layers(model: torch.nn.Module, example: torch.Tensor) -> Iterator[dict[str, Any]]:
-    """Every module in model order: type, output shape, auto-pooled dim, bytes per image (as
-    float32) and how often it runs in one forward pass."""
+def list_layers(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    pool: Pool = Pool.auto,
+    gem_p: float = 3.0,
+    grid: int = 2,
+) -> Iterator[dict[str, Any]]:
+    """Every module in model order: type, output shape, dim pooled by `pool` (auto where it
+    does not fit), bytes per image (as float32) and how often it runs in one forward pass."""
     outputs: dict[str, list[Any]] = {}
 
     def recorder(name: str) -> Any:
@@ -393,7 +399,9 @@ def list_layers(model: torch.nn.Module, example: torch.Tensor) -> Iterator[dict[
         dim = None
         if isinstance(shape, tuple):
             blank = _blank(shape)
-            dim = pool_output(blank, auto_pool(blank.ndim, prefix_tokens), prefix_tokens).shape[1]
+            fits = pool in POOL_RANKS and blank.ndim in POOL_RANKS[pool]
+            chosen = pool if fits else auto_pool(blank.ndim, prefix_tokens)
+            dim = pool_output(blank, chosen, prefix_tokens, gem_p, grid).shape[1]
         yield {
             "layer": name,
             "type": type(module).__name__,
