@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,9 +216,7 @@ def run_setups(root: Path, out: Path, setups: tuple[Setup, ...]) -> list[dict[st
     rows = []
     for name in dict.fromkeys(s.extraction for s in setups):
         folder = out / "embeddings" / name
-        started = time.perf_counter()
         extract.run(config(*common, *EXTRACTIONS[name], f"output_dir={folder}"))
-        seconds = time.perf_counter() - started
         for setup in (s for s in setups if s.extraction == name):
             where = [f"output_dir={folder}", *EXTRACTIONS[name]]
             if setup.layer is not None:
@@ -242,7 +239,6 @@ def run_setups(root: Path, out: Path, setups: tuple[Setup, ...]) -> list[dict[st
                     "recall": metrics["recall"],
                     "threshold": metrics["threshold"],
                     "best F1": curve["f1"].max(),
-                    "extract s": seconds,
                 }
             )
     return rows
@@ -281,12 +277,10 @@ def hash_rows(root: Path, manifest: pd.DataFrame) -> list[dict[str, Any]]:
     truth = codes[a] == codes[b]
     rows = []
     for method in (PHash(verbose=False), DHash(verbose=False)):
-        started = time.perf_counter()
         base = hash_vectors(method, images)
         similarity = 1 - (1 - np.sum(base[a] * base[b], axis=1)) / 2  # 1 - Hamming / 64
         copied = hash_vectors(method, copies)
         found = calibrate(base, copied, sources, defaults.dedup.k, defaults.dedup.target_precision)
-        seconds = time.perf_counter() - started
         ap = average_precision(similarity, truth)
         for label, threshold in (
             ("calibrated", (1 + found.threshold) / 2),
@@ -303,7 +297,6 @@ def hash_rows(root: Path, manifest: pd.DataFrame) -> list[dict[str, Any]]:
                     **scores,
                     "threshold": threshold,
                     "best F1": best_f1(similarity, truth),
-                    "extract s": seconds,
                 }
             )
     return rows

@@ -239,15 +239,15 @@ def run(cfg: PipelineConfig) -> ExtractResult:
                 )
                 _extract(hooks, loader, writer, start, device)
                 if cfg.calibration.images:
-                    sample = calibration_sample(len(ids), cfg.calibration.images, cfg.seed)
+                    picked = calibration_sample(len(ids), cfg.calibration.images, cfg.seed)
                     embed_copies(
                         hooks,
-                        manifest.iloc[sample],
+                        manifest.iloc[picked],
                         CopyPlan(cfg.calibration, cfg.seed, preprocess, cfg.batch_size),
                         layer_schemas(info, False, copies_metadata(metadata, cfg), sourced=True),
                         staging.dir / CALIBRATION_DIR,
                         device,
-                        loader_options(cfg, device, len(sample)),
+                        loader_options(cfg, device, len(picked)),
                     )
                 outputs = staging.publish(writer.chunks, ids)
                 processed, sample = len(ids) - start, writer.sample
@@ -581,6 +581,8 @@ def embed_copies(
         if batch.images is None:
             continue
         images = batch.images.flatten(0, 1).to(device, non_blocking=True)  # copies in a row
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
         for name, out in hooks(images).items():
             arrays[name].append(out.float().cpu().numpy())
         sources += [sample["image_id"].iloc[i] for i in batch.indices for _ in range(copies)]
