@@ -63,7 +63,9 @@ def test_repro_and_an_experiment_from_a_fresh_clone(tmp_path: Path) -> None:
     cluster = json.loads(
         (out / "cluster/demo/efficientnet_lite0/global_pool/metrics.json").read_text()
     )
-    assert dedup["recall"] > 0.9 and dedup["precision"] > 0.9  # the planted near-duplicates
+    # The planted near-duplicates, at the calibrated threshold; their mirrored copies are not of
+    # the calibration's family unless calibration.flip=true.
+    assert dedup["threshold_auto"] and dedup["recall"] > 0.8 and dedup["precision"] > 0.9
     assert cluster["nmi"] > 0.9
     report = pd.read_parquet(out / "report/demo/efficientnet_lite0/report.parquet")
     assert report["layer"].tolist() == ["blocks.4", "global_pool"]
