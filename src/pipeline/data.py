@@ -14,10 +14,10 @@ import os
 import re
 import stat
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
 
@@ -607,12 +607,16 @@ class Batch:
         return self
 
 
+Transform = Callable[..., dict[str, Any]]  # albumentations' call: transform(image=x)["image"]
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Reads, decodes and transforms one image; a failure is returned, never raised.
 
     Args:
         paths: the files, in manifest order.
-        transform: from `build_transform`.
+        transform: from `build_transform` (or one that makes several tensors of an image,
+            as `augment.CopyTransform` does).
         max_pixels: see `decode_image`.
         errors: per path, a reason it fails without being opened (the manifest's `error`
             column, sliced like `paths`), or None.
@@ -623,7 +627,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __init__(
         self,
         paths: Sequence[str],
-        transform: A.Compose,
+        transform: Transform,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         *,
         errors: Sequence[str | None] | None = None,
@@ -665,7 +669,7 @@ def collate(samples: list[tuple[int, torch.Tensor | None, tuple[str, str] | None
 
 def image_loader(
     paths: Sequence[str],
-    transform: A.Compose,
+    transform: Transform,
     batch_size: int,
     num_workers: int,
     pin_memory: bool,
