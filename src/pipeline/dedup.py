@@ -1,18 +1,18 @@
 """python -m pipeline.dedup [overrides]: near-duplicate images from one layer's embeddings.
 
-Cosine similarity on L2-normalised embeddings, PCA-whitened first (`dedup.whiten`, fitted on
-the embeddings and the extraction's calibration copies); each image's k nearest neighbours and
-every pair at or above the threshold found by `neighbours.search`: exactly (on a GPU when there
-is one, by blocked matrix products on the CPU for smaller sets) or approximately for large sets,
-its recall measured and reported. The threshold is fixed, or (`dedup.threshold=auto`)
-calibrated on the copies (`pipeline.calibration`). Writes `pairs.parquet` (`image_a`,
-`image_b`, `similarity`: pairs at or above the threshold), `groups.parquet` (`image_id`, `group`: connected components of those
-pairs), `exact_duplicates.parquet` (files with the same bytes), `metrics.json` (the threshold;
-average precision, precision, recall and F1 over pairs when the true groups are known; the
-calibration's numbers on the copies), `pr_curve.csv` and `pr_curve.png` (against the truth, over
-thresholds), `calibration_curve.csv` and `calibration_curve.png` (on the copies), `whitening.npz`
-(`mean`, `projection`: apply as normalise((x - mean) @ projection)) and `top_pairs.png` (the
-pairs nearest the threshold, on both sides).
+Cosine similarity on L2-normalised embeddings, PCA-whitened first (`dedup.whiten`, fitted on the
+embeddings and the extraction's calibration copies); each image's k nearest neighbours and every
+pair at or above the threshold found by `neighbours.search`: exactly (on a GPU when there is one, by
+blocked matrix products on the CPU for smaller sets) or approximately for large sets, its recall
+measured and reported. The threshold is fixed, or (`dedup.threshold=auto`) calibrated on the copies
+(`pipeline.calibration`). Writes `pairs.parquet` (`image_a`, `image_b`, `similarity`: pairs at or
+above the threshold), `groups.parquet` (`image_id`, `group`: connected components of those pairs),
+`exact_duplicates.parquet` (files with the same bytes), `metrics.json` (the threshold; average
+precision, precision, recall and F1 over pairs when the true groups are known; the calibration's
+numbers on the copies), `pr_curve.csv` and `pr_curve.png` (against the truth, over thresholds),
+`calibration_curve.csv` and `calibration_curve.png` (on the copies), `whitening.npz` (`mean`,
+`projection`: apply as normalise((x - mean) @ projection)) and `top_pairs.png` (the pairs nearest
+the threshold, on both sides).
 """
 
 from __future__ import annotations
