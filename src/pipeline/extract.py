@@ -259,7 +259,14 @@ def extract_images(
                 )
                 if session is not None:
                     plan = ModelPlan(
-                        list(info), cfg.pool, cfg.output_key, preprocess.input_size, placement
+                        list(info),
+                        cfg.pool,
+                        cfg.output_key,
+                        preprocess.input_size,
+                        placement,
+                        gem_p=cfg.gem_p,
+                        grid=cfg.pool_grid,
+                        scales=tuple(cfg.scales),
                     )
                     session.extract(writer, loader.dataset, start, plan, cfg.batch_size)
                 else:

@@ -72,6 +72,10 @@ class ModelPlan:
     output_key: str | None
     input_size: tuple[int, int, int]
     placement: Placement
+    # The pooling's own parameters, as the local engine's hooks take them.
+    gem_p: float = 3.0
+    grid: int = 2
+    scales: tuple[float, ...] = (1.0,)
 
 
 class RaySession:
@@ -270,7 +274,15 @@ class _Model:
         if self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
         # Entered for the actor's lifetime: its process ends with the plan.
-        self.hooks = LayerHooks(self.model, plan.layers, plan.pool, plan.output_key).__enter__()
+        self.hooks = LayerHooks(
+            self.model,
+            plan.layers,
+            plan.pool,
+            plan.output_key,
+            gem_p=plan.gem_p,
+            grid=plan.grid,
+            scales=plan.scales,
+        ).__enter__()
         with self._computing():
             self.hooks.describe(torch.zeros((1, *plan.input_size), device=self.device))
 
