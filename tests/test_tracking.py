@@ -52,7 +52,7 @@ def test_local_store_records_params_metrics_tags_artifacts(tmp_path: Path, photo
     [run] = _runs(client)
     assert run.info.status == "FINISHED"
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    assert params["model.name"] == "test_efficientnet" and params["pool"] == "auto"
+    assert params["model.name"] == "test_efficientnet" and params["pool"] == "grid"
     assert params["layers"] == "['blocks.1', 'global_pool']" and params["dataset.kind"] == "folder"
     assert metrics["images"] == 6 and metrics["failures"] == 0 and metrics["images_per_s"] > 0
     assert metrics["dim.blocks.1"] > 0 and metrics["dim.global_pool"] > 0
