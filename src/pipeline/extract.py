@@ -10,6 +10,7 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -23,15 +24,28 @@ import torch
 from tqdm import tqdm
 
 import pipeline
-from pipeline.config import Engine, PipelineConfig
-from pipeline.data import build_transform, image_loader, load_manifest, resolve_preprocess
+from pipeline.config import Decode, Engine, PipelineConfig
+from pipeline.data import (
+    Batch,
+    ImageDataset,
+    Preprocess,
+    batch_loader,
+    build_transform,
+    collate,
+    load_manifest,
+    resolve_preprocess,
+)
 from pipeline.devices import (
     AUTOCAST_DTYPES,
+    LoaderPlan,
+    plan_loader,
+    resolve_decode,
     resolve_device,
     resolve_precision,
-    resolve_workers,
+    torch_threads,
 )
 from pipeline.errors import ConfigError, TooManyFailures
+from pipeline.gpu_decode import DeviceDecoder, JpegDataset, collate_jpegs
 from pipeline.hooks import LayerHooks, LayerInfo
 from pipeline.models import build_model, weights_provenance
 from pipeline.results import DatasetRef, StageResult
@@ -50,6 +64,7 @@ HASHED_KEYS = (
     "pool",
     "output_key",
     "precision",
+    "decode",  # the GPU's decoder and resize give slightly different pixels
     "seed",
     "max_image_pixels",
     "max_file_bytes",
@@ -146,13 +161,19 @@ def extract_images(
     if cfg.engine.name is Engine.ray:
         from pipeline.engines.ray import ModelPlan, RaySession  # ray: an optional extra
 
+        if cfg.decode is Decode.gpu or cfg.compile:
+            raise ConfigError(
+                "decode=gpu and compile=true are the local engine's: the Ray engine decodes "
+                "in its CPU tasks and runs the model as it is (engine=local, or leave them)"
+            )
         session = RaySession(cfg.engine, model)  # ships the model before any hook is on it
         placement = session.placement(cfg.device, cfg.precision)
         # This process only describes the layers and writes the parts; the actors compute.
-        device, precision = torch.device("cpu"), placement.precision
+        device, precision, decode = torch.device("cpu"), placement.precision, Decode.cpu
     else:
         device = resolve_device(cfg.device)
         precision = resolve_precision(cfg.precision, device)
+        decode = resolve_decode(cfg.decode, device)
     output_dir = Path(cfg.output_dir).expanduser()
     m = cfg.model
     preprocess = resolve_preprocess(model, m.input_size, m.crop_pct, m.interpolation, m.mean, m.std)
@@ -171,11 +192,12 @@ def extract_images(
             "root": str(Path(cfg.dataset.root or ".").expanduser().resolve()),
             "truth": str(Path(t).expanduser().resolve()) if (t := cfg.dataset.truth) else None,
         },
-        "preprocess": preprocess.as_dict(),
+        "preprocess": {**preprocess.as_dict(), "decode": decode.value},
         "config_hash": config_hash(cfg),
         "engine": cfg.engine.name.value,
         "device": placement.device if session else device.type,
         "precision": precision.value,
+        "compile": cfg.compile,
         "versions": versions(),
     }
     with (
@@ -188,6 +210,8 @@ def extract_images(
         ),
     ):
         info = hooks.describe(torch.zeros((1, *preprocess.input_size), device=device))
+        if cfg.compile:
+            hooks.compile(cfg.batch_size)
         schemas = layer_schemas(info, labels is not None, metadata)
         rows = chunk_rows(cfg.save_every, cfg.batch_size, sum(i.dim for i in info.values()))
         key = f"{metadata['config_hash']}-{images_digest[:12]}-b{cfg.batch_size}-c{rows}"
@@ -210,24 +234,27 @@ def extract_images(
                 writer = ChunkWriter(
                     staging, schemas, ids, labels, rows, done, cfg.max_failure_rate
                 )
-                loader = image_loader(
+                dataset_cls = JpegDataset if decode is Decode.gpu else ImageDataset
+                dataset = dataset_cls(
                     manifest["path"].tolist()[start:],
                     build_transform(preprocess),
-                    cfg.batch_size,
-                    resolve_workers(cfg.num_workers, -(-(len(ids) - start) // cfg.batch_size)),
-                    pin_memory=device.type == "cuda",
-                    max_image_pixels=cfg.max_image_pixels,
+                    cfg.max_image_pixels,
                     errors=manifest["error"].tolist()[start:] if "error" in manifest else None,
                     min_side=preprocess.min_side,
                     max_file_bytes=cfg.max_file_bytes,
                 )
                 if session is not None:
-                    plan = ModelPlan(
+                    model_plan = ModelPlan(
                         list(info), cfg.pool, cfg.output_key, preprocess.input_size, placement
                     )
-                    session.extract(writer, loader.dataset, start, plan, cfg.batch_size)
+                    session.extract(writer, dataset, start, model_plan, cfg.batch_size)
                 else:
-                    _extract(hooks, loader, writer, start, device)
+                    batch_count = -(-(len(ids) - start) // cfg.batch_size)
+                    plan = plan_loader(cfg.num_workers, batch_count, device)
+                    log.info("loader: %s", plan.describe())
+                    with torch_threads(plan.main_threads):
+                        batches = _batches(dataset, cfg.batch_size, plan, preprocess, device)
+                        _extract(hooks, batches, writer, start, device)
                 outputs = staging.publish(writer.chunks, ids)
                 processed, sample = len(ids) - start, writer.sample
         seconds = time.perf_counter() - started
@@ -436,9 +463,30 @@ class ChunkWriter:
             )
 
 
+def _batches(
+    dataset: ImageDataset,
+    batch_size: int,
+    plan: LoaderPlan,
+    preprocess: Preprocess,
+    device: torch.device,
+) -> Iterable[Batch]:
+    """The loader's batches; a JpegDataset's JPEGs decoded on `device` as they arrive."""
+    gpu = isinstance(dataset, JpegDataset)
+    loader = batch_loader(
+        dataset,
+        collate_jpegs if gpu else collate,
+        batch_size,
+        plan.workers,
+        plan.pin_memory,
+        plan.prefetch_factor,
+        plan.worker_nice,
+    )
+    return map(DeviceDecoder(dataset, preprocess, device), loader) if gpu else loader
+
+
 def _extract(
     hooks: LayerHooks,
-    loader: torch.utils.data.DataLoader,
+    loader: Iterable[Batch],
     writer: ChunkWriter,
     start: int,
     device: torch.device,
