@@ -439,8 +439,10 @@ def _jpeg_header(data: bytes) -> Header:
                 int.from_bytes(data[at + 5 : at + 7], "big"),
                 int.from_bytes(data[at + 3 : at + 5], "big"),
             )
-            decodable &= (
-                code in _JPEG_HUFFMAN_FRAMES and data[at + 2] == 8 and data[at + 7] in (1, 3)
+            decodable &= (  # slices: a header cut short must not raise here
+                code in _JPEG_HUFFMAN_FRAMES
+                and data[at + 2 : at + 3] == b"\x08"
+                and data[at + 7 : at + 8] in (b"\x01", b"\x03")
             )
         elif code == _JPEG_APP14 and data[at + 2 : at + 7] == b"Adobe":
             decodable = False
