@@ -52,7 +52,7 @@ import torch
 from hydra import compose, initialize_config_module
 from sklearn.datasets import load_sample_images
 
-from pipeline.app import typed
+from pipeline.app import sleeping_openmp, typed
 from pipeline.config import Decode, PipelineConfig
 from pipeline.data import ImageDataset, Preprocess, build_transform, collate, resolve_preprocess
 from pipeline.devices import (
@@ -373,6 +373,11 @@ def summary(rows: list[Row], device: torch.device) -> None:
 
 
 def main() -> None:
+    if "OMP_WAIT_POLICY" not in os.environ:
+        # The in-process parts run torch as the CLI does (pipeline.app.sleeping_openmp), and
+        # OpenMP reads this only when torch loads: start again with it set.
+        sleeping_openmp()
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000, help="500x375 photos")
     parser.add_argument("--large-images", type=int, default=200, help="3000x4000 photos")
@@ -398,7 +403,8 @@ def main() -> None:
         f"{' '.join(overrides)}: device {device}, "
         f"precision {resolve_precision(cfg.precision, device).value}, "
         f"decode {resolve_decode(cfg.decode, device).value}, batch {cfg.batch_size}, "
-        f"{available_cores()} cores, torch {torch.__version__}, OpenCV {cv2.__version__}"
+        f"{available_cores()} cores, torch {torch.__version__}, OpenCV {cv2.__version__}, "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     )
     print(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     rows = []
