@@ -159,13 +159,13 @@ def extract_images(
     _check_numbers(cfg)
     session = None
     if cfg.engine.name is Engine.ray:
-        from pipeline.engines.ray import ModelPlan, RaySession  # ray: an optional extra
-
         if cfg.decode is Decode.gpu or cfg.compile:
             raise ConfigError(
                 "decode=gpu and compile=true are the local engine's: the Ray engine decodes "
                 "in its CPU tasks and runs the model as it is (engine=local, or leave them)"
             )
+        from pipeline.engines.ray import ModelPlan, RaySession  # ray: an optional extra
+
         session = RaySession(cfg.engine, model)  # ships the model before any hook is on it
         placement = session.placement(cfg.device, cfg.precision)
         # This process only describes the layers and writes the parts; the actors compute.
