@@ -4,7 +4,6 @@ really run with."""
 from __future__ import annotations
 
 import logging
-import os
 
 import cv2
 import pytest
@@ -13,12 +12,7 @@ import torch
 from pipeline import devices, gpu_decode
 from pipeline.config import Decode
 from pipeline.data import batch_loader
-from pipeline.devices import (
-    CPU_WORKER_NICE,
-    plan_loader,
-    resolve_decode,
-    torch_threads,
-)
+from pipeline.devices import plan_loader, resolve_decode, torch_threads
 from pipeline.errors import ConfigError
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
@@ -31,7 +25,7 @@ def test_on_the_cpu_every_core_serves_both_the_model_and_the_loader(
     monkeypatch.setattr(devices, "available_cores", lambda: cores)
     plan = plan_loader(None, batches=1000, device=CPU)
     assert plan.workers == cores and plan.main_threads == cores
-    assert plan.worker_nice == CPU_WORKER_NICE > 0 and not plan.pin_memory
+    assert plan.prefetch_factor and not plan.pin_memory
 
 
 @pytest.mark.parametrize("cores", [1, 2, 16, 64])
@@ -41,14 +35,14 @@ def test_on_a_gpu_every_core_but_one_decodes(cores: int, monkeypatch: pytest.Mon
     plan = plan_loader(None, batches=1000, device=CUDA)
     assert plan.workers == max(1, cores - 1)
     assert plan.main_threads == max(1, cores - plan.workers)
-    assert plan.worker_nice == 0 and plan.pin_memory and plan.prefetch_factor
+    assert plan.pin_memory and plan.prefetch_factor
 
 
 def test_few_batches_few_workers_and_one_batch_none(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(devices, "available_cores", lambda: 16)
     assert plan_loader(None, batches=3, device=CPU).workers == 3
     single = plan_loader(None, batches=1, device=CPU)
-    assert single.workers == 0 and single.prefetch_factor is None and single.worker_nice == 0
+    assert single.workers == 0 and single.prefetch_factor is None
     assert "main process" in single.describe()
 
 
@@ -90,16 +84,20 @@ def test_the_decoder_probe_works_where_torchvision_decodes() -> None:
 
 
 class _Settings(torch.utils.data.Dataset):
-    """What a loader process runs with: its niceness, OpenCV's and torch's threads."""
+    """What a loader process runs with: OpenCV's and torch's threads."""
 
     def __len__(self) -> int:
         return 2
 
     def __getitem__(self, index: int) -> tuple[int, int, int]:
-        return os.nice(0), cv2.getNumThreads(), torch.get_num_threads()
+        return cv2.getNumThreads(), torch.get_num_threads()
 
 
-def test_loader_processes_are_single_threaded_and_niced() -> None:
-    loader = batch_loader(_Settings(), list, 1, 2, False, 2, CPU_WORKER_NICE)
-    seen = [sample for batch in loader for sample in batch]
-    assert seen == [(min(19, os.nice(0) + CPU_WORKER_NICE), 1, 1)] * 2
+def test_loader_processes_are_single_threaded() -> None:
+    cv2.setNumThreads(2)  # the parent's own setting is not what the workers run with
+    try:
+        loader = batch_loader(_Settings(), list, 1, 2, False, 2)
+        seen = [sample for batch in loader for sample in batch]
+    finally:
+        cv2.setNumThreads(1)
+    assert seen == [(1, 1)] * 2

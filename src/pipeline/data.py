@@ -8,7 +8,6 @@ when listing it already tells; missing otherwise) and, when known, `label`.
 
 from __future__ import annotations
 
-import functools
 import math
 import multiprocessing
 import os
@@ -712,10 +711,9 @@ def batch_loader(
     num_workers: int,
     pin_memory: bool,
     prefetch_factor: int | None = None,
-    worker_nice: int = 0,
 ) -> torch.utils.data.DataLoader:
-    """`dataset` in order, in batches, from `num_workers` single-threaded processes that run
-    at `worker_nice` (see `pipeline.devices.plan_loader`)."""
+    """`dataset` in order, in batches, from `num_workers` single-threaded processes (see
+    `pipeline.devices.plan_loader`)."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -725,17 +723,15 @@ def batch_loader(
         pin_memory=pin_memory,
         prefetch_factor=(prefetch_factor or 2) if num_workers else None,
         multiprocessing_context=_worker_context() if num_workers else None,
-        worker_init_fn=functools.partial(_start_worker, worker_nice) if num_workers else None,
+        worker_init_fn=_start_worker if num_workers else None,
     )
 
 
-def _start_worker(nice: int, _worker: int) -> None:
+def _start_worker(_worker: int) -> None:
     """One thread per loader process: the processes are the parallelism (torch already sets
     its own; OpenCV's is set again, for a spawned process imports cv2 afresh)."""
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    if nice:
-        os.nice(nice)
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:

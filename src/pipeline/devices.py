@@ -69,13 +69,6 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-# Loader processes run at this niceness when the model shares their cores (device=cpu): the
-# model's threads come first, and decoding fills the cores whenever the model waits or leaves
-# one idle. At equal priority the workers preempt the model's OpenMP threads mid-operator,
-# and the other threads then wait for the preempted one at the operator's end.
-CPU_WORKER_NICE = 10
-
-
 @dataclass(frozen=True)
 class LoaderPlan:
     """How the cores are shared between the loader's processes and the model.
@@ -83,23 +76,20 @@ class LoaderPlan:
     Attributes:
         workers: loader processes (0: decode in the main process).
         main_threads: torch's intra-op threads in the main process, where the model runs.
-        worker_nice: niceness added to each loader process (0: none).
         prefetch_factor: batches each worker prepares ahead (None without workers).
         pin_memory: page-locked batches, for asynchronous copies to a GPU.
     """
 
     workers: int
     main_threads: int
-    worker_nice: int
     prefetch_factor: int | None
     pin_memory: bool
 
     def describe(self) -> str:
         if not self.workers:
             return f"decoding in the main process, {self.main_threads} torch threads"
-        nice = f", nice +{self.worker_nice}" if self.worker_nice else ""
         return (
-            f"{self.workers} loader processes (1 thread each{nice}, {self.prefetch_factor} "
+            f"{self.workers} loader processes (1 thread each, {self.prefetch_factor} "
             f"batches ahead), {self.main_threads} torch threads in the main process"
         )
 
@@ -107,12 +97,15 @@ class LoaderPlan:
 def plan_loader(num_workers: int | None, batches: int, device: torch.device) -> LoaderPlan:
     """Workers and threads from the cores and the device.
 
-    On the CPU the model and the decoding share every core: one worker per core, each
-    single-threaded and niced (CPU_WORKER_NICE), and torch on every core in the main process.
-    On a GPU the model needs little CPU and decoding is what keeps it fed: a worker for every
-    core but one, which is left to the main process (batches in, copies out, writing).
-    `num_workers` (null: automatic) sets the workers; more than the cores is capped, with a
-    warning. A single batch is decoded in the main process: starting workers costs more.
+    On the CPU the model and the decoding share every core: one single-threaded worker per
+    core, and torch on every core in the main process, its OpenMP threads sleeping when idle
+    (`pipeline.app.sleeping_openmp`) so that the workers get the cores the model leaves.
+    (Niced workers were measured too: no steady gain on a quiet machine, and starved by other
+    processes' load on a shared one.) On a GPU the model needs little CPU and decoding is
+    what keeps it fed: a worker for every core but one, which is left to the main process
+    (batches in, copies out, writing). `num_workers` (null: automatic) sets the workers; more
+    than the cores is capped, with a warning. A single batch is decoded in the main process:
+    starting workers costs more.
     """
     if num_workers is not None and num_workers < 0:
         raise ConfigError(f"num_workers must be 0 or more (or null: automatic), got {num_workers}")
@@ -130,7 +123,6 @@ def plan_loader(num_workers: int | None, batches: int, device: torch.device) -> 
     return LoaderPlan(
         workers=workers,
         main_threads=max(1, cores - workers) if gpu else cores,
-        worker_nice=0 if gpu or not workers else CPU_WORKER_NICE,
         prefetch_factor=(4 if gpu else 2) if workers else None,
         pin_memory=gpu,
     )

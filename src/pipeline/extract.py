@@ -479,7 +479,6 @@ def _batches(
         plan.workers,
         plan.pin_memory,
         plan.prefetch_factor,
-        plan.worker_nice,
     )
     return map(DeviceDecoder(dataset, preprocess, device), loader) if gpu else loader
 
