@@ -20,10 +20,13 @@ On a GPU the model and the decoding run on different hardware: bound = min(model
 
 Foreign load: during each part, the CPU time of every other process on the machine (/proc/stat's
 busy time, less this process tree's own CPU time, as psutil reads it), as a share of all cores.
-The machine this runs on may be shared; the figures mean most where that share is low.
+The machine this runs on may be shared, and the figures mean most where that share is low: with
+--rounds N every part runs N times in turn, and the figures compared are one round's, the round
+whose parts saw the least foreign load. torch runs as the command runs it, its OpenMP threads
+sleeping when idle (pipeline.app.sleeping_openmp).
 
     python benchmarks/throughput_bench.py [--images 1000] [--large-images 200] [--quick]
-        [--layers global_pool layer1] [--rounds 1] [overrides...]
+        [--layers global_pool layer1] [--rounds N] [overrides...]
 
 Overrides go to the CLI and to the in-process parts alike (device=cuda decode=gpu
 batch_size=128 ...); the defaults are model=resnet18 model.pretrained=false. Images are made in
@@ -157,10 +160,6 @@ def timed(images: int, work: Callable[[], object]) -> Part:
     return Part(images / seconds, max(0.0, foreign) / (seconds * available_cores()), seconds)
 
 
-def best(parts: list[Part]) -> Part:
-    return max(parts, key=lambda p: p.rate)
-
-
 # --- the parts -----------------------------------------------------------------------------------
 
 
@@ -280,6 +279,13 @@ class Row:
     model: Part
     cli: Part
     command: Part
+    taken: str  # which round's figures: "2 of 3"
+
+    @property
+    def foreign(self) -> float:
+        """The most foreign load any of the row's parts saw."""
+        parts = (self.decode_full, self.decode, self.loader, self.model, self.cli)
+        return max(p.foreign for p in parts)
 
     def bound(self, device: torch.device) -> float:
         if device.type == "cuda":
@@ -308,24 +314,36 @@ def measure(
         decoded.repeat(-(-model_images // len(decoded)), 1, 1, 1)[i : i + cfg.batch_size]
         for i in range(0, model_images, cfg.batch_size)
     ]
-    runs: dict[str, list[Part]] = {}
-    plan = ""
+    rows = []
     for round_ in range(args.rounds):
-        # Rounds run the parts in turn, so a change in the machine's load hits them alike.
-        runs.setdefault("decode_full", []).append(
-            decode_part(sample, preprocess, cfg.batch_size, full=True)
-        )
-        runs.setdefault("decode", []).append(
-            decode_part(sample, preprocess, cfg.batch_size, full=False)
-        )
+        # Each round runs every part, one after the other; the figures compared are one
+        # round's, the round that saw the least load from other processes.
+        decode_full = decode_part(sample, preprocess, cfg.batch_size, full=True)
+        decode = decode_part(sample, preprocess, cfg.batch_size, full=False)
         loader, plan = loader_part(paths, cfg, preprocess, device)
-        runs.setdefault("loader", []).append(loader)
-        runs.setdefault("model", []).append(model_part(model, layer, cfg, batches, device))
+        alone = model_part(model, layer, cfg, batches, device)
         cli, command = cli_part(folder, layer, scratch / f"out-{size}-{layer}-{round_}", overrides)
-        runs.setdefault("cli", []).append(cli)
-        runs.setdefault("command", []).append(command)
-    chosen = {name: best(parts) for name, parts in runs.items()}
-    return Row(size, layer, len(paths), plan=plan, **chosen)
+        row = Row(
+            size,
+            layer,
+            len(paths),
+            decode_full,
+            decode,
+            loader,
+            plan,
+            alone,
+            cli,
+            command,
+            f"{round_ + 1} of {args.rounds}",
+        )
+        print(
+            f"  round {round_ + 1}: {size} {layer}: cli {cli.rate:.1f} images/s, "
+            f"{cli.rate / row.bound(device):.2f} of the bound, foreign load up to "
+            f"{row.foreign:.0%}",
+            flush=True,
+        )
+        rows.append(row)
+    return min(rows, key=lambda r: r.foreign)
 
 
 def report(row: Row, device: torch.device) -> None:
@@ -348,7 +366,7 @@ def report(row: Row, device: torch.device) -> None:
             f"{row.command.rate / bound:.2f} of the bound, {row.command.seconds:.1f} s in all",
         ),
     ]
-    print(f"\n{row.size} JPEGs x {row.images}, layer {row.layer}")
+    print(f"\n{row.size} JPEGs x {row.images}, layer {row.layer}: round {row.taken}")
     print(f"  {'part':28} {'images/s':>9} {'foreign load':>13}")
     for name, part, note in lines:
         print(f"  {name:28} {part.rate:9.1f} {part.foreign:12.0%}  {note}")
@@ -384,7 +402,9 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", default=["global_pool", "layer1"])
     parser.add_argument("--model-images", type=int, default=320, help="for the model alone")
     parser.add_argument("--decode-images", type=int, default=200, help="for the decode parts")
-    parser.add_argument("--rounds", type=int, default=1, help="best of N rounds, per part")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="of which the least loaded is reported"
+    )
     parser.add_argument("--quick", action="store_true", help="a CI-sized run: seconds, not minutes")
     args, overrides = parser.parse_known_args()
     if args.quick:
