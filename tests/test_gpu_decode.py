@@ -262,6 +262,18 @@ def test_a_jpeg_the_device_decoder_refuses_is_decoded_on_the_cpu(
     assert not torch.equal(batch.images[0], dataset.transformed((folder / names[0]).read_bytes()))
 
 
+def test_the_device_pixels_ignore_the_models_autocast(large: Path) -> None:
+    """The model runs under autocast (AMP); the decoding and resizing before it do not."""
+    dataset = JpegDataset(sorted(str(p) for p in large.iterdir()), build_transform(IMAGENET))
+    loaded = gpu_decode.collate_jpegs([dataset[i] for i in range(len(dataset))])
+    decoder = DeviceDecoder(dataset, IMAGENET, CPU)
+    plain = decoder(loaded).images
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = decoder(loaded).images
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, plain, rtol=0, atol=0)
+
+
 def test_groups_keep_to_the_pixel_budget() -> None:
     assert list(_groups([4, 4, 4, 9, 1], budget=8)) == [[0, 1], [2], [3], [4]]
     assert list(_groups([], budget=8)) == []

@@ -15,6 +15,7 @@ how the tests check it against the OpenCV path.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -44,12 +45,20 @@ UPSCALE_MODES = {
 @dataclass
 class JpegBatch:
     """A batch as the loader's processes hand it over: what they decoded on the CPU (with the
-    failures), and the JPEGs left to the device, as the files' bytes."""
+    failures), and the JPEGs left to the device, their files' bytes end to end in one tensor
+    (one shared-memory segment per batch, not one per image: file descriptors run out)."""
 
     decoded: Batch
     jpeg_indices: list[int]
-    jpegs: list[torch.Tensor]  # 1-D uint8, on the CPU (decode_jpeg reads them there)
+    data: torch.Tensor  # uint8, the JPEGs' bytes one after the other, on the CPU
+    ends: list[int]  # where each JPEG ends in `data`
     pixels: list[int]  # width x height of each, from its header
+
+    @property
+    def jpegs(self) -> list[torch.Tensor]:
+        """Each JPEG's bytes: 1-D uint8 views of `data`, as decode_jpeg takes them."""
+        starts = [0, *self.ends][:-1]
+        return [self.data[a:b] for a, b in zip(starts, self.ends, strict=True)]
 
     def pin_memory(self) -> JpegBatch:
         self.decoded.pin_memory()
@@ -61,25 +70,25 @@ class JpegDataset(ImageDataset):
 
     def __getitem__(  # type: ignore[override]
         self, index: int
-    ) -> tuple[int, torch.Tensor | None, torch.Tensor | None, int, tuple[str, str] | None]:
+    ) -> tuple[int, torch.Tensor | None, bytes | None, int, tuple[str, str] | None]:
         try:
             data = self.read(index)
             if data:
                 header = read_header(data)
                 pixels = header.width * header.height
                 if header.device_decodable and pixels <= self.max_pixels:
-                    jpeg = torch.frombuffer(bytearray(data[: header.end]), dtype=torch.uint8)
-                    return index, None, jpeg, pixels, None
+                    return index, None, data[: header.end], pixels, None
             return index, self.transformed(data), None, 0, None
         except Exception as err:
             return index, None, None, 0, failure(err)
 
 
 def collate_jpegs(
-    samples: list[tuple[int, torch.Tensor | None, torch.Tensor | None, int, tuple | None]],
+    samples: list[tuple[int, torch.Tensor | None, bytes | None, int, tuple | None]],
 ) -> JpegBatch:
     decoded = [(i, x) for i, x, _, _, _ in samples if x is not None]
     jpegs = [(i, j, p) for i, _, j, p, _ in samples if j is not None]
+    data = b"".join(j for _, j, _ in jpegs)
     return JpegBatch(
         decoded=Batch(
             indices=[i for i, _ in decoded],
@@ -87,7 +96,10 @@ def collate_jpegs(
             failures=[(i, *err) for i, _, _, _, err in samples if err is not None],
         ),
         jpeg_indices=[i for i, _, _ in jpegs],
-        jpegs=[j for _, j, _ in jpegs],
+        data=torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data
+        else torch.empty(0, dtype=torch.uint8),
+        ends=list(itertools.accumulate(len(j) for _, j, _ in jpegs)),
         pixels=[p for _, _, p in jpegs],
     )
 
@@ -175,14 +187,21 @@ class DeviceDecoder:
         self.transform = DeviceTransform(preprocess, device)
 
     def __call__(self, batch: JpegBatch) -> Batch:
+        # The pixels in float32 whatever autocast the model runs under: the resize's matrix
+        # products in bf16 would move them by a grey level.
+        with torch.autocast(self.device.type, enabled=False):
+            return self._batch(batch)
+
+    def _batch(self, batch: JpegBatch) -> Batch:
         images: dict[int, torch.Tensor] = {}
         failures = list(batch.decoded.failures)
         if batch.decoded.images is not None:
             on_device = batch.decoded.images.to(self.device, non_blocking=True)
             images.update(zip(batch.decoded.indices, on_device, strict=True))
+        all_jpegs = batch.jpegs
         for group in _groups(batch.pixels, DECODE_PIXELS):
             indices = [batch.jpeg_indices[g] for g in group]
-            jpegs = [batch.jpegs[g] for g in group]
+            jpegs = [all_jpegs[g] for g in group]
             for index, jpeg, image in zip(indices, jpegs, self._decode(jpegs), strict=True):
                 if image is not None:
                     images[index] = self.transform(image)
