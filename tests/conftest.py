@@ -99,12 +99,18 @@ def composed(*overrides: str) -> PipelineConfig:
 
 
 def write_layer(
-    path: Path, vectors: np.ndarray, ids: list[str], labels: list[str] | None, **metadata: object
+    path: Path,
+    vectors: np.ndarray,
+    ids: list[str],
+    labels: list[str] | None,
+    sources: list[str] | None = None,
+    **metadata: object,
 ) -> Path:
-    """A layer folder in the contract's layout, as an extraction would publish it."""
+    """A layer folder in the contract's layout, as an extraction would publish it; with
+    `sources`, calibration copies of those images."""
     schema = embedding_schema(
-        vectors.shape[1], labels is not None, {"layer": path.stem, **metadata}
+        vectors.shape[1], labels is not None, {"layer": path.stem, **metadata}, sources is not None
     )
-    table = embedding_table(schema, ids, labels, vectors.astype(np.float32))
+    table = embedding_table(schema, ids, labels, vectors.astype(np.float32), sources)
     write_manifest(path, [write_part(table, path / part_name(0))])
     return path

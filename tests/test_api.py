@@ -79,13 +79,14 @@ def test_weights_are_recorded_and_runs_of_other_weights_kept_apart(
     common = [
         "model=timm",
         "model.name=test_efficientnet",
+        "model.pretrained=false",
         "tracking=none",
         "dataset=folder",
         f"dataset.root={photos}",
         "dataset.name=photos",
         "model.input_size=[3,32,32]",
     ]
-    for weights in (["model.pretrained=false"], [f"model.checkpoint={tmp_path}/mine.pth"]):
+    for weights in ([], [f"model.checkpoint={tmp_path}/mine.pth"]):
         done = run_cli(*common, *weights, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
     random = read_metadata(

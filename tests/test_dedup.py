@@ -20,6 +20,7 @@ from pipeline.dedup import (
     truth_codes,
 )
 from pipeline.errors import ConfigError
+from pipeline.store import calibration_path
 from pipeline.vectors import normalise
 
 from conftest import composed, run_cli, write_image, write_layer
@@ -108,7 +109,10 @@ def test_cli_finds_planted_pairs_and_exact_copies(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override", ["dedup.threshold=1.5", "dedup.k=0"])
+@pytest.mark.parametrize(
+    "override",
+    ["dedup.threshold=1.5", "dedup.threshold=high", "dedup.k=0", "dedup.target_precision=0"],
+)
 def test_cli_bad_parameters_exit_2(tmp_path: Path, override: str) -> None:
     done = run_cli(override, "tracking=none", module="pipeline.dedup", cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.startswith("error: dedup.")
@@ -152,7 +156,10 @@ def test_run_with_no_pairs_still_draws_the_picture(tmp_path: Path) -> None:
         write_image(root / name, np.full((8, 8, 3), 80 * i, np.uint8))
     layer = write_layer(tmp_path / "l.parquet", np.eye(3, dtype=np.float32), ids, None)
     cfg = stage_config(
-        f"embeddings={layer}", f"dedup.output_dir={tmp_path / 'out'}", f"images_root={root}"
+        f"embeddings={layer}",
+        f"dedup.output_dir={tmp_path / 'out'}",
+        f"images_root={root}",
+        "dedup.threshold=0.7",
     )
     cfg.dedup.truth = str(tmp_path / "missing.csv")
     with pytest.raises(ConfigError, match=r"dedup\.truth .* does not exist"):
@@ -182,3 +189,80 @@ def test_the_pairs_shown_are_those_nearest_the_threshold() -> None:
     )
     shown = dedup.around_threshold(candidates, threshold=0.7, count=4)
     assert shown["similarity"].tolist() == [0.79, 0.74, 0.69, 0.64]  # two above, two below
+
+
+def test_auto_threshold_needs_the_extractions_calibration_copies(tmp_path: Path) -> None:
+    layer = write_layer(tmp_path / "l.parquet", unit_vectors(5, 8), list("abcde"), None)
+    cfg = stage_config(f"embeddings={layer}", f"dedup.output_dir={tmp_path / 'out'}")
+    assert cfg.dedup.threshold == "auto"  # the default
+    with pytest.raises(ConfigError, match=r"calibration copies .* calibration\.images > 0"):
+        dedup.run(cfg)
+    write_layer(
+        calibration_path(layer), unit_vectors(2, 8), ["a#copy0", "x#copy0"], None, ["a", "x"]
+    )
+    with pytest.raises(ConfigError, match="not made with these embeddings"):
+        dedup.run(cfg)  # a copy of an image these embeddings do not hold
+
+
+def planted(tmp_path: Path) -> tuple[Path, np.ndarray, list[str]]:
+    """60 unrelated images in 32 dims and 20 pairs of near-duplicates among them, with 2
+    calibration copies of each of the first 30 images."""
+    rng = np.random.default_rng(5)
+    vectors = unit_vectors(60, 32, seed=6)
+    vectors[40:] = normalise(vectors[:20] + rng.standard_normal((20, 32)).astype(np.float32) * 0.1)
+    ids = [f"{i}.png" for i in range(60)]
+    layer = write_layer(tmp_path / "l.parquet", vectors, ids, None, config_hash="h")
+    sources = np.repeat(np.arange(30), 2)
+    copies = normalise(vectors[sources] + rng.standard_normal((60, 32)).astype(np.float32) * 0.1)
+    write_layer(
+        calibration_path(layer),
+        copies,
+        [f"{i}#copy{j % 2}" for j, i in enumerate(sources)],
+        None,
+        [ids[i] for i in sources],
+        config_hash="h",
+    )
+    truth = pd.DataFrame({"path": ids, "group": [i % 40 for i in range(60)]})
+    truth.to_csv(tmp_path / "truth.csv", index=False)
+    return layer, vectors, ids
+
+
+def test_run_calibrates_on_the_copies_and_records_the_whitening(tmp_path: Path) -> None:
+    layer, vectors, ids = planted(tmp_path)
+    out = tmp_path / "out"
+    cfg = stage_config(
+        f"embeddings={layer}", f"dedup.output_dir={out}", f"dedup.truth={tmp_path / 'truth.csv'}"
+    )
+    metrics = json.loads((dedup.run(cfg).output_dir / "metrics.json").read_text())
+    assert metrics["threshold_auto"] and metrics["calibration_reached"]
+    assert metrics["calibration_copies"] == 60 and metrics["calibration_images"] == 30
+    assert metrics["calibration_precision"] >= 0.95 and metrics["calibration_recall"] > 0.9
+    assert metrics["precision"] == metrics["recall"] == metrics["ap"] == 1.0
+    assert metrics["whiten_dim"] > 0
+    curve = pd.read_csv(out / "calibration_curve.csv")
+    assert curve["recall"].is_monotonic_decreasing and (out / "calibration_curve.png").is_file()
+    # whitening.npz maps the L2-normalised embeddings into the space the pairs were found in.
+    saved = np.load(out / "whitening.npz")
+    again = normalise((normalise(vectors) - saved["mean"]) @ saved["projection"])
+    pairs = pd.read_parquet(out / "pairs.parquet")
+    a = [ids.index(i) for i in pairs["image_a"]]
+    b = [ids.index(i) for i in pairs["image_b"]]
+    np.testing.assert_allclose(
+        np.sum(again[a] * again[b], axis=1), pairs["similarity"], rtol=1e-4, atol=1e-5
+    )
+
+
+def test_fixed_threshold_and_no_whitening_still_work(tmp_path: Path) -> None:
+    layer, _, _ = planted(tmp_path)
+    out = tmp_path / "out"
+    cfg = stage_config(
+        f"embeddings={layer}",
+        f"dedup.output_dir={out}",
+        "dedup.threshold=0.75",
+        "dedup.whiten=false",
+    )
+    metrics = dedup.run(cfg).metrics
+    assert metrics["threshold"] == 0.75 and not metrics["threshold_auto"]
+    assert metrics["whiten_dim"] == 0 and metrics["n_pairs"] == 20
+    assert not (out / "whitening.npz").exists()
+    assert "calibration_ap" in metrics  # the copies still show what the threshold does

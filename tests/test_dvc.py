@@ -64,7 +64,9 @@ def test_repro_and_an_experiment_from_a_fresh_clone(tmp_path: Path) -> None:
     cluster = json.loads(
         (out / "cluster/demo/efficientnet_lite0/global_pool/metrics.json").read_text()
     )
-    assert dedup["recall"] > 0.9 and dedup["precision"] > 0.9  # the planted near-duplicates
+    # The planted near-duplicates, at the calibrated threshold; their mirrored copies are not of
+    # the calibration's family unless calibration.flip=true.
+    assert dedup["threshold_auto"] and dedup["recall"] > 0.8 and dedup["precision"] > 0.9
     assert cluster["nmi"] > 0.9
     report = pd.read_parquet(out / "report/demo/efficientnet_lite0/report.parquet")
     assert report["layer"].tolist() == ["blocks.4", "global_pool"]
@@ -81,7 +83,7 @@ def test_repro_and_an_experiment_from_a_fresh_clone(tmp_path: Path) -> None:
     assert "up to date" in dvc("status", cwd=clone)
 
     # An experiment: DVC composes params.yaml with the override and runs what it feeds.
-    experiment = ran(dvc("exp", "run", "-S", "dedup.threshold=0.9", cwd=clone))
+    experiment = ran(dvc("exp", "run", "-S", "dedup.threshold=0.99", cwd=clone))
     assert sorted(experiment) == ["dedup@blocks.4", "dedup@global_pool", "report"]
     assert "dedup.threshold" in dvc("params", "diff", cwd=clone)  # the workspace vs HEAD
     table = json.loads(dvc("exp", "show", "--json", cwd=clone))
@@ -93,7 +95,7 @@ def test_repro_and_an_experiment_from_a_fresh_clone(tmp_path: Path) -> None:
         if params and metrics:
             found[params["dedup"]["threshold"]] = metrics["recall"]
     # The experiment's row: a stricter threshold finds fewer of the planted pairs.
-    assert found[0.9] < dedup["recall"]
+    assert found[0.99] < dedup["recall"]
     assert any(row.get("experiments") for row in table)  # recorded as a DVC experiment
 
 

@@ -160,6 +160,93 @@ def test_list_layers_reports_shapes_dims_and_calls(resnet: torch.nn.Module) -> N
     assert rows["layer2"]["output"] == "128x8x8" and rows["layer2"]["dim"] == 128
     assert rows["fc"]["dim"] == 1000 and rows["fc"]["bytes"] == 4000
     assert rows["layer1.0.relu"]["calls"] == 2  # torchvision's BasicBlock reuses its ReLU
+    gridded = {r["layer"]: r for r in list_layers(resnet, torch.zeros(1, 3, 64, 64), Pool.grid)}
+    assert gridded["layer2"]["dim"] == 4 * 128 and gridded["fc"]["dim"] == 1000
+
+
+def test_gem_against_hand_computed_means() -> None:
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 1, 2, 2)
+    # ((1 + 8 + 27 + 64) / 4) ** (1 / 3) = 25 ** (1 / 3)
+    torch.testing.assert_close(pool_output(x, Pool.gem, gem_p=3.0), torch.tensor([[25 ** (1 / 3)]]))
+    torch.testing.assert_close(pool_output(x, Pool.gem, gem_p=1.0), torch.tensor([[2.5]]))
+    # Negative activations are clamped away: ((0 + 0 + 0 + 64) / 4) ** (1 / 2) = 4.
+    signed = torch.tensor([[-1.0, -2.0], [0.0, 8.0]]).reshape(1, 1, 2, 2)
+    torch.testing.assert_close(pool_output(signed, Pool.gem, gem_p=2.0), torch.tensor([[4.0]]))
+    # Half precision in, float32 out: 300 ** 3 would overflow float16.
+    big = torch.full((1, 2, 3, 3), 300.0, dtype=torch.float16)
+    torch.testing.assert_close(pool_output(big, Pool.gem), torch.full((1, 2), 300.0))
+
+
+def test_grid_concatenates_cell_averages_cell_by_cell() -> None:
+    x = torch.arange(32, dtype=torch.float32).reshape(1, 2, 4, 4)  # channel 1 = channel 0 + 16
+    got = pool_output(x, Pool.grid, grid=2)
+    # Cells of channel 0, row-major: top-left {0, 1, 4, 5}, top-right {2, 3, 6, 7}, ...
+    cells = [2.5, 4.5, 10.5, 12.5]
+    expected = [v for c in cells for v in (c, c + 16)]
+    torch.testing.assert_close(got, torch.tensor([expected]))
+    # A map smaller than the grid gets one cell per position, never repeated ones.
+    torch.testing.assert_close(pool_output(x[:, :, :1, :1], Pool.grid, grid=4), x[:, :, 0, 0])
+
+
+def test_grid_lays_vit_patch_tokens_back_on_their_square() -> None:
+    tokens = torch.randn(2, 1 + 16, 8)  # a class token, then 4 x 4 patches
+    got = pool_output(tokens, Pool.grid, prefix_tokens=1, grid=2)
+    patches = tokens[:, 1:].reshape(2, 4, 4, 8)
+    top_left = patches[:, :2, :2].mean(dim=(1, 2))
+    assert got.shape == (2, 4 * 8)
+    torch.testing.assert_close(got[:, :8], top_left)
+    with pytest.raises(ConfigError, match="square"):
+        pool_output(tokens[:, :-1], Pool.grid, prefix_tokens=1)
+
+
+def test_multi_scale_sums_unit_descriptors_of_each_scale(
+    resnet: torch.nn.Module, images: torch.Tensor
+) -> None:
+    oracle = create_feature_extractor(resnet, ["layer3"])
+    half = torch.nn.functional.interpolate(
+        images, scale_factor=0.5, mode="bilinear", antialias=True, align_corners=False
+    )
+    with torch.inference_mode():
+        expected = sum(
+            torch.nn.functional.normalize(oracle(x)["layer3"].mean(dim=(2, 3)), dim=1)
+            for x in (images, half)
+        )
+        with LayerHooks(resnet, ["layer3"], Pool.avg, scales=[1.0, 0.5]) as hooks:
+            info = hooks.describe(images[:1])
+            got = hooks(images)["layer3"]
+    torch.testing.assert_close(got, expected)
+    assert info["layer3"].dim == 256 and info["layer3"].params == {}
+
+
+def test_multi_scale_still_stops_early_and_records_pool_params(
+    resnet: torch.nn.Module, images: torch.Tensor
+) -> None:
+    ran = []
+    probe = resnet.layer3.register_forward_hook(lambda *_: ran.append("layer3"))
+    try:
+        with (
+            torch.inference_mode(),
+            LayerHooks(resnet, ["layer2"], Pool.grid, grid=3, scales=[1.0, 0.7]) as hooks,
+        ):
+            info = hooks.describe(images[:1])
+            ran.clear()  # describe runs the whole model once, by design
+            out = hooks(images)
+    finally:
+        probe.remove()
+    assert ran == [] and out["layer2"].shape == (3, 128 * 9)
+    assert info["layer2"].params == {"grid": 3}
+
+
+def test_multi_scale_refuses_poolings_whose_dim_depends_on_size(
+    resnet: torch.nn.Module, images: torch.Tensor
+) -> None:
+    with (
+        pytest.raises(ConfigError, match=r"another dim at scale 0\.5"),
+        LayerHooks(resnet, ["layer2"], Pool.flatten, scales=[1.0, 0.5]) as hooks,
+    ):
+        hooks.describe(images[:1])
+    with pytest.raises(ConfigError, match="scales must be positive"):
+        LayerHooks(resnet, ["layer2"], Pool.avg, scales=[])
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ SKIPPED = {
     "hydra/launcher=submitit_slurm": "a SLURM cluster",
     "MLFLOW_TRACKING_URI=http": "a tracking server (tests/test_tracking.py runs one)",
     "python3 -m venv": "the set-up itself, which CI runs",
+    "engine=ray": "a Ray cluster's start per command (tests/test_ray.py runs the engine's CLI)",
 }
 AUTOENCODER = """
 import torch

@@ -37,11 +37,14 @@ JOB_ERROR_FILE = ".job_error"  # in a sweep job's folder: the exit code of a use
 _sweep_dir: Path | None = None  # set in the launching process when a multirun starts
 
 
-def main(stage: str, run: Callable[[PipelineConfig], Any], track: bool = True) -> None:
+def main(
+    stage: str, run: Callable[[PipelineConfig], Any], track: bool = True, config: str = "config"
+) -> None:
     """Run `stage` as a command: `python -m pipeline.<stage> [overrides]`; `track=False` for
-    commands that only print."""
+    commands that only print; `config` names the stage's own top config in conf/ when its
+    defaults differ (it builds on config.yaml)."""
 
-    @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+    @hydra.main(version_base="1.3", config_path="conf", config_name=config)
     def task(cfg: DictConfig) -> None:
         from pipeline import tracking  # MLflow loads only when a stage runs as a command
 

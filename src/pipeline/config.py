@@ -28,6 +28,8 @@ class Pool(Enum):
     flatten = "flatten"
     cls = "cls"
     mean = "mean"
+    gem = "gem"  # generalised mean, p = gem_p
+    grid = "grid"  # pool_grid x pool_grid cells, each averaged, concatenated
     none = "none"  # recorded for layers whose output is already one vector per image
 
 
@@ -101,6 +103,16 @@ class ModelConfig:
     interpolation: str | None = MISSING
     mean: list[float] | None = MISSING
     std: list[float] | None = MISSING
+    dedup_layer: str = MISSING  # the default layer of python -m pipeline.dedup
+
+
+@dataclass
+class CalibrationConfig:
+    """Near-duplicate copies of a sample of the images, embedded beside the layers."""
+
+    images: int = MISSING
+    copies: int = MISSING
+    flip: bool = MISSING
 
 
 class Engine(Enum):
@@ -142,7 +154,12 @@ class ClusterConfig:
 
 @dataclass
 class DedupConfig:
-    threshold: float = MISSING
+    threshold: float | str = MISSING  # a cosine similarity, or "auto"
+    target_precision: float = MISSING
+    whiten: bool = MISSING
+    whiten_dim: int | None = MISSING
+    whiten_shrinkage: float = MISSING
+    whiten_sample: int = MISSING
     k: int = MISSING
     method: SearchMethod = MISSING
     device: str = MISSING
@@ -192,6 +209,9 @@ class PipelineConfig:
     # Extraction
     layers: list[str] = MISSING
     pool: Pool = MISSING
+    gem_p: float = MISSING
+    pool_grid: int = MISSING
+    scales: list[float] = MISSING
     output_key: str | None = MISSING
     extraction_name: str = MISSING  # <dataset>/<model>: names the folders of every stage
     output_dir: str = MISSING
@@ -207,6 +227,7 @@ class PipelineConfig:
     max_failure_rate: float = MISSING
     max_image_pixels: int = MISSING
     max_file_bytes: int = MISSING
+    calibration: CalibrationConfig = MISSING
     # Downstream stages: one layer's embeddings in
     layer: str = MISSING
     embeddings: str = MISSING

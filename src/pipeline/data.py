@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
 
@@ -636,12 +636,16 @@ class Batch:
         return self
 
 
+Transform = Callable[..., dict[str, Any]]  # albumentations' call: transform(image=x)["image"]
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Reads, decodes and transforms one image; a failure is returned, never raised.
 
     Args:
         paths: the files, in manifest order.
-        transform: from `build_transform`.
+        transform: from `build_transform` (or one that makes several tensors of an image,
+            as `augment.CopyTransform` does).
         max_pixels: see `decode_image`.
         errors: per path, a reason it fails without being opened (the manifest's `error`
             column, sliced like `paths`), or None.
@@ -652,7 +656,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __init__(
         self,
         paths: Sequence[str],
-        transform: A.Compose,
+        transform: Transform,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         *,
         errors: Sequence[str | None] | None = None,
@@ -702,6 +706,31 @@ def collate(samples: list[tuple[int, torch.Tensor | None, tuple[str, str] | None
         images=torch.stack([x for _, x in good]) if good else None,
         failures=[(i, *err) for i, _, err in samples if err is not None],
     )
+
+
+def image_loader(
+    paths: Sequence[str],
+    transform: Transform,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    errors: Sequence[str | None] | None = None,
+    min_side: int | None = None,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    prefetch_factor: int | None = None,
+) -> torch.utils.data.DataLoader:
+    """Batches in manifest order, decoded in `num_workers` processes (keywords: ImageDataset)."""
+    dataset = ImageDataset(
+        paths,
+        transform,
+        max_image_pixels,
+        errors=errors,
+        min_side=min_side,
+        max_file_bytes=max_file_bytes,
+    )
+    return batch_loader(dataset, collate, batch_size, num_workers, pin_memory, prefetch_factor)
 
 
 def batch_loader(

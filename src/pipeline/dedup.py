@@ -1,14 +1,18 @@
 """python -m pipeline.dedup [overrides]: near-duplicate images from one layer's embeddings.
 
-Cosine similarity on L2-normalised embeddings; each image's k nearest neighbours and every pair
-at or above the threshold found by `neighbours.search`: exactly (on a GPU when there is one, by
-blocked matrix products on the CPU for smaller sets) or approximately for large sets on the CPU,
-with the approximation's recall measured and reported.
-Writes `pairs.parquet` (`image_a`, `image_b`, `similarity`: pairs at or above the threshold),
-`groups.parquet` (`image_id`, `group`: connected components of those pairs),
-`exact_duplicates.parquet` (files with the same bytes), `metrics.json` (precision, recall and F1
-over pairs when the true groups are known), `pr_curve.csv` and `pr_curve.png` (the same over
-thresholds) and `top_pairs.png` (the pairs nearest the threshold, on both sides).
+Cosine similarity on L2-normalised embeddings, PCA-whitened first (`dedup.whiten`, fitted on the
+embeddings and the extraction's calibration copies); each image's k nearest neighbours and every
+pair at or above the threshold found by `neighbours.search`: exactly (on a GPU when there is one, by
+blocked matrix products on the CPU for smaller sets) or approximately for large sets, its recall
+measured and reported. The threshold is fixed, or (`dedup.threshold=auto`) calibrated on the copies
+(`pipeline.calibration`). Writes `pairs.parquet` (`image_a`, `image_b`, `similarity`: pairs at or
+above the threshold), `groups.parquet` (`image_id`, `group`: connected components of those pairs),
+`exact_duplicates.parquet` (files with the same bytes), `metrics.json` (the threshold; average
+precision, precision, recall and F1 over pairs when the true groups are known; the calibration's
+numbers on the copies), `pr_curve.csv` and `pr_curve.png` (against the truth, over thresholds),
+`calibration_curve.csv` and `calibration_curve.png` (on the copies), `whitening.npz` (`mean`,
+`projection`: apply as normalise((x - mean) @ projection)) and `top_pairs.png` (the pairs nearest
+the threshold, on both sides).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +28,35 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from pipeline import neighbours, plots
-from pipeline.config import PipelineConfig
+from pipeline.calibration import Calibration, average_precision, calibrate
+from pipeline.config import DedupConfig, PipelineConfig
 from pipeline.errors import ConfigError
 from pipeline.results import StageResult
-from pipeline.store import embeddings_input, existing_embeddings, images_root, read_embeddings
-from pipeline.vectors import normalise
+from pipeline.store import (
+    Embeddings,
+    calibration_path,
+    embeddings_input,
+    existing_embeddings,
+    images_root,
+    read_embeddings,
+)
+from pipeline.vectors import Whitening, fit_whitening, normalise
 
 log = logging.getLogger(__name__)
 BLOCK_BYTES = 64 * 2**20  # similarity rows computed at once: bounds memory at any N
-PR_THRESHOLDS = np.round(np.arange(0.50, 1.00, 0.01), 2)
+PR_THRESHOLDS = np.round(np.arange(-1.0, 1.0, 0.01), 2)
+APP_CONFIG = "dedup_app"  # conf/dedup_app.yaml: config.yaml, with the model's dedup_layer
+MIN_WHITENED = 16  # fewer embeddings than this cannot estimate a whitening worth applying
 # Written only by some runs: removed first, so a folder never mixes two runs' results.
-OPTIONAL_OUTPUTS = ("exact_duplicates.parquet", "pr_curve.csv", "pr_curve.png", "top_pairs.png")
+OPTIONAL_OUTPUTS = (
+    "exact_duplicates.parquet",
+    "pr_curve.csv",
+    "pr_curve.png",
+    "top_pairs.png",
+    "calibration_curve.csv",
+    "calibration_curve.png",
+    "whitening.npz",
+)
 
 
 def truth_codes(groups: pd.Series) -> np.ndarray:
@@ -118,14 +141,105 @@ def top_pairs_figure(pairs: pd.DataFrame, ids: list[str], root: Path, title: str
     return plots.image_grid(rows, title)
 
 
-def run(cfg: PipelineConfig) -> StageResult:
-    params = cfg.dedup
-    if not -1 < params.threshold <= 1:
+def fixed_threshold(value: float | str) -> float | None:
+    """dedup.threshold as a number, or None for auto."""
+    if value == "auto":
+        return None
+    try:
+        threshold = float(value)
+    except ValueError:
         raise ConfigError(
-            f"dedup.threshold is a cosine similarity in (-1, 1], got {params.threshold}"
+            f"dedup.threshold is auto or a cosine similarity, got {value!r}"
+        ) from None
+    if not -1 < threshold <= 1:
+        raise ConfigError(f"dedup.threshold is a cosine similarity in (-1, 1], got {threshold}")
+    return threshold
+
+
+@dataclass
+class Copies:
+    """The calibration copies of the embedded images: vectors, and each one's source row."""
+
+    vectors: np.ndarray
+    sources: np.ndarray
+    images: int  # how many images they were made from
+
+
+def calibration_copies(source: Path, embeddings: Embeddings, required: bool) -> Copies | None:
+    """The copies the extraction embedded beside these embeddings; a ConfigError when they
+    are `required` (threshold=auto) and missing, or when they belong to another extraction."""
+    path = calibration_path(source)
+    if not path.is_dir():
+        if required:
+            raise ConfigError(
+                f"dedup.threshold=auto needs the calibration copies the extraction embeds, and "
+                f"{path} does not exist: extract again with calibration.images > 0, or set a "
+                "threshold, e.g. dedup.threshold=0.8"
+            )
+        return None
+    copies = read_embeddings(path)
+    rows = {image_id: i for i, image_id in enumerate(embeddings.ids)}
+    stale = copies.metadata.get("config_hash") != embeddings.metadata.get("config_hash") or any(
+        s not in rows for s in copies.sources
+    )
+    if stale or not copies.sources:
+        raise ConfigError(
+            f"the calibration copies in {path} were not made with these embeddings: extract "
+            "again (python -m pipeline with the same overrides)"
         )
+    sources = np.array([rows[s] for s in copies.sources])
+    return Copies(copies.vectors, sources, len(set(copies.sources)))
+
+
+def postprocess(
+    vectors: np.ndarray, copies: Copies | None, params: DedupConfig, seed: int
+) -> tuple[np.ndarray, np.ndarray | None, Whitening | None]:
+    """The embeddings and copies as the search compares them: PCA-whitened (fitted on up to
+    `whiten_sample` embeddings, and the copies, whose variations whitening then weighs down)
+    and L2-normalised; plain L2-normalised when whitening is off or the set too small."""
+    fit = vectors
+    if len(fit) > params.whiten_sample:
+        rows = np.random.default_rng(seed).choice(len(fit), params.whiten_sample, replace=False)
+        fit = fit[np.sort(rows)]
+    if copies is not None:
+        fit = np.concatenate([fit, copies.vectors])
+    whitening = None
+    if params.whiten and len(fit) >= MIN_WHITENED:
+        whitening = fit_whitening(normalise(fit), params.whiten_dim, params.whiten_shrinkage)
+    elif params.whiten:
+        log.info("not whitened: %d embeddings are too few to fit it (%d)", len(fit), MIN_WHITENED)
+
+    def transform(x: np.ndarray) -> np.ndarray:
+        return whitening.apply(normalise(x)) if whitening else normalise(x)
+
+    return transform(vectors), transform(copies.vectors) if copies else None, whitening
+
+
+def _check_params(params: DedupConfig) -> None:
     if params.k < 1:
         raise ConfigError(f"dedup.k must be at least 1, got {params.k}")
+    if not 0 < params.target_precision <= 1:
+        raise ConfigError(
+            f"dedup.target_precision is a fraction in (0, 1], got {params.target_precision}"
+        )
+    if not 0 <= params.whiten_shrinkage <= 1:
+        raise ConfigError(
+            f"dedup.whiten_shrinkage is a fraction in [0, 1], got {params.whiten_shrinkage}"
+        )
+    if params.whiten_dim is not None and params.whiten_dim < 1:
+        raise ConfigError(f"dedup.whiten_dim must be at least 1 or null, got {params.whiten_dim}")
+    if not 0 < params.min_recall <= 1:
+        raise ConfigError(f"dedup.min_recall is a share in (0, 1], got {params.min_recall}")
+    if params.whiten_sample < MIN_WHITENED:
+        raise ConfigError(
+            f"dedup.whiten_sample must be at least {MIN_WHITENED}, got {params.whiten_sample}"
+        )
+
+
+def run(cfg: PipelineConfig) -> StageResult:
+    params = cfg.dedup
+    threshold = fixed_threshold(params.threshold)
+    _check_params(params)
     source = existing_embeddings(cfg.embeddings)
     embeddings = read_embeddings(source)
     ids, n = embeddings.ids, len(embeddings.ids)
@@ -137,14 +251,20 @@ def run(cfg: PipelineConfig) -> StageResult:
         raise ConfigError(
             f"embeddings {source} hold NaN or Inf values: extract again (precision=fp32)"
         )
-    if not 0 < params.min_recall <= 1:
-        raise ConfigError(f"dedup.min_recall is a share in (0, 1], got {params.min_recall}")
-    unit = normalise(embeddings.vectors, out=embeddings.vectors)  # in place: one copy in memory
+    copies = calibration_copies(source, embeddings, required=threshold is None)
+    unit, copies_unit, whitening = postprocess(embeddings.vectors, copies, params, cfg.seed)
+    calibration = (
+        calibrate(unit, copies_unit, copies.sources, params.k, params.target_precision)
+        if copies is not None and n > 1
+        else None
+    )
+    if threshold is None:
+        threshold = calibrated_threshold(calibration, source)
     try:
         found = neighbours.search(
             unit,
             params.k,
-            params.threshold,
+            threshold,
             params.method.value,
             params.device,
             params.min_recall,
@@ -155,7 +275,7 @@ def run(cfg: PipelineConfig) -> StageResult:
     log.info("%s", found.summary())
     candidates = pd.DataFrame(dict(zip(("a", "b", "similarity"), found.candidates(), strict=True)))
     similarities = candidates["similarity"].to_numpy()
-    above = similarities >= params.threshold
+    above = similarities >= threshold
     pairs = pd.DataFrame({"a": found.pairs_a, "b": found.pairs_b, "similarity": found.similarity})
     groups = neighbours.groups(n, found.pairs_a, found.pairs_b)
     out = Path(params.output_dir)
@@ -175,13 +295,18 @@ def run(cfg: PipelineConfig) -> StageResult:
     )
     metrics: dict = {
         "n_images": n,
-        "threshold": params.threshold,
+        "threshold": threshold,
+        "threshold_auto": params.threshold == "auto",
         "n_pairs": len(pairs),
         "n_groups": int(groups.max() + 1) if n else 0,
         **({"recall_at_k": found.recall_at_k} if found.recall_at_k is not None else {}),
         **({"pair_recall": found.pair_recall} if found.pair_recall is not None else {}),
     }
     artifacts = [out / "metrics.json"]
+    artifacts += write_postprocessing(out, whitening, calibration, threshold, source.stem)
+    metrics.update(whitening_metrics(whitening, params))
+    if calibration is not None:
+        metrics.update(calibration.metrics(), calibration_images=copies.images)
     root = images_root(cfg.images_root, embeddings.metadata)
     if root is not None and not (root / ids[0]).is_file():
         log.warning(
@@ -202,27 +327,29 @@ def run(cfg: PipelineConfig) -> StageResult:
         hits = shares_group(codes, candidates["a"].to_numpy(), candidates["b"].to_numpy())
         n_true = count_true_pairs(codes)
         metrics.update(
-            pair_scores(int(above.sum()), int(hits[above].sum()), n_true), true_pairs=n_true
+            pair_scores(int(above.sum()), int(hits[above].sum()), n_true),
+            true_pairs=n_true,
+            ap=average_precision(similarities, hits, n_true),
         )
         curve = pr_curve(similarities, hits, n_true)
         curve.to_csv(out / "pr_curve.csv", index=False)
         artifacts += [
             out / "pr_curve.csv",
             plots.save(
-                plots.pr_figure(curve, params.threshold, f"{source.stem}: near-duplicate pairs"),
+                plots.pr_figure(curve, threshold, f"{source.stem}: near-duplicate pairs"),
                 out / "pr_curve.png",
             ),
         ]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if root is not None:
-        title = f"{source.stem}: pairs nearest the threshold {params.threshold}"
-        shown = around_threshold(candidates, params.threshold, params.top_pairs)
+        title = f"{source.stem}: pairs nearest the threshold {threshold:.3f}"
+        shown = around_threshold(candidates, threshold, params.top_pairs)
         artifacts.append(
             plots.save(top_pairs_figure(shown, ids, root, title), out / "top_pairs.png")
         )
     summary = (
         f"{len(pairs)} pairs in {metrics['n_groups']} groups at cosine similarity "
-        f">= {params.threshold}"
+        f">= {threshold:.3f}{' (calibrated)' if params.threshold == 'auto' else ''}"
         + (
             f" (precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f})"
             if "precision" in metrics
@@ -233,12 +360,68 @@ def run(cfg: PipelineConfig) -> StageResult:
     log.info("%s", summary)
     return StageResult(
         output_dir=out,
-        metrics=metrics,
+        metrics={k: v for k, v in metrics.items() if isinstance(v, float | int)},
         artifacts=artifacts,
         tags={"search": found.summary()},
         inputs=[embeddings_input(source, embeddings.metadata)],
         summary=summary,
     )
+
+
+def calibrated_threshold(calibration: Calibration | None, source: Path) -> float:
+    """The calibrated threshold, with a warning when the target precision was out of reach."""
+    if calibration is None:  # a single image: nothing to pair, any threshold will do
+        return 1.0
+    if not calibration.reached:
+        log.warning(
+            "%s: no similarity finds the calibration copies at precision %.2f against their "
+            "nearest other images; the threshold is above them all (%.3f): try another layer "
+            "or pooling (python -m pipeline.report compares them)",
+            source,
+            calibration.target_precision,
+            calibration.threshold,
+        )
+    return calibration.threshold
+
+
+def write_postprocessing(
+    out: Path,
+    whitening: Whitening | None,
+    calibration: Calibration | None,
+    threshold: float,
+    name: str,
+) -> list[Path]:
+    """whitening.npz, and the calibration curve as CSV and picture, when there are."""
+    written = []
+    if whitening is not None:
+        np.savez(
+            out / "whitening.npz",
+            mean=whitening.mean,
+            projection=whitening.projection,
+            shrinkage=whitening.shrinkage,
+        )
+        written.append(out / "whitening.npz")
+    if calibration is not None:
+        calibration.curve.to_csv(out / "calibration_curve.csv", index=False)
+        title = (
+            f"{name}: {calibration.copies} calibration copies vs their nearest other images\n"
+            f"(target precision {calibration.target_precision}: threshold {threshold:.3f})"
+        )
+        figure = plots.pr_figure(calibration.curve, threshold, title)
+        written += [
+            out / "calibration_curve.csv",
+            plots.save(figure, out / "calibration_curve.png"),
+        ]
+    return written
+
+
+def whitening_metrics(whitening: Whitening | None, params: DedupConfig) -> dict[str, float]:
+    if whitening is None:
+        return {"whiten_dim": 0}
+    return {
+        "whiten_dim": whitening.projection.shape[1],
+        "whiten_shrinkage": params.whiten_shrinkage,
+    }
 
 
 def around_threshold(candidates: pd.DataFrame, threshold: float, count: int) -> pd.DataFrame:
@@ -252,4 +435,4 @@ def around_threshold(candidates: pd.DataFrame, threshold: float, count: int) -> 
 if __name__ == "__main__":
     from pipeline.app import main
 
-    main("dedup", run)
+    main("dedup", run, config=APP_CONFIG)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import platform
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -24,7 +26,8 @@ import torch
 from tqdm import tqdm
 
 import pipeline
-from pipeline.config import Decode, Engine, PipelineConfig
+from pipeline import augment
+from pipeline.config import CalibrationConfig, Decode, Engine, PipelineConfig
 from pipeline.data import (
     Batch,
     ImageDataset,
@@ -32,6 +35,7 @@ from pipeline.data import (
     batch_loader,
     build_transform,
     collate,
+    image_loader,
     load_manifest,
     resolve_preprocess,
 )
@@ -50,7 +54,17 @@ from pipeline.hooks import LayerHooks, LayerInfo
 from pipeline.models import build_model, weights_provenance
 from pipeline.results import DatasetRef, StageResult
 from pipeline.staging import Chunk, LayerOutput, Staging, published
-from pipeline.store import FAILURES_FILE, embedding_schema, embedding_table, failures_table
+from pipeline.store import (
+    CALIBRATION_DIR,
+    FAILURES_FILE,
+    embedding_schema,
+    embedding_table,
+    failures_table,
+    layer_path,
+    part_name,
+    write_manifest,
+    write_part,
+)
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 64 * 2**20  # embeddings held in memory before a chunk is staged: a part's size
@@ -62,6 +76,9 @@ HASHED_KEYS = (
     "model",
     "layers",
     "pool",
+    "gem_p",
+    "pool_grid",
+    "scales",
     "output_key",
     "precision",
     "decode",  # the GPU's decoder and resize give slightly different pixels
@@ -107,9 +124,10 @@ def chunk_rows(save_every: int, batch_size: int, total_dim: int) -> int:
 
 
 def layer_schemas(
-    info: dict[str, LayerInfo], labelled: bool, metadata: dict[str, Any]
+    info: dict[str, LayerInfo], labelled: bool, metadata: dict[str, Any], sourced: bool = False
 ) -> dict[str, pa.Schema]:
-    """Each layer's Parquet schema, its metadata telling the layer's own shape and pooling."""
+    """Each layer's Parquet schema, its metadata telling the layer's own shape and pooling;
+    `sourced` for the calibration copies' layers."""
     return {
         name: embedding_schema(
             layer.dim,
@@ -119,9 +137,11 @@ def layer_schemas(
                 "layer": name,
                 "output_shape": list(layer.shape),
                 "pool": layer.pool.value,
+                "pool_params": layer.params,
                 "dim": layer.dim,
                 "depth": layer.depth,
             },
+            sourced,
         )
         for name, layer in info.items()
     }
@@ -134,6 +154,11 @@ def _check_numbers(cfg: PipelineConfig) -> None:
         raise ConfigError(f"save_every must be at least 1, got {cfg.save_every}")
     if not 0 <= cfg.max_failure_rate <= 1:
         raise ConfigError(f"max_failure_rate is a fraction in [0, 1], got {cfg.max_failure_rate}")
+    if cfg.calibration.images < 0 or cfg.calibration.copies < 1:
+        raise ConfigError(
+            "calibration.images must be at least 0 and calibration.copies at least 1, got "
+            f"{cfg.calibration.images} and {cfg.calibration.copies}"
+        )
 
 
 def run(cfg: PipelineConfig) -> ExtractResult:
@@ -198,10 +223,19 @@ def extract_images(
         "device": placement.device if session else device.type,
         "precision": precision.value,
         "compile": cfg.compile,
+        "scales": list(cfg.scales),
         "versions": versions(),
     }
     with (
-        LayerHooks(model, cfg.layers, cfg.pool, cfg.output_key) as hooks,
+        LayerHooks(
+            model,
+            cfg.layers,
+            cfg.pool,
+            cfg.output_key,
+            gem_p=cfg.gem_p,
+            grid=cfg.pool_grid,
+            scales=cfg.scales,
+        ) as hooks,
         torch.inference_mode(),
         torch.autocast(
             device.type,
@@ -255,9 +289,22 @@ def extract_images(
                     with torch_threads(plan.main_threads):
                         batches = _batches(dataset, cfg.batch_size, plan, preprocess, device)
                         _extract(hooks, batches, writer, start, device)
+                if cfg.calibration.images:
+                    picked = calibration_sample(len(ids), cfg.calibration.images, cfg.seed)
+                    embed_copies(
+                        hooks,
+                        manifest.iloc[picked],
+                        CopyPlan(cfg.calibration, cfg.seed, preprocess, cfg.batch_size),
+                        layer_schemas(info, False, copies_metadata(metadata, cfg), sourced=True),
+                        staging.dir / CALIBRATION_DIR,
+                        device,
+                        loader_options(cfg, device, len(picked)),
+                    )
                 outputs = staging.publish(writer.chunks, ids)
                 processed, sample = len(ids) - start, writer.sample
         seconds = time.perf_counter() - started
+    if not cfg.calibration.images:  # copies an earlier run embedded no longer match
+        shutil.rmtree(output_dir / CALIBRATION_DIR, ignore_errors=True)
     result = _result(
         cfg,
         output_dir,
@@ -319,6 +366,7 @@ def _result(
                 name: {
                     "output_shape": list(layer.shape),
                     "pool": layer.pool.value,
+                    "pool_params": layer.params,
                     "dim": layer.dim,
                 }
                 for name, layer in info.items()
@@ -528,6 +576,100 @@ def _extract(
         if pending is not None:
             hand_on()
     writer.save()
+
+
+def loader_options(cfg: PipelineConfig, device: torch.device, images: int) -> dict[str, Any]:
+    """The keywords of `image_loader` that come from the config, for `images` images."""
+    plan = plan_loader(cfg.num_workers, -(-images // cfg.batch_size), device)
+    return {
+        "num_workers": plan.workers,
+        "pin_memory": plan.pin_memory,
+        "prefetch_factor": plan.prefetch_factor,
+        "max_image_pixels": cfg.max_image_pixels,
+        "max_file_bytes": cfg.max_file_bytes,
+    }
+
+
+def copies_metadata(metadata: dict[str, Any], cfg: PipelineConfig) -> dict[str, Any]:
+    """The layers' metadata, plus how their calibration copies were made."""
+    return {
+        **metadata,
+        "calibration": {
+            **asdict(cfg.calibration),
+            "seed": cfg.seed,
+            "transformations": augment.FAMILY,
+        },
+    }
+
+
+def calibration_sample(images: int, wanted: int, seed: int) -> np.ndarray:
+    """Which images get calibration copies: `wanted` of them at random, in dataset order."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(images, size=min(wanted, images), replace=False))
+
+
+@dataclass(frozen=True)
+class CopyPlan:
+    """How the calibration copies are made and batched."""
+
+    calibration: CalibrationConfig
+    seed: int
+    preprocess: Preprocess
+    batch_size: int
+
+    @property
+    def images_per_batch(self) -> int:
+        return max(1, self.batch_size // self.calibration.copies)
+
+    @property
+    def min_side(self) -> int:
+        """Decode sources large enough that the smallest rescale of a copy still gives the
+        model its full input; large JPEGs still decode at reduced scale."""
+        return math.ceil(self.preprocess.min_side / augment.RESCALE[0])
+
+
+def embed_copies(
+    hooks: LayerHooks,
+    sample: pd.DataFrame,
+    plan: CopyPlan,
+    schemas: dict[str, pa.Schema],
+    folder: Path,
+    device: torch.device,
+    options: dict[str, Any],
+) -> None:
+    """Make `plan.calibration.copies` near-duplicates of each sampled image (manifest rows),
+    embed them with the same hooks, and write one part per layer under `folder` (the staging
+    folder's calibration/, published with the layers). Images that fail are left out."""
+    copies = plan.calibration.copies
+    transform = augment.CopyTransform(
+        build_transform(plan.preprocess), copies, plan.seed, plan.calibration.flip
+    )
+    loader = image_loader(
+        sample["path"].tolist(),
+        transform,
+        plan.images_per_batch,
+        errors=sample["error"].tolist() if "error" in sample else None,
+        min_side=plan.min_side,
+        **options,
+    )
+    sources: list[str] = []
+    arrays: dict[str, list[np.ndarray]] = {name: [] for name in schemas}
+    for batch in tqdm(loader, unit="batch", desc="calibration copies", mininterval=1.0):
+        if batch.images is None:
+            continue
+        images = batch.images.flatten(0, 1).to(device, non_blocking=True)  # copies in a row
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        for name, out in hooks(images).items():
+            arrays[name].append(out.float().cpu().numpy())
+        sources += [sample["image_id"].iloc[i] for i in batch.indices for _ in range(copies)]
+    ids = [f"{source}#copy{i % copies}" for i, source in enumerate(sources)]
+    for name, schema in schemas.items():
+        dim = schema.field("embedding").type.list_size
+        vectors = np.concatenate(arrays[name]) if arrays[name] else np.empty((0, dim))
+        table = embedding_table(schema, ids, None, vectors.astype(np.float32), sources)
+        path = layer_path(folder, name)
+        write_manifest(path, [write_part(table, path / part_name(0))])
 
 
 def manifest_digest(manifest: pd.DataFrame) -> str:

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from pipeline.config import Pool
 from pipeline.errors import ConfigError
 
 LOGITS = "logits"  # the model's final output, not a module
+GEM_EPS = 1e-6  # GeM raises activations to a power: negative ones are clamped to this
 
 
 class StopForward(Exception):
@@ -89,20 +92,75 @@ def auto_pool(ndim: int, prefix_tokens: int) -> Pool:
 
 
 # Pool -> the output ranks it fits (with the batch dimension).
-POOL_RANKS = {Pool.avg: {4}, Pool.max: {4}, Pool.cls: {3}, Pool.mean: {3}}
+POOL_RANKS = {
+    Pool.avg: {4},
+    Pool.max: {4},
+    Pool.gem: {4},
+    Pool.grid: {3, 4},
+    Pool.cls: {3},
+    Pool.mean: {3},
+}
 
 
-def pool_output(x: torch.Tensor, pool: Pool, prefix_tokens: int = 0) -> torch.Tensor:
-    """One vector per image, computed where `x` lives (on the GPU, before any copy)."""
+def pool_output(
+    x: torch.Tensor, pool: Pool, prefix_tokens: int = 0, gem_p: float = 3.0, grid: int = 2
+) -> torch.Tensor:
+    """One vector per image, computed where `x` lives (on the GPU, before any copy).
+
+    gem: (mean of x^p over the map)^(1/p) per channel, the generalised mean that retrieval
+    networks pool with (p=1 is avg, large p tends to max); activations below GEM_EPS are
+    clamped, and it is computed in float32, where x^p cannot overflow.
+    grid: the map (or a ViT's patch tokens, laid back on their square) averaged in
+    grid x grid cells (fewer along a side the map is smaller than that), concatenated cell by
+    cell in row-major order (grid^2 x C values), so that where things are in the image counts,
+    as it does between a photo and its crops.
+    """
     if pool is Pool.avg:
         return x.mean(dim=(2, 3))
     if pool is Pool.max:
         return x.amax(dim=(2, 3))
+    if pool is Pool.gem:
+        return x.float().clamp(min=GEM_EPS).pow(gem_p).mean(dim=(2, 3)).pow(1.0 / gem_p)
+    if pool is Pool.grid:
+        maps = x if x.ndim == 4 else token_map(x, prefix_tokens)
+        cells = (min(grid, maps.shape[2]), min(grid, maps.shape[3]))
+        return F.adaptive_avg_pool2d(maps, cells).permute(0, 2, 3, 1).flatten(1)
     if pool is Pool.cls:
         return x[:, 0]
     if pool is Pool.mean:  # over the patch tokens, as timm's avg pooling does for ViTs
         return x[:, prefix_tokens:].mean(dim=1)
     return x.flatten(1)
+
+
+def token_map(tokens: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
+    """A ViT's patch tokens (N, T, D), class and register tokens left out, as a map
+    (N, D, side, side); the patches must fill a square."""
+    patches = tokens[:, prefix_tokens:]
+    side = math.isqrt(patches.shape[1])
+    if side * side != patches.shape[1]:
+        raise ConfigError(
+            f"pool=grid needs the patch tokens on a square, got {patches.shape[1]} after "
+            f"{prefix_tokens} prefix tokens: use pool=mean or pool=cls"
+        )
+    return patches.unflatten(1, (side, side)).permute(0, 3, 1, 2)
+
+
+def pool_params(pool: Pool, gem_p: float, grid: int) -> dict[str, float]:
+    """The parameters a pooling used, as the Parquet metadata records them."""
+    if pool is Pool.gem:
+        return {"gem_p": gem_p}
+    if pool is Pool.grid:
+        return {"grid": grid}
+    return {}
+
+
+def rescaled(images: torch.Tensor, scale: float) -> torch.Tensor:
+    """The batch resized by `scale` (antialiased when shrinking), for multi-scale descriptors."""
+    if scale == 1:
+        return images
+    return F.interpolate(
+        images, scale_factor=scale, mode="bilinear", antialias=scale < 1, align_corners=False
+    )
 
 
 @dataclass(frozen=True)
@@ -113,6 +171,7 @@ class LayerInfo:
     pool: Pool
     dim: int
     depth: int  # position in model.named_modules(); logits come after every module
+    params: dict[str, float] = field(default_factory=dict)  # the pooling's (pool_params)
 
 
 class LayerHooks:
@@ -123,8 +182,11 @@ class LayerHooks:
         outputs = hooks(images)        # {"layer2": (N, 512), "global_pool": (N, 2048)}
 
     Unless `logits` is requested, the forward pass stops as soon as every hooked layer has run.
-    `pool` is a Pool or its name ("auto", "avg", ...). The handles are removed on exit, also
-    when the forward pass raised; any model works, timm's or not.
+    `pool` is a Pool or its name ("auto", "avg", ...); `gem_p` and `grid` are the parameters of
+    pool=gem and pool=grid. With more than one of `scales`, the model runs once per scale on
+    the resized batch and each layer's descriptor is the sum of its L2-normalised pooled
+    outputs. The handles are removed on exit, also when the forward pass raised; any model
+    works, timm's or not.
     """
 
     def __init__(
@@ -133,6 +195,10 @@ class LayerHooks:
         layers: Sequence[str],
         pool: Pool | str = Pool.auto,
         output_key: str | None = None,
+        *,
+        gem_p: float = 3.0,
+        grid: int = 2,
+        scales: Sequence[float] = (1.0,),
     ) -> None:
         self.model = model
         self.layers = resolve_layers(model, [layers] if isinstance(layers, str) else layers)
@@ -142,6 +208,13 @@ class LayerHooks:
         except ValueError:
             choices = ", ".join(p.value for p in Pool if p is not Pool.none)
             raise ConfigError(f"pool={pool!r} is not one of {choices}") from None
+        if gem_p <= 0:
+            raise ConfigError(f"gem_p must be positive, got {gem_p}")
+        if grid < 1:
+            raise ConfigError(f"pool_grid must be at least 1, got {grid}")
+        if not scales or min(scales) <= 0:
+            raise ConfigError(f"scales must be positive numbers, e.g. [1.0, 0.7], got {scales}")
+        self.gem_p, self.grid, self.scales = gem_p, grid, tuple(scales)
         self.output_key = output_key
         self.prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
         self.stop_early = LOGITS not in self.layers
@@ -194,7 +267,7 @@ class LayerHooks:
         tensor = select_output(output, self.output_key, name)
         info = self.info.get(name)
         pool = info.pool if info else self._pool_for(name, tensor)
-        return pool_output(tensor, pool, self.prefix_tokens)
+        return pool_output(tensor, pool, self.prefix_tokens, self.gem_p, self.grid)
 
     def _pool_for(self, name: str, tensor: torch.Tensor) -> Pool:
         # A vector per image is already an embedding, whatever pooling the maps get.
@@ -212,7 +285,14 @@ class LayerHooks:
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Pooled outputs, (N, dim) each, in the order the layers were requested."""
-        return self._run(images)[0]
+        if len(self.scales) == 1:
+            return self._run(rescaled(images, self.scales[0]))[0]
+        summed: dict[str, torch.Tensor] = {}
+        for scale in self.scales:
+            for name, pooled in self._run(rescaled(images, scale))[0].items():
+                unit = F.normalize(pooled.float(), dim=1)
+                summed[name] = summed[name] + unit if name in summed else unit
+        return summed
 
     def _run(
         self, images: torch.Tensor, eager: bool = False
@@ -243,9 +323,9 @@ class LayerHooks:
         return {name: captured[name] for name in self.layers}, output
 
     def describe(self, example: torch.Tensor) -> dict[str, LayerInfo]:
-        """Run one full pass on `example` to learn each layer's shape, pooling and dim.
-
-        It also checks what a stopped pass could not: that no hooked module runs twice.
+        """Run one full pass on `example` to learn each layer's shape, pooling and dim (at scale
+        1), and one pass per other scale to check that the model takes that size and the dims
+        agree. It also checks what a stopped pass could not: that no hooked module runs twice.
         """
         self.info = {}
         shapes: dict[str, tuple[int, ...]] = {}
@@ -263,16 +343,40 @@ class LayerHooks:
         if LOGITS in self.layers:
             shapes[LOGITS] = tuple(select_output(final, self.output_key, LOGITS).shape[1:])
         order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
+        pools = {name: self._pool_for(name, _blank(shapes[name])) for name in self.layers}
         self.info = {
             name: LayerInfo(
                 shapes[name],
-                self._pool_for(name, _blank(shapes[name])),
+                pools[name],
                 outputs[name].shape[1],
                 order.get(name, len(order)),
+                pool_params(pools[name], self.gem_p, self.grid),
             )
             for name in self.layers
         }
+        for scale in self.scales:
+            self._check_scale(example, scale, {n: o.shape[1] for n, o in outputs.items()})
         return self.info
+
+    def _check_scale(self, example: torch.Tensor, scale: float, dims: dict[str, int]) -> None:
+        if scale == 1:
+            return
+        try:
+            outputs = self._run(rescaled(example, scale))[0]
+        except ConfigError:
+            raise
+        except (RuntimeError, AssertionError, ValueError) as err:
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(
+                f"the model does not take images resized by scale {scale} ({message}): "
+                "use scales=[1.0]"
+            ) from None
+        changed = [n for n, o in outputs.items() if o.shape[1] != dims[n]]
+        if changed:
+            raise ConfigError(
+                f"layers {changed} give another dim at scale {scale} (pool={self.pool.value}): "
+                "multi-scale descriptors need a pooling that does not depend on the map's size"
+            )
 
 
 def _shape_recorder(name: str, key: str | None, shapes: dict[str, tuple[int, ...]]) -> Any:
@@ -287,9 +391,16 @@ def _blank(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty((1, *shape), device="meta")
 
 
-def list_layers(model: torch.nn.Module, example: torch.Tensor) -> Iterator[dict[str, Any]]:
+def list_layers(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    pool: Pool = Pool.auto,
+    gem_p: float = 3.0,
+    grid: int = 2,
+) -> Iterator[dict[str, Any]]:
     """Every module in model order, then `logits` (the model's output): type, output shape,
-    auto-pooled dim, bytes per image (as float32) and how often it runs in one forward pass."""
+    dim pooled by `pool` (auto where it does not fit), bytes per image (as float32) and how
+    often it runs in one forward pass."""
     outputs: dict[str, list[Any]] = {}
 
     def recorder(name: str) -> Any:
@@ -320,7 +431,9 @@ def list_layers(model: torch.nn.Module, example: torch.Tensor) -> Iterator[dict[
         dim = None
         if isinstance(shape, tuple):
             blank = _blank(shape)
-            dim = pool_output(blank, auto_pool(blank.ndim, prefix_tokens), prefix_tokens).shape[1]
+            fits = pool in POOL_RANKS and blank.ndim in POOL_RANKS[pool]
+            chosen = pool if fits else auto_pool(blank.ndim, prefix_tokens)
+            dim = pool_output(blank, chosen, prefix_tokens, gem_p, grid).shape[1]
         yield {
             "layer": name,
             "type": "model output" if name == LOGITS else type(module).__name__,

@@ -1,6 +1,6 @@
 """python -m pipeline.layers [overrides]: which layers a model has, with their output shapes,
-pooled dims and bytes per image, to choose `layers=[...]` from. Builds the model without
-downloading weights: shapes do not depend on them."""
+dims as `pool` pools them and bytes per image, to choose `layers=[...]` from. Builds the model
+without downloading weights: shapes do not depend on them."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def layer_table(cfg: PipelineConfig) -> list[dict]:
     cfg.model.pretrained, cfg.model.checkpoint = False, None
     model = build_model(cfg.model)
     size = resolve_preprocess(model, cfg.model.input_size).input_size
-    return list(list_layers(model, torch.zeros((1, *size))))
+    return list(list_layers(model, torch.zeros((1, *size)), cfg.pool, cfg.gem_p, cfg.pool_grid))
 
 
 def format_table(rows: list[dict]) -> str:

@@ -1,8 +1,10 @@
 """python -m pipeline.report [overrides]: which layer serves which purpose.
 
-For every layer extracted for one model on one dataset (from a sweep or one multi-layer run):
-the embedding dim, clustering NMI, near-duplicate F1 and linear-probe accuracy, in one table
-(`report.md`, `report.parquet`) and one picture of each against layer depth (`report.png`).
+For every layer extracted for one model on one dataset (from a sweep or one multi-layer run,
+sweeps over pooling in their sub-folders): the pooling, the embedding dim, clustering NMI,
+near-duplicate average precision and F1 (against the true groups when known, else on the
+calibration copies: `dedup_on`) and linear-probe accuracy, in one table (`report.md`,
+`report.parquet`) and one picture of each against layer depth (`report.png`).
 It only reads: the layers' Parquet metadata and the stages' JSON files. A result that is not
 there yet is named in the report with the command that makes it; DVC (`dvc repro`) is the one
 orchestrator that runs stages.
@@ -22,25 +24,52 @@ from pipeline import plots
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError
 from pipeline.results import StageResult
-from pipeline.store import read_metadata
+from pipeline.store import CALIBRATION_DIR, read_metadata
 
 log = logging.getLogger(__name__)
-# metric column -> (stage folder key, file, key in the file)
+# metric column -> (stage folder key, file, keys in the file: the first one there is shown)
 METRICS = {
-    "cluster_nmi": ("cluster_dir", "metrics.json", "nmi"),
-    "dedup_f1": ("dedup_dir", "metrics.json", "f1"),
-    "probe_accuracy": ("probe_dir", "probe.json", "accuracy"),
+    "cluster_nmi": ("cluster_dir", "metrics.json", ("nmi",)),
+    "dedup_ap": ("dedup_dir", "metrics.json", ("ap", "calibration_ap")),
+    "dedup_f1": ("dedup_dir", "metrics.json", ("f1", "calibration_f1")),
+    "probe_accuracy": ("probe_dir", "probe.json", ("accuracy",)),
 }
 
 
 # metric column -> the stage that makes it
-STAGES = {"cluster_nmi": "cluster", "dedup_f1": "dedup", "probe_accuracy": "probe"}
+STAGES = {
+    "cluster_nmi": "cluster",
+    "dedup_ap": "dedup",
+    "dedup_f1": "dedup",
+    "probe_accuracy": "probe",
+}
+
+
+def pooling(metadata: dict) -> str:
+    """How a layer was pooled, as the table shows it: `grid 4`, `gem p=3`, `avg x2 scales`."""
+    params = " ".join(
+        f"{'p=' if key == 'gem_p' else ''}{value:g}"
+        for key, value in metadata.get("pool_params", {}).items()
+    )
+    scales = metadata.get("scales", [1.0])
+    text = f"{metadata['pool']} {params}".strip()
+    return text + (f" @ {','.join(f'{s:g}' for s in scales)}" if len(scales) > 1 else "")
+
+
+def layer_folders(folder: Path) -> list[Path]:
+    """Every layer folder under an extraction's folder: its own, and those of sweep jobs in
+    sub-folders (pool=gem, ...); not the calibration copies."""
+    return sorted(
+        p
+        for p in folder.rglob("*.parquet")
+        if p.is_dir() and CALIBRATION_DIR not in p.relative_to(folder).parts
+    )
 
 
 def layer_table(cfg: PipelineConfig) -> tuple[pd.DataFrame, list[str]]:
     """One row per extracted layer, and the commands that would fill its missing cells."""
     folder = Path(cfg.output_dir)
-    files = sorted(p for p in folder.glob("*.parquet") if p.is_dir())
+    files = layer_folders(folder)
     if not files:
         raise ConfigError(
             f"no layer embeddings in {folder}: run `python -m pipeline` (or a "
@@ -54,20 +83,27 @@ def layer_table(cfg: PipelineConfig) -> tuple[pd.DataFrame, list[str]]:
     }
     for file in files:
         metadata = read_metadata(file)
-        layer = metadata["layer"]
+        relative = file.relative_to(folder).with_suffix("")  # where each stage put its results
         row = {
-            "layer": layer,
+            "layer": metadata["layer"],
+            "folder": relative.parent.as_posix() if relative.parent != Path() else "-",
             "depth": metadata.get("depth", math.inf),
             "dim": metadata["dim"],
-            "pool": metadata["pool"],
+            "pool": pooling(metadata),
         }
-        for column, (key, name, field) in METRICS.items():
-            path = Path(dirs[key]) / layer / name
-            row[column] = json.loads(path.read_text()).get(field) if path.is_file() else None
-            if not path.is_file():
-                missing.append(f"python -m pipeline.{STAGES[column]} embeddings={file}")
+        for column, (key, name, fields) in METRICS.items():
+            path = Path(dirs[key]) / relative / name
+            found = json.loads(path.read_text()) if path.is_file() else {}
+            row[column] = next((found[f] for f in fields if f in found), None)
+            command = f"python -m pipeline.{STAGES[column]} embeddings={file}"
+            if not path.is_file() and command not in missing:
+                missing.append(command)
+            if column == "dedup_ap":
+                row["dedup_on"] = (
+                    "truth" if "ap" in found else "copies" if "calibration_ap" in found else "-"
+                )
         rows.append(row)
-    table = pd.DataFrame(rows).sort_values(["depth", "layer"], kind="stable")
+    table = pd.DataFrame(rows).sort_values(["depth", "layer", "folder"], kind="stable")
     return table.reset_index(drop=True), missing
 
 
@@ -90,6 +126,7 @@ def markdown(table: pd.DataFrame, title: str) -> str:
 LABELS = {
     "dim": "embedding dim",
     "cluster_nmi": "k-means NMI vs labels",
+    "dedup_ap": "near-duplicate average precision",
     "dedup_f1": "near-duplicate pair F1",
     "probe_accuracy": "linear probe accuracy",
 }
@@ -102,10 +139,14 @@ def figure(table: pd.DataFrame, title: str, note: str) -> plots.Figure:
     fig, axes = plt.subplots(
         1, len(columns), figsize=(3.2 * len(columns), 3.4), layout="constrained"
     )
+    names = [
+        layer if folder == "-" else f"{layer} ({folder})"
+        for layer, folder in zip(table["layer"], table["folder"], strict=True)
+    ]
     for ax, column in zip(axes, columns, strict=True):
         values = pd.to_numeric(table[column], errors="coerce")
         ax.plot(range(len(table)), values, marker="o")
-        ax.set_xticks(range(len(table)), table["layer"], rotation=45, ha="right", fontsize=7)
+        ax.set_xticks(range(len(table)), names, rotation=45, ha="right", fontsize=7)
         ax.set_title(column)
         ax.set(xlabel="layer (model order)", ylabel=LABELS[column])
         if column != "dim":
@@ -127,7 +168,7 @@ def run(cfg: PipelineConfig) -> StageResult:
         )
     table.to_parquet(out / "report.parquet", index=False)
     (out / "report.md").write_text(text)
-    plots.save(figure(table, title, thresholds(cfg, table)), out / "report.png")
+    plots.save(figure(table, title, measured_how(cfg, table)), out / "report.png")
     summary = f"{len(table)} layers -> {out}" + (
         f" ({len(missing)} results missing)" if missing else ""
     )
@@ -139,15 +180,14 @@ def run(cfg: PipelineConfig) -> StageResult:
     )
 
 
-def thresholds(cfg: PipelineConfig, table: pd.DataFrame) -> str:
+def measured_how(cfg: PipelineConfig, table: pd.DataFrame) -> str:
     """How each metric was measured, for the picture's axis labels."""
-    dedup = {
-        json.loads(p.read_text()).get("threshold")
-        for layer in table["layer"]
-        if (p := Path(cfg.report.dedup_dir) / layer / "metrics.json").is_file()
-    }
-    at = ", ".join(str(t) for t in sorted(t for t in dedup if t is not None)) or "?"
-    return f"dedup F1 at cosine similarity >= {at}; probe: {cfg.probe.folds}-fold CV"
+    on = set(table["dedup_on"]) - {"-"}
+    truth = "the true groups" if on == {"truth"} else "calibration copies where no truth"
+    return (
+        f"dedup AP, and F1 at each layer's threshold, against {truth}; "
+        f"probe: {cfg.probe.folds}-fold CV"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ any instruction, and published only as a complete, checked set.
         <key>/failures/part-*.parquet
         <key>/chunks/000000.json     a chunk's record, written after its parts: what a rerun trusts
         <key>/failures.parquet       all failures, written when every chunk is in
+        <key>/calibration/<layer>.parquet/  the calibration copies, when the run embeds them
         <key>/publish.json           written once everything is checked: the intent to publish
 
 `<key>` names everything that decides the parts' bytes (config, image list, batch and chunk
@@ -38,6 +39,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import OutputBusy
 from pipeline.store import (
+    CALIBRATION_DIR,
     FAILURES_FILE,
     FileRecord,
     layer_path,
@@ -236,7 +238,8 @@ class Staging:
 
     def publish(self, chunks: Sequence[Chunk], ids: Sequence[str]) -> dict[str, LayerOutput]:
         """Check that every image is a row or a failure, once and in order, in every layer;
-        then move the new set into the output folder. Nothing old is touched before the check.
+        then move the new set into the output folder, with the calibration copies staged in
+        `calibration/` if any. Nothing old is touched before the check.
         """
         self._check(chunks, ids)
         failures = self.failures()
@@ -244,6 +247,8 @@ class Staging:
         for layer in self.layers:
             write_manifest(layer_path(self.dir, layer), [c.layers[layer] for c in chunks])
         targets = [layer_path(Path(), layer).name for layer in self.layers] + [FAILURES_FILE]
+        if (self.dir / CALIBRATION_DIR).is_dir():
+            targets.append(CALIBRATION_DIR)
         write_json(self.dir / PUBLISH_FILE, {"targets": targets})
         _finish_publish(self.dir, self.output_dir)
         return published(self.output_dir, self.layers)

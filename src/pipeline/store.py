@@ -7,6 +7,10 @@ files (`part-000000.parquet`, ...) in dataset order, with columns `image_id` (st
 metadata under the schema key `pipeline`. `_manifest.json` beside the parts lists each part's
 rows, bytes and SHA-256 and the dataset's digest; readers skip it (pyarrow ignores names that
 start with `_`). How parts are staged, resumed and published is `staging.py`'s business.
+
+The calibration copies (near-duplicates of a sample of the images, for `dedup.threshold=auto`)
+follow the same contract in `<output_dir>/calibration/<layer>.parquet/`, with a `source_id`
+column naming the image each copy was made from, and the layer's metadata plus `calibration`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ METADATA_KEY = b"pipeline"
 FAILURES_FILE = "failures.parquet"
 FAILURE_COLUMNS = ("image_id", "error", "reason")
 MANIFEST_FILE = "_manifest.json"
+CALIBRATION_DIR = "calibration"  # in output_dir: the calibration copies' layer folders
 # Rows per row group: small enough that a reader taking a sample of rows decodes little,
 # large enough that a full scan is not dominated by per-group overhead.
 ROW_GROUP_BYTES = 16 * 2**20
@@ -41,20 +46,34 @@ def layer_path(output_dir: Path, layer: str) -> Path:
     return output_dir / f"{layer}.parquet"
 
 
+def calibration_path(layer: Path) -> Path:
+    """Where the calibration copies of a layer's embeddings are: beside its folder."""
+    return layer.parent / CALIBRATION_DIR / layer.name
+
+
 def part_name(index: int) -> str:
     return f"part-{index:06d}.parquet"
 
 
-def embedding_schema(dim: int, labelled: bool, metadata: dict[str, Any]) -> pa.Schema:
+def embedding_schema(
+    dim: int, labelled: bool, metadata: dict[str, Any], sourced: bool = False
+) -> pa.Schema:
+    """The contract's schema; `sourced` adds the calibration copies' `source_id` column."""
     fields = [pa.field("image_id", pa.string(), nullable=False)]
     if labelled:
         fields.append(pa.field("label", pa.string()))
+    if sourced:
+        fields.append(pa.field("source_id", pa.string(), nullable=False))
     fields.append(pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False))
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
 
 
 def embedding_table(
-    schema: pa.Schema, ids: list[str], labels: list[str] | None, embeddings: np.ndarray
+    schema: pa.Schema,
+    ids: list[str],
+    labels: list[str] | None,
+    embeddings: np.ndarray,
+    sources: list[str] | None = None,
 ) -> pa.Table:
     """Rows in the contract's layout; `embeddings` is float32 of shape (len(ids), dim)."""
     dim = schema.field("embedding").type.list_size
@@ -66,6 +85,8 @@ def embedding_table(
     columns = [pa.array(ids, pa.string())]
     if "label" in schema.names:
         columns.append(pa.array(labels, pa.string()))
+    if "source_id" in schema.names:
+        columns.append(pa.array(sources, pa.string()))
     columns.append(pa.FixedSizeListArray.from_arrays(flat, dim))
     return pa.Table.from_arrays(columns, schema=schema)
 
@@ -171,12 +192,14 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
 
 @dataclass
 class Embeddings:
-    """One layer's embeddings, read back: ids and labels in dataset order, a float32 matrix."""
+    """One layer's embeddings, read back: ids and labels in dataset order, a float32 matrix;
+    for calibration copies, the image each was made from."""
 
     ids: list[str]
     labels: list[str] | None
     vectors: np.ndarray
     metadata: dict[str, Any]
+    sources: list[str] | None = None
 
 
 def existing_embeddings(path: str) -> Path:
@@ -216,7 +239,7 @@ def read_embeddings(path: str | Path, rows: Sequence[int] | None = None) -> Embe
     if "embedding" not in dataset.schema.names or "image_id" not in dataset.schema.names:
         raise ConfigError(f"{path} has no image_id and embedding columns")
     dim = dataset.schema.field("embedding").type.list_size
-    columns = [c for c in ("image_id", "label") if c in dataset.schema.names]
+    columns = [c for c in ("image_id", "label", "source_id") if c in dataset.schema.names]
     if rows is None:
         batches = dataset.to_batches()
         vectors = np.empty((dataset.count_rows(), dim), np.float32)
@@ -224,15 +247,18 @@ def read_embeddings(path: str | Path, rows: Sequence[int] | None = None) -> Embe
         batches = dataset.take(pa.array(rows, pa.int64())).to_batches()
         vectors = np.empty((len(rows), dim), np.float32)
     ids: list[str] = []
-    labels: list[str] = []
+    extra: dict[str, list[str]] = {"label": [], "source_id": []}
     for batch in batches:
         start = len(ids)
         ids += batch.column("image_id").to_pylist()
-        if "label" in columns:
-            labels += batch.column("label").to_pylist()
+        for column in extra:
+            if column in columns:
+                extra[column] += batch.column(column).to_pylist()
         values = batch.column("embedding").flatten().to_numpy(zero_copy_only=False)
         vectors[start : len(ids)] = values.reshape(-1, dim)
-    return Embeddings(ids, labels if "label" in columns else None, vectors, metadata)
+    labels = extra["label"] if "label" in columns else None
+    sources = extra["source_id"] if "source_id" in columns else None
+    return Embeddings(ids, labels, vectors, metadata, sources)
 
 
 def embeddings_input(path: Path, metadata: dict[str, Any]) -> DatasetRef:

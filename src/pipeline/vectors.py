@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -10,3 +12,52 @@ def normalise(vectors: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     scales in place (a large set then needs no second copy)."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return np.divide(vectors, np.maximum(norms, np.finfo(np.float32).tiny), out=out)
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """A PCA-whitening fitted on some vectors: `apply` maps x to
+    normalise((x - mean) @ projection), the same for the vectors it was fitted on and for new
+    ones. `projection` holds the principal axes as columns, each divided by the square root of
+    its (shrunk) variance."""
+
+    mean: np.ndarray  # (D,)
+    projection: np.ndarray  # (D, dim)
+    shrinkage: float
+
+    def apply(self, vectors: np.ndarray) -> np.ndarray:
+        centred = vectors.astype(np.float32) - self.mean.astype(np.float32)
+        return normalise(centred @ self.projection.astype(np.float32))
+
+
+def fit_whitening(vectors: np.ndarray, dim: int | None = None, shrinkage: float = 0.5) -> Whitening:
+    """PCA-whitening of `vectors` (n, D), keeping the `dim` components of largest variance
+    (None: all that n vectors span, at most n - 1).
+
+    Each variance v is shrunk toward the mean variance m of the kept components,
+    (1 - shrinkage) * v + shrinkage * m, before dividing by its square root: shrinkage 0 whitens
+    fully, which also blows up the noise of directions the sample barely spans; 1 leaves a
+    plain PCA rotation. Signs of the axes follow the data (the largest entry positive), so a
+    refit on the same vectors gives the same projection.
+    """
+    x = vectors.astype(np.float64)
+    n, d = x.shape
+    if n < 2:
+        raise ValueError(f"whitening needs at least 2 vectors, got {n}")
+    if not 0 <= shrinkage <= 1:
+        raise ValueError(f"shrinkage is a fraction in [0, 1], got {shrinkage}")
+    mean = x.mean(axis=0)
+    centred = x - mean
+    if n > d:  # the covariance is small: its eigendecomposition is the cheaper way
+        variances, axes = np.linalg.eigh(centred.T @ centred / (n - 1))
+        variances, axes = variances[::-1], axes[:, ::-1]
+    else:
+        _, singular, rows = np.linalg.svd(centred, full_matrices=False)
+        variances, axes = singular**2 / (n - 1), rows.T
+    keep = min(dim or d, d, n - 1)
+    variances, axes = np.maximum(variances[:keep], 0), axes[:, :keep]
+    axes = axes * np.sign(axes[np.abs(axes).argmax(axis=0), np.arange(keep)])
+    shrunk = (1 - shrinkage) * variances + shrinkage * variances.mean()
+    # A direction no vector varies along (all variances zero) stays zero, not infinite.
+    scale = np.divide(1.0, np.sqrt(shrunk), out=np.zeros_like(shrunk), where=shrunk > 0)
+    return Whitening(mean.astype(np.float32), (axes * scale).astype(np.float32), shrinkage)

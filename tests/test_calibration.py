@@ -1,0 +1,112 @@
+"""The calibrated threshold: hand-computed cases, a planted set whose separating similarity is
+known, duplicates already in the set, and average precision against scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score
+
+from pipeline.calibration import (
+    average_precision,
+    calibrate,
+    copy_scores,
+    nearest,
+    threshold_at_precision,
+)
+from pipeline.vectors import normalise
+
+
+def test_threshold_is_the_lowest_similarity_meeting_the_target() -> None:
+    positives, negatives = np.array([0.9, 0.8, 0.6]), np.array([0.7, 0.5])
+    # At 0.6: 3 copies and 1 other found, precision 0.75; at 0.8: 2 of 2.
+    assert threshold_at_precision(positives, negatives, 0.75) == (pytest.approx(0.6), True)
+    assert threshold_at_precision(positives, negatives, 0.8) == (pytest.approx(0.8), True)
+
+
+def test_unreachable_target_puts_the_threshold_above_every_negative() -> None:
+    threshold, reached = threshold_at_precision(np.array([0.9]), np.array([0.95]), 0.9)
+    assert not reached and 0.95 < threshold < 0.9501
+
+
+def test_average_precision_matches_scikit_learn_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random(300), 1)  # many ties
+    hits = rng.random(300) < 0.3
+    assert average_precision(scores, hits) == pytest.approx(average_precision_score(hits, scores))
+    # True pairs never ranked count as missed: half of them here halves the average.
+    assert average_precision(scores, hits, 2 * int(hits.sum())) == pytest.approx(
+        average_precision_score(hits, scores) / 2
+    )
+
+
+def with_similarity(to: np.ndarray, similarity: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Unit vectors with exactly the given cosine similarity to the rows of `to`."""
+    noise = rng.standard_normal(to.shape)
+    noise -= np.sum(noise * to, axis=1, keepdims=True) * to  # orthogonal to `to`
+    noise = normalise(noise)
+    s = similarity[:, None]
+    return (s * to + np.sqrt(1 - s**2) * noise).astype(np.float32)
+
+
+def planted_set(
+    rng: np.random.Generator, duplicates_in_set: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """400 images in 512 dimensions (unrelated ones have similarity about 0 +- 0.05); each of
+    the first 100 has a hard negative at similarity 0.50-0.68, and 2 copies at 0.74-0.95: the
+    separating similarity lies between 0.68 and 0.74. With `duplicates_in_set`, 40 of the
+    sampled images also have a near-duplicate in the set itself, at 0.80-0.95."""
+    base = normalise(rng.standard_normal((400, 512))).astype(np.float32)
+    sampled = np.arange(100)
+    base[100:200] = with_similarity(base[sampled], rng.uniform(0.50, 0.68, 100), rng)
+    if duplicates_in_set:
+        base[200:240] = with_similarity(base[:40], rng.uniform(0.80, 0.95, 40), rng)
+    sources = np.repeat(sampled, 2)
+    copies = with_similarity(base[sources], rng.uniform(0.74, 0.95, len(sources)), rng)
+    return base, copies, sources
+
+
+@pytest.mark.parametrize("duplicates_in_set", [False, True])
+def test_calibration_finds_the_separating_similarity(duplicates_in_set: bool) -> None:
+    base, copies, sources = planted_set(np.random.default_rng(3), duplicates_in_set)
+    scores = copy_scores(base, copies, sources, k=10)
+    # As planted: every copy is nearer its source (>= 0.74) than any other image (< 0.7).
+    separating = (scores.negatives.max(), scores.positives.min())
+    assert separating[0] < 0.7 <= 0.74 <= separating[1]
+    exact = calibrate(base, copies, sources, k=10, target=1.0)
+    assert exact.reached and exact.threshold == pytest.approx(separating[1])
+    assert exact.precision == exact.recall == 1.0
+    # A lower target may admit a few of the nearest others: within 0.05 below the gap.
+    found = calibrate(base, copies, sources, k=10, target=0.95)
+    assert found.reached and separating[0] - 0.05 <= found.threshold <= separating[1]
+    assert found.precision >= 0.95 and found.recall == 1.0 and found.copies == 200
+    # The duplicates already in the set are presumed so, not counted against the copies.
+    assert found.presumed_duplicates == (40 if duplicates_in_set else 0)
+    assert list(found.curve.columns[:4]) == ["threshold", "precision", "recall", "f1"]
+    assert found.curve["recall"].is_monotonic_decreasing
+
+
+def test_without_presuming_duplicates_the_threshold_would_leave_the_copies() -> None:
+    """What the presumption prevents: the set's own duplicates counted as negatives push the
+    threshold above most copies."""
+    base, copies, sources = planted_set(np.random.default_rng(3), duplicates_in_set=True)
+    scores = copy_scores(base, copies, sources, k=10)
+    own = np.setdiff1d(np.arange(len(base)), sources)
+    _, sims = nearest(copies, base[own], 10)
+    naive, _ = threshold_at_precision(scores.positives, sims.ravel(), 0.95)
+    assert naive > 0.85 and np.mean(scores.positives >= naive) < 0.5
+
+
+def test_nearest_reads_in_blocks_and_finds_the_exact_neighbours(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pipeline import calibration
+
+    monkeypatch.setattr(calibration, "BLOCK_BYTES", 12 * 7 * 5)  # blocks of 5 rows
+    rng = np.random.default_rng(4)
+    queries, base = rng.standard_normal((7, 4)), rng.standard_normal((23, 4))
+    indices, sims = nearest(queries, base, 3)
+    full = queries @ base.T
+    expected = np.sort(np.argsort(-full, axis=1)[:, :3], axis=1)
+    np.testing.assert_array_equal(np.sort(indices, axis=1), expected)
+    np.testing.assert_allclose(np.sort(sims, axis=1), np.sort(full, axis=1)[:, -3:])

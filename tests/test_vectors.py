@@ -1,0 +1,70 @@
+"""PCA-whitening against values computed by hand, and the invariants it promises."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.vectors import fit_whitening, normalise
+
+# Variance 8/3 along x, 2/3 along y, no covariance: the principal axes are x and y.
+CROSS = np.array([[2.0, 0.0], [-2.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+
+
+def test_full_whitening_divides_each_axis_by_its_deviation() -> None:
+    whitening = fit_whitening(CROSS, shrinkage=0.0)
+    np.testing.assert_allclose(whitening.mean, [0, 0], atol=1e-7)
+    np.testing.assert_allclose(
+        whitening.projection, [[np.sqrt(3 / 8), 0], [0, np.sqrt(3 / 2)]], rtol=1e-6, atol=1e-7
+    )
+
+
+def test_shrinkage_pulls_variances_toward_their_mean() -> None:
+    # Mean variance 5/3: shrunk by half, 8/3 -> 13/6 and 2/3 -> 7/6.
+    whitening = fit_whitening(CROSS + np.array([1.0, -1.0]), shrinkage=0.5)
+    np.testing.assert_allclose(whitening.mean, [1, -1], rtol=1e-6)
+    np.testing.assert_allclose(
+        whitening.projection, [[np.sqrt(6 / 13), 0], [0, np.sqrt(6 / 7)]], rtol=1e-6, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        whitening.apply(np.array([[3.0, 0.0]])),
+        normalise(np.array([[2 * np.sqrt(6 / 13), 1 * np.sqrt(6 / 7)]])),
+        rtol=1e-6,
+    )
+
+
+def test_dim_keeps_the_components_of_largest_variance() -> None:
+    whitening = fit_whitening(CROSS, dim=1, shrinkage=0.0)
+    np.testing.assert_allclose(whitening.projection, [[np.sqrt(3 / 8)], [0]], atol=1e-7)
+    # n vectors span at most n - 1 directions: no more are kept, whatever dim asks.
+    assert fit_whitening(np.eye(3, 10), dim=8).projection.shape == (10, 2)
+
+
+def test_fitted_vectors_come_out_decorrelated_with_unit_variance() -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((500, 6)) @ rng.standard_normal((6, 6)) + 3
+    whitening = fit_whitening(vectors, shrinkage=0.0)
+    centred = (vectors - whitening.mean) @ whitening.projection
+    np.testing.assert_allclose(np.cov(centred.T), np.eye(6), atol=1e-4)
+
+
+def test_full_shrinkage_only_rotates() -> None:
+    """Shrinkage 1: every variance becomes their mean, so cosine similarities of the centred
+    vectors are kept."""
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((50, 5)) * [5, 4, 3, 2, 1]
+    whitening = fit_whitening(vectors, shrinkage=1.0)
+    centred = normalise(vectors - vectors.mean(axis=0))
+    out = whitening.apply(vectors)
+    np.testing.assert_allclose(out @ out.T, centred @ centred.T, atol=1e-5)
+
+
+def test_refit_gives_the_same_projection_and_bad_input_is_refused() -> None:
+    rng = np.random.default_rng(2)
+    vectors = rng.standard_normal((30, 4))
+    first, second = fit_whitening(vectors), fit_whitening(vectors[::-1])
+    np.testing.assert_allclose(first.projection, second.projection, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_whitening(vectors[:1])
+    with pytest.raises(ValueError, match="shrinkage"):
+        fit_whitening(vectors, shrinkage=1.5)
