@@ -24,7 +24,7 @@ import numpy as np
 import skimage.data
 from sklearn.datasets import load_sample_images
 
-from pipeline.data import Preprocess, _read_header, build_transform, decode_image
+from pipeline.data import Preprocess, build_transform, decode_image, read_header
 
 PREPROCESS = Preprocess(
     (3, 224, 224), 0.875, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -70,7 +70,7 @@ def main() -> None:
     for round_ in range(rounds):
         order = list(ways) if round_ % 2 == 0 else list(reversed(ways))
         for name, images in sets.items():
-            timings.setdefault((name, "header", ""), []).append(ms_per_image(_read_header, images))
+            timings.setdefault((name, "header", ""), []).append(ms_per_image(read_header, images))
             for way in order:
                 decode = ways[way]
                 timings.setdefault((name, way, "decode"), []).append(ms_per_image(decode, images))

@@ -247,3 +247,32 @@ def test_multi_scale_refuses_poolings_whose_dim_depends_on_size(
         hooks.describe(images[:1])
     with pytest.raises(ConfigError, match="scales must be positive"):
         LayerHooks(resnet, ["layer2"], Pool.avg, scales=[])
+
+
+@pytest.mark.slow
+def test_a_compiled_model_keeps_its_hooks_early_stop_and_one_graph(
+    resnet: torch.nn.Module, images: torch.Tensor
+) -> None:
+    """compile(): the hooks still capture, the pass still stops after the last hooked layer,
+    and a short batch is padded to the batch size, so it runs the same graph."""
+    from torch._dynamo.utils import counters
+
+    ran = []
+    probe = resnet.layer3.register_forward_hook(lambda *_: ran.append("layer3"))
+    try:
+        with torch.inference_mode(), LayerHooks(resnet, ["layer1", "layer2"], Pool.avg) as hooks:
+            hooks.describe(images[:1])
+            eager = hooks(images)
+            ran.clear()
+            torch._dynamo.reset()
+            hooks.compile(batch_size=len(images))
+            compiled = hooks(images)
+            graphs = counters["stats"]["unique_graphs"]
+            short = hooks(images[:2])
+            assert counters["stats"]["unique_graphs"] == graphs, "the short batch recompiled"
+    finally:
+        probe.remove()
+    assert ran == [], "layer3 ran although layer2 was the last hooked layer"
+    for name in ("layer1", "layer2"):
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(short[name], eager[name][:2], rtol=1e-4, atol=1e-5)

@@ -166,6 +166,8 @@ def test_a_manifest_with_no_images_changes_nothing(tmp_path: Path) -> None:
 USER_ERRORS = [
     (["output_dir={tmp}/afile"], "is a file"),
     (["num_workers=-1"], "num_workers must be 0 or more"),
+    (["decode=gpu", "device=cpu"], "decode=gpu needs a CUDA device"),
+    (["engine=ray", "compile=true"], "compile=true are the local engine's"),
     (["model=resnet5"], "no model preset 'resnet5'"),
     (["model.checkpoint={tmp}/cut.safetensors"], "not a readable .safetensors file"),
     (["batch_size=x"], "batch_size"),

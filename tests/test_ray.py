@@ -22,9 +22,11 @@ from test_reliability import bad_and_good_files, many_images
 
 from pipeline.config import Engine, EngineConfig, Pool, Precision
 from pipeline.data import (
+    ImageDataset,
+    batch_loader,
     build_transform,
+    collate,
     folder_manifest,
-    image_loader,
     resolve_preprocess,
 )
 from pipeline.hooks import LayerHooks
@@ -182,9 +184,8 @@ def test_plan_hands_on_the_local_batches_in_order_with_their_failures(
     model = timm.create_model("test_efficientnet", pretrained=False).eval()
     preprocess = resolve_preprocess(model, input_size=(3, 32, 32))
     start, size = 12, 5
-    loader = image_loader(
-        paths[start:], build_transform(preprocess), size, 0, False, max_image_pixels=50000
-    )
+    dataset = ImageDataset(paths[start:], build_transform(preprocess), max_pixels=50000)
+    loader = batch_loader(dataset, collate, size, 0, False)
     settings = EngineConfig(Engine.ray, None, 1, 0, 1, 2)  # 1 worker, 1 CPU, 2 decode tasks
     session = RaySession(settings, model)
     placement = Placement("cpu", Precision.fp32)

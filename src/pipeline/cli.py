@@ -4,10 +4,11 @@
 
 from __future__ import annotations
 
-from pipeline.app import main
+from pipeline.app import main, sleeping_openmp
 
 
 def extract() -> None:
+    sleeping_openmp()  # before torch loads
     from pipeline.extract import run
 
     main("extract", run)

@@ -40,6 +40,15 @@ class Precision(Enum):
     bf16 = "bf16"
 
 
+class Decode(Enum):
+    """Where images are decoded and resized: OpenCV in the loader's processes, or JPEGs on the
+    GPU (torchvision's nvJPEG decoder), other files still on the CPU; auto: gpu on CUDA."""
+
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
 class KeyMatch(Enum):
     """How a checkpoint's tensors are matched to the model's parameters: by name, or by order
     with every shape checked (the same architecture saved by another codebase)."""
@@ -208,6 +217,8 @@ class PipelineConfig:
     output_dir: str = MISSING
     device: str = MISSING
     precision: Precision = MISSING
+    decode: Decode = MISSING
+    compile: bool = MISSING
     batch_size: int = MISSING
     num_workers: int | None = MISSING
     seed: int = MISSING

@@ -296,11 +296,15 @@ def read_image_file(path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes
         os.close(fd)
 
 
-class _Header(NamedTuple):
+class Header(NamedTuple):
     format: str
     width: int
     height: int
     end: int  # where the image ends: what follows (a motion photo's video, padding) is not read
+    # A JPEG that torchvision's decode_jpeg renders as OpenCV does, on a GPU as well: Huffman
+    # coded (baseline, extended or progressive), 8-bit, grey or YCbCr (no Adobe colour
+    # transform: CMYK, RGB), upright (nvJPEG ignores EXIF orientation; OpenCV applies it).
+    device_decodable: bool = False
 
 
 def decode_image(
@@ -309,7 +313,7 @@ def decode_image(
     """A JPEG, PNG, WebP, BMP or TIFF image as 8-bit RGB: grey, alpha, 16-bit, palette, CMYK.
 
     Before anything is decoded, the header is read by a parser for the format OpenCV will pick
-    (OpenCV picks its decoder by signature, as `_read_header` does), and images over
+    (OpenCV picks its decoder by signature, as `read_header` does), and images over
     `max_pixels` are refused. Other formats (Radiance HDR, PFM, PNM, GIF, JPEG 2000...) are
     refused, as their size cannot be checked first. OpenCV's own limits do not replace this:
     the environment variables OPENCV_IO_MAX_IMAGE_PIXELS (default 2**30) and
@@ -334,7 +338,7 @@ def decode_image(
     """
     if not data:
         raise ImageError("empty file")
-    header = _read_header(data)
+    header = read_header(data)
     if header.width * header.height > max_pixels:
         raise ImageError(
             f"{header.width}x{header.height} pixels, over max_image_pixels={max_pixels} "
@@ -383,18 +387,18 @@ _UNSIZED_FORMATS = (
 )
 
 
-def _read_header(data: bytes) -> _Header:
+def read_header(data: bytes) -> Header:
     """Format, size and end of the image in `data`, by the signatures OpenCV picks decoders by."""
     if data.startswith(b"\xff\xd8\xff"):
         return _jpeg_header(data)
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return _png_header(data)
     if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
-        return _Header("WebP", *_webp_size(data), len(data))
+        return Header("WebP", *_webp_size(data), len(data))
     if data.startswith(b"BM"):
-        return _Header("BMP", *_bmp_size(data), len(data))
+        return Header("BMP", *_bmp_size(data), len(data))
     if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return _Header("TIFF", *_tiff_size(data), len(data))
+        return Header("TIFF", *_tiff_size(data), len(data))
     kind = next((name for magic, name in _UNSIZED_FORMATS if data.startswith(magic)), None)
     if kind is None and data[:1] == b"P" and data[1:2] in (b"1", b"2", b"3", b"4", b"5", b"6"):
         kind = "PNM"
@@ -410,20 +414,22 @@ def _read_header(data: bytes) -> _Header:
 # the search skips entropy-coded data in C. Fixed width: no backtracking on runs of 0xFF.
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
 _JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOFn, not DHT, JPG, DAC
-_JPEG_EOI, _JPEG_TEM = 0xD9, 0x01
+_JPEG_HUFFMAN_FRAMES = frozenset((0xC0, 0xC1, 0xC2))  # baseline, extended, progressive
+_JPEG_EOI, _JPEG_TEM, _JPEG_APP1, _JPEG_APP14 = 0xD9, 0x01, 0xE1, 0xEE
 
 
-def _jpeg_header(data: bytes) -> _Header:
+def _jpeg_header(data: bytes) -> Header:
     """Size from the first frame header, end after the end-of-image marker, found by walking
     the segments by their lengths (an EXIF thumbnail's markers are inside one)."""
     size: tuple[int, int] | None = None
+    decodable = True
     at = 2
     while (marker := _JPEG_MARKER.search(data, at)) is not None:
         code, at = data[marker.start() + 1], marker.end()
         if code == _JPEG_EOI:
             if size is None:
                 raise ImageError("JPEG without a frame header (corrupt)")
-            return _Header("JPEG", *size, at)
+            return Header("JPEG", *size, at, decodable)
         if code == _JPEG_TEM:
             continue  # no length
         length = int.from_bytes(data[at : at + 2], "big")
@@ -432,11 +438,34 @@ def _jpeg_header(data: bytes) -> _Header:
                 int.from_bytes(data[at + 5 : at + 7], "big"),
                 int.from_bytes(data[at + 3 : at + 5], "big"),
             )
+            decodable &= (  # slices: a header cut short must not raise here
+                code in _JPEG_HUFFMAN_FRAMES
+                and data[at + 2 : at + 3] == b"\x08"
+                and data[at + 7 : at + 8] in (b"\x01", b"\x03")
+            )
+        elif code == _JPEG_APP14 and data[at + 2 : at + 7] == b"Adobe":
+            decodable = False
+        elif code == _JPEG_APP1 and data[at + 2 : at + 8] == b"Exif\x00\x00":
+            decodable &= _exif_orientation(data[at + 8 : at + max(length, 2)]) in (0, 1)
         at += max(length, 2)
     raise ImageError("truncated JPEG (no end-of-image marker)")
 
 
-def _png_header(data: bytes) -> _Header:
+def _exif_orientation(tiff: bytes) -> int:
+    """The Orientation tag (0x0112) of an EXIF block's first directory; 0 when there is none
+    or the block cannot be read (OpenCV then applies none either)."""
+    order = "little" if tiff[:2] == b"II" else "big"
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 0
+    directory = int.from_bytes(tiff[4:8], order)
+    entries = int.from_bytes(tiff[directory : directory + 2], order)
+    for at in range(directory + 2, min(len(tiff) - 11, directory + 2 + 12 * entries), 12):
+        if int.from_bytes(tiff[at : at + 2], order) == 0x0112:
+            return int.from_bytes(tiff[at + 8 : at + 10], order)
+    return 0
+
+
+def _png_header(data: bytes) -> Header:
     """Size from IHDR (libpng requires it first), end after the IEND chunk, chunk by chunk."""
     if data[12:16] != b"IHDR" or len(data) < 24:
         raise ImageError("truncated PNG (no IHDR chunk)" if len(data) < 24 else "corrupt PNG")
@@ -446,7 +475,7 @@ def _png_header(data: bytes) -> _Header:
         length, kind = int.from_bytes(data[at : at + 4], "big"), data[at + 4 : at + 8]
         at += length + 12  # length, type, data, CRC
         if kind == b"IEND" and at <= len(data):
-            return _Header("PNG", width, height, at)
+            return Header("PNG", width, height, at)
     raise ImageError("truncated PNG (no IEND chunk)")
 
 
@@ -648,14 +677,26 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, tuple[str, str] | None]:
         try:
-            # A string, not just truthy: a manifest read back may hold NaN for "no error".
-            if self.errors is not None and isinstance(reason := self.errors[index], str):
-                raise ImageError(reason)
-            data = read_image_file(self.paths[index], self.max_file_bytes)
-            image = decode_image(data, self.max_pixels, min_side=self.min_side)
-            return index, self.transform(image=image)["image"], None
+            return index, self.transformed(self.read(index)), None
         except Exception as err:
-            return index, None, (type(err).__name__, str(err) or type(err).__name__)
+            return index, None, failure(err)
+
+    def read(self, index: int) -> bytes:
+        """The file's bytes, or the manifest's reason it cannot be used, raised."""
+        # A string, not just truthy: a manifest read back may hold NaN for "no error".
+        if self.errors is not None and isinstance(reason := self.errors[index], str):
+            raise ImageError(reason)
+        return read_image_file(self.paths[index], self.max_file_bytes)
+
+    def transformed(self, data: bytes) -> torch.Tensor:
+        """The model's input from a file's bytes, decoded with OpenCV."""
+        image = decode_image(data, self.max_pixels, min_side=self.min_side)
+        return self.transform(image=image)["image"]
+
+
+def failure(err: Exception) -> tuple[str, str]:
+    """(error, reason) of a failure row."""
+    return type(err).__name__, str(err) or type(err).__name__
 
 
 def collate(samples: list[tuple[int, torch.Tensor | None, tuple[str, str] | None]]) -> Batch:
@@ -678,25 +719,48 @@ def image_loader(
     errors: Sequence[str | None] | None = None,
     min_side: int | None = None,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    prefetch_factor: int | None = None,
 ) -> torch.utils.data.DataLoader:
     """Batches in manifest order, decoded in `num_workers` processes (keywords: ImageDataset)."""
+    dataset = ImageDataset(
+        paths,
+        transform,
+        max_image_pixels,
+        errors=errors,
+        min_side=min_side,
+        max_file_bytes=max_file_bytes,
+    )
+    return batch_loader(dataset, collate, batch_size, num_workers, pin_memory, prefetch_factor)
+
+
+def batch_loader(
+    dataset: torch.utils.data.Dataset,
+    collate_fn: Callable[[list], object],
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+    prefetch_factor: int | None = None,
+) -> torch.utils.data.DataLoader:
+    """`dataset` in order, in batches, from `num_workers` single-threaded processes (see
+    `pipeline.devices.plan_loader`)."""
     return torch.utils.data.DataLoader(
-        ImageDataset(
-            paths,
-            transform,
-            max_image_pixels,
-            errors=errors,
-            min_side=min_side,
-            max_file_bytes=max_file_bytes,
-        ),
+        dataset,
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         pin_memory=pin_memory,
-        prefetch_factor=4 if num_workers else None,
+        prefetch_factor=(prefetch_factor or 2) if num_workers else None,
         multiprocessing_context=_worker_context() if num_workers else None,
+        worker_init_fn=_start_worker if num_workers else None,
     )
+
+
+def _start_worker(_worker: int) -> None:
+    """One thread per loader process: the processes are the parallelism (torch already sets
+    its own; OpenCV's is set again, for a spawned process imports cv2 afresh)."""
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:

@@ -3,13 +3,18 @@ from the machine when the config says `auto`."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-from pipeline.config import Precision
+from pipeline.config import Decode, Precision
 from pipeline.errors import ConfigError
 
+log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {Precision.fp16: torch.float16, Precision.bf16: torch.bfloat16}
 
 
@@ -38,23 +43,98 @@ def resolve_precision(precision: Precision, device: torch.device) -> Precision:
     return Precision.bf16 if torch.cuda.is_bf16_supported() else Precision.fp16
 
 
+def resolve_decode(decode: Decode, device: torch.device) -> Decode:
+    """auto: gpu on CUDA when torchvision's GPU decoder works there, else cpu. gpu off CUDA,
+    or where that decoder does not work, is a config error."""
+    if decode is Decode.cpu:
+        return decode
+    if device.type != "cuda":
+        if decode is Decode.gpu:
+            raise ConfigError(f"decode=gpu needs a CUDA device, and this run is on {device}")
+        return Decode.cpu
+    from pipeline.gpu_decode import decoder_problem  # torchvision, only for this choice
+
+    problem = decoder_problem(device)
+    if problem is None:
+        return Decode.gpu
+    if decode is Decode.gpu:
+        raise ConfigError(
+            f"decode=gpu: torchvision cannot decode JPEGs on {device} ({problem}): use decode=cpu"
+        )
+    log.info("decode=auto: decoding on the CPU, as torchvision cannot on %s (%s)", device, problem)
+    return Decode.cpu
+
+
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def resolve_workers(num_workers: int | None, batches: int) -> int:
-    """null: one loader process per core (at most 8), and none for a single batch. More than
-    the cores only slows decoding down, so larger requests are capped, with a warning."""
+@dataclass(frozen=True)
+class LoaderPlan:
+    """How the cores are shared between the loader's processes and the model.
+
+    Attributes:
+        workers: loader processes (0: decode in the main process).
+        main_threads: torch's intra-op threads in the main process, where the model runs.
+        prefetch_factor: batches each worker prepares ahead (None without workers).
+        pin_memory: page-locked batches, for asynchronous copies to a GPU.
+    """
+
+    workers: int
+    main_threads: int
+    prefetch_factor: int | None
+    pin_memory: bool
+
+    def describe(self) -> str:
+        if not self.workers:
+            return f"decoding in the main process, {self.main_threads} torch threads"
+        return (
+            f"{self.workers} loader processes (1 thread each, {self.prefetch_factor} "
+            f"batches ahead), {self.main_threads} torch threads in the main process"
+        )
+
+
+def plan_loader(num_workers: int | None, batches: int, device: torch.device) -> LoaderPlan:
+    """Workers and threads from the cores and the device.
+
+    On the CPU the model and the decoding share every core: one single-threaded worker per
+    core, and torch on every core in the main process, its OpenMP threads sleeping when idle
+    (`pipeline.app.sleeping_openmp`) so that the workers get the cores the model leaves.
+    (Niced workers were measured too: no steady gain on a quiet machine, and starved by other
+    processes' load on a shared one.) On a GPU the model needs little CPU and decoding is
+    what keeps it fed: a worker for every core but one, which is left to the main process
+    (batches in, copies out, writing). `num_workers` (null: automatic) sets the workers; more
+    than the cores is capped, with a warning. A single batch is decoded in the main process:
+    starting workers costs more.
+    """
     if num_workers is not None and num_workers < 0:
         raise ConfigError(f"num_workers must be 0 or more (or null: automatic), got {num_workers}")
     cores = available_cores()
+    gpu = device.type == "cuda"
     if num_workers is None:
-        return 0 if batches <= 1 else min(8, cores, batches)
-    if num_workers > cores:
-        import logging
-
-        logging.getLogger(__name__).warning(
+        workers = 0 if batches <= 1 else min(max(1, cores - 1) if gpu else cores, batches)
+    elif num_workers > cores:
+        log.warning(
             "num_workers=%d is more than the %d cores here: using %d", num_workers, cores, cores
         )
-        return cores
-    return num_workers
+        workers = cores
+    else:
+        workers = num_workers
+    return LoaderPlan(
+        workers=workers,
+        main_threads=max(1, cores - workers) if gpu else cores,
+        prefetch_factor=(4 if gpu else 2) if workers else None,
+        pin_memory=gpu,
+    )
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set for the block, and given back after (a notebook keeps its
+    own setting)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -12,6 +12,7 @@ import math
 import platform
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -26,21 +27,29 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline import augment
-from pipeline.config import CalibrationConfig, Engine, PipelineConfig
+from pipeline.config import CalibrationConfig, Decode, Engine, PipelineConfig
 from pipeline.data import (
+    Batch,
+    ImageDataset,
     Preprocess,
+    batch_loader,
     build_transform,
+    collate,
     image_loader,
     load_manifest,
     resolve_preprocess,
 )
 from pipeline.devices import (
     AUTOCAST_DTYPES,
+    LoaderPlan,
+    plan_loader,
+    resolve_decode,
     resolve_device,
     resolve_precision,
-    resolve_workers,
+    torch_threads,
 )
 from pipeline.errors import ConfigError, TooManyFailures
+from pipeline.gpu_decode import DeviceDecoder, JpegDataset, collate_jpegs
 from pipeline.hooks import LayerHooks, LayerInfo
 from pipeline.models import build_model, weights_provenance
 from pipeline.results import DatasetRef, StageResult
@@ -72,6 +81,7 @@ HASHED_KEYS = (
     "scales",
     "output_key",
     "precision",
+    "decode",  # the GPU's decoder and resize give slightly different pixels
     "seed",
     "max_image_pixels",
     "max_file_bytes",
@@ -174,15 +184,21 @@ def extract_images(
     _check_numbers(cfg)
     session = None
     if cfg.engine.name is Engine.ray:
+        if cfg.decode is Decode.gpu or cfg.compile:
+            raise ConfigError(
+                "decode=gpu and compile=true are the local engine's: the Ray engine decodes "
+                "in its CPU tasks and runs the model as it is (engine=local, or leave them)"
+            )
         from pipeline.engines.ray import ModelPlan, RaySession  # ray: an optional extra
 
         session = RaySession(cfg.engine, model)  # ships the model before any hook is on it
         placement = session.placement(cfg.device, cfg.precision)
         # This process only describes the layers and writes the parts; the actors compute.
-        device, precision = torch.device("cpu"), placement.precision
+        device, precision, decode = torch.device("cpu"), placement.precision, Decode.cpu
     else:
         device = resolve_device(cfg.device)
         precision = resolve_precision(cfg.precision, device)
+        decode = resolve_decode(cfg.decode, device)
     output_dir = Path(cfg.output_dir).expanduser()
     m = cfg.model
     preprocess = resolve_preprocess(model, m.input_size, m.crop_pct, m.interpolation, m.mean, m.std)
@@ -201,11 +217,12 @@ def extract_images(
             "root": str(Path(cfg.dataset.root or ".").expanduser().resolve()),
             "truth": str(Path(t).expanduser().resolve()) if (t := cfg.dataset.truth) else None,
         },
-        "preprocess": preprocess.as_dict(),
+        "preprocess": {**preprocess.as_dict(), "decode": decode.value},
         "config_hash": config_hash(cfg),
         "engine": cfg.engine.name.value,
         "device": placement.device if session else device.type,
         "precision": precision.value,
+        "compile": cfg.compile,
         "scales": list(cfg.scales),
         "versions": versions(),
     }
@@ -227,6 +244,8 @@ def extract_images(
         ),
     ):
         info = hooks.describe(torch.zeros((1, *preprocess.input_size), device=device))
+        if cfg.compile:
+            hooks.compile(cfg.batch_size)
         schemas = layer_schemas(info, labels is not None, metadata)
         rows = chunk_rows(cfg.save_every, cfg.batch_size, sum(i.dim for i in info.values()))
         key = f"{metadata['config_hash']}-{images_digest[:12]}-b{cfg.batch_size}-c{rows}"
@@ -249,16 +268,17 @@ def extract_images(
                 writer = ChunkWriter(
                     staging, schemas, ids, labels, rows, done, cfg.max_failure_rate
                 )
-                loader = image_loader(
+                dataset_cls = JpegDataset if decode is Decode.gpu else ImageDataset
+                dataset = dataset_cls(
                     manifest["path"].tolist()[start:],
                     build_transform(preprocess),
-                    cfg.batch_size,
+                    cfg.max_image_pixels,
                     errors=manifest["error"].tolist()[start:] if "error" in manifest else None,
                     min_side=preprocess.min_side,
-                    **loader_options(cfg, device, len(ids) - start),
+                    max_file_bytes=cfg.max_file_bytes,
                 )
                 if session is not None:
-                    plan = ModelPlan(
+                    model_plan = ModelPlan(
                         list(info),
                         cfg.pool,
                         cfg.output_key,
@@ -268,9 +288,14 @@ def extract_images(
                         grid=cfg.pool_grid,
                         scales=tuple(cfg.scales),
                     )
-                    session.extract(writer, loader.dataset, start, plan, cfg.batch_size)
+                    session.extract(writer, dataset, start, model_plan, cfg.batch_size)
                 else:
-                    _extract(hooks, loader, writer, start, device)
+                    batch_count = -(-(len(ids) - start) // cfg.batch_size)
+                    plan = plan_loader(cfg.num_workers, batch_count, device)
+                    log.info("loader: %s", plan.describe())
+                    with torch_threads(plan.main_threads):
+                        batches = _batches(dataset, cfg.batch_size, plan, preprocess, device)
+                        _extract(hooks, batches, writer, start, device)
                 if cfg.calibration.images:
                     picked = calibration_sample(len(ids), cfg.calibration.images, cfg.seed)
                     embed_copies(
@@ -493,9 +518,29 @@ class ChunkWriter:
             )
 
 
+def _batches(
+    dataset: ImageDataset,
+    batch_size: int,
+    plan: LoaderPlan,
+    preprocess: Preprocess,
+    device: torch.device,
+) -> Iterable[Batch]:
+    """The loader's batches; a JpegDataset's JPEGs decoded on `device` as they arrive."""
+    gpu = isinstance(dataset, JpegDataset)
+    loader = batch_loader(
+        dataset,
+        collate_jpegs if gpu else collate,
+        batch_size,
+        plan.workers,
+        plan.pin_memory,
+        plan.prefetch_factor,
+    )
+    return map(DeviceDecoder(dataset, preprocess, device), loader) if gpu else loader
+
+
 def _extract(
     hooks: LayerHooks,
-    loader: torch.utils.data.DataLoader,
+    loader: Iterable[Batch],
     writer: ChunkWriter,
     start: int,
     device: torch.device,
@@ -542,9 +587,11 @@ def _extract(
 
 def loader_options(cfg: PipelineConfig, device: torch.device, images: int) -> dict[str, Any]:
     """The keywords of `image_loader` that come from the config, for `images` images."""
+    plan = plan_loader(cfg.num_workers, -(-images // cfg.batch_size), device)
     return {
-        "num_workers": resolve_workers(cfg.num_workers, -(-images // cfg.batch_size)),
-        "pin_memory": device.type == "cuda",
+        "num_workers": plan.workers,
+        "pin_memory": plan.pin_memory,
+        "prefetch_factor": plan.prefetch_factor,
         "max_image_pixels": cfg.max_image_pixels,
         "max_file_bytes": cfg.max_file_bytes,
     }

@@ -221,6 +221,8 @@ class LayerHooks:
         self.info: dict[str, LayerInfo] = {}
         self._captured: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._compiled: Any = None
+        self._batch_size = 0
 
     def __enter__(self) -> LayerHooks:
         for name, module in self.modules.items():
@@ -232,6 +234,18 @@ class LayerHooks:
             handle.remove()
         self._handles.clear()
         self._captured = {}
+        self._compiled = None
+
+    def compile(self, batch_size: int) -> None:
+        """torch.compile the model for the passes that follow.
+
+        The hooks run eagerly between the compiled graphs (a graph ends at each hooked layer),
+        and the early stop ends the pass after the last one, as without compiling. Call it
+        after `describe`, which runs the eager model with its probes. Passes are padded to
+        `batch_size` images, so that one graph serves every batch, the short last one included.
+        """
+        self._compiled = torch.compile(self.model)
+        self._batch_size = batch_size
 
     def _hook_for(self, name: str) -> Any:
         def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
@@ -244,7 +258,10 @@ class LayerHooks:
             if self.stop_early and len(self._captured) == len(self.modules):
                 raise StopForward
 
-        return hook
+        # Under torch.compile the hook runs eagerly, between the graphs before and after it:
+        # traced, the early stop's exception would make Dynamo give up on the whole forward
+        # and run it eagerly, and the graph would hold the hooks of the moment it was traced.
+        return torch.compiler.disable(hook)
 
     def _pooled(self, name: str, output: Any) -> torch.Tensor:
         tensor = select_output(output, self.output_key, name)
@@ -277,15 +294,26 @@ class LayerHooks:
                 summed[name] = summed[name] + unit if name in summed else unit
         return summed
 
-    def _run(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any]:
+    def _run(
+        self, images: torch.Tensor, eager: bool = False
+    ) -> tuple[dict[str, torch.Tensor], Any]:
         self._captured = {}
+        model, count = self.model, len(images)
+        if self._compiled is not None and not eager:
+            # Zeros after the images, to the batch size. Every batch goes through the pad, a
+            # copy, so that all are alike to Dynamo's guards (an inference tensor or not);
+            # F.pad keeps channels_last.
+            model = self._compiled
+            pad = (0, 0) * (images.dim() - 1) + (0, max(0, self._batch_size - count))
+            images = torch.nn.functional.pad(images, pad)
         try:
-            output = self.model(images)
+            output = model(images)
         except StopForward:
             output = None
         if LOGITS in self.layers:
             self._captured[LOGITS] = self._pooled(LOGITS, output)
-        captured, self._captured = self._captured, {}
+        captured = {name: pooled[:count] for name, pooled in self._captured.items()}
+        self._captured = {}
         silent = [n for n in self.layers if n not in captured]
         if silent:
             raise ConfigError(
@@ -307,7 +335,7 @@ class LayerHooks:
             for name, module in self.modules.items()
         ]
         try:
-            outputs, final = self._run(example)
+            outputs, final = self._run(example, eager=True)
         finally:
             self.stop_early = stop_early
             for probe in probes:
