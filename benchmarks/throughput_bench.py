@@ -26,7 +26,8 @@ whose parts saw the least foreign load. torch runs as the command runs it, its O
 sleeping when idle (pipeline.app.sleeping_openmp).
 
     python benchmarks/throughput_bench.py [--images 1000] [--large-images 200] [--quick]
-        [--layers global_pool layer1] [--rounds N] [overrides...]
+        [--layers global_pool layer1] [--sizes 500x375 3000x4000] [--photos DIR] [--rounds N]
+        [overrides...]
 
 Overrides go to the CLI and to the in-process parts alike (device=cuda decode=gpu
 batch_size=128 ...); the defaults are model=resnet18 model.pretrained=false. Images are made in
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -405,6 +407,10 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="of which the least loaded is reported"
     )
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument(
+        "--photos", type=Path, help="where the JPEGs are made, or taken from if already there"
+    )
     parser.add_argument("--quick", action="store_true", help="a CI-sized run: seconds, not minutes")
     args, overrides = parser.parse_known_args()
     if args.quick:
@@ -430,16 +436,21 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
+        photos_dir = args.photos or scratch
         counts = {"500x375": args.images, "3000x4000": args.large_images}
-        for size, (width, height, grain) in SIZES.items():
-            started = time.perf_counter()
-            make_jpegs(scratch / size, counts[size], width, height, grain)
-            print(f"made {counts[size]} {size} JPEGs in {time.perf_counter() - started:.0f} s")
-        for size in SIZES:
+        for size in args.sizes:
+            folder = photos_dir / f"{size}-{counts[size]}"
+            if not folder.exists():  # several runs (other overrides) measure the same files
+                started = time.perf_counter()
+                partial = folder.with_name(folder.name + ".partial")
+                shutil.rmtree(partial, ignore_errors=True)
+                make_jpegs(partial, counts[size], *SIZES[size])
+                partial.rename(folder)  # whole, or not there
+                print(f"made {counts[size]} {size} JPEGs in {time.perf_counter() - started:.0f} s")
             for layer in args.layers:
                 row = measure(
                     size,
-                    scratch / size,
+                    folder,
                     layer,
                     cfg,
                     overrides,

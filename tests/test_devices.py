@@ -101,3 +101,15 @@ def test_loader_processes_are_single_threaded() -> None:
     finally:
         cv2.setNumThreads(1)
     assert seen == [(1, 1)] * 2
+
+
+def test_omp_num_threads_set_by_the_user_is_torchs_thread_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A job given a share of a node keeps to it; the loader workers are still planned."""
+    monkeypatch.setattr(devices, "available_cores", lambda: 16)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert plan_loader(None, batches=1000, device=CPU).main_threads == 3
+    assert plan_loader(None, batches=1000, device=CPU).workers == 16
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    assert plan_loader(None, batches=1000, device=CPU).main_threads == 16

@@ -46,12 +46,13 @@ def main(
 
     @hydra.main(version_base="1.3", config_path="conf", config_name=config)
     def task(cfg: DictConfig) -> None:
-        from pipeline import tracking  # MLflow loads only when a stage runs as a command
-
         with user_errors():
             config = typed(cfg)
-            if not track:
-                config.tracking.backend = "none"
+            if not track or config.tracking.backend == "none":
+                run(config)  # nothing to record: MLflow is not even imported (seconds saved)
+                return
+            from pipeline import tracking  # MLflow loads only when a stage runs as a command
+
             with tracking.tracked(config.tracking, stage, run_name(stage, config), cfg) as record:
                 record(run(config))
 

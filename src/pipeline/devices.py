@@ -105,7 +105,7 @@ def plan_loader(num_workers: int | None, batches: int, device: torch.device) -> 
     what keeps it fed: a worker for every core but one, which is left to the main process
     (batches in, copies out, writing). `num_workers` (null: automatic) sets the workers; more
     than the cores is capped, with a warning. A single batch is decoded in the main process:
-    starting workers costs more.
+    starting workers costs more. OMP_NUM_THREADS, where set, is torch's thread count.
     """
     if num_workers is not None and num_workers < 0:
         raise ConfigError(f"num_workers must be 0 or more (or null: automatic), got {num_workers}")
@@ -122,10 +122,18 @@ def plan_loader(num_workers: int | None, batches: int, device: torch.device) -> 
         workers = num_workers
     return LoaderPlan(
         workers=workers,
-        main_threads=max(1, cores - workers) if gpu else cores,
+        main_threads=_threads_set_by_user() or (max(1, cores - workers) if gpu else cores),
         prefetch_factor=(4 if gpu else 2) if workers else None,
         pin_memory=gpu,
     )
+
+
+def _threads_set_by_user() -> int | None:
+    """OMP_NUM_THREADS, where it is set to a number: a share of a node given to this job, or
+    one thread for results that must not depend on the machine (sums split over threads add
+    in another order)."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 @contextlib.contextmanager
