@@ -63,6 +63,8 @@ from pipeline.data import ImageDataset, Preprocess, build_transform, collate, re
 from pipeline.devices import (
     AUTOCAST_DTYPES,
     available_cores,
+    model_input,
+    place_model,
     plan_loader,
     resolve_decode,
     resolve_device,
@@ -210,10 +212,7 @@ def model_part(
 
     def forward_all() -> None:
         for x in batches:
-            x = x.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            hooks(x)
+            hooks(model_input(x, device))
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -227,10 +226,10 @@ def model_part(
             enabled=precision in AUTOCAST_DTYPES,
         ),
     ):
-        hooks.describe(batches[0][:1].to(device))
+        hooks.describe(model_input(batches[0][:1], device))
         if cfg.compile:
             hooks.compile(cfg.batch_size)
-        hooks(batches[0].to(device))  # warm-up: allocator, kernels, a compiled graph
+        hooks(model_input(batches[0], device))  # warm-up: allocator, kernels, a compiled graph
         return timed(sum(len(x) for x in batches), forward_all)
 
 
@@ -245,6 +244,7 @@ def cli_part(root: Path, layer: str, out: Path, overrides: list[str]) -> tuple[P
         f"dataset.root={root}",
         f"layers=[{layer}]",
         "tracking=none",
+        "calibration.images=0",  # dedup's calibration copies: more images than the bound's
         f"output_dir={out}",
         "resume=false",
         f"hydra.run.dir={out.parent / 'hydra'}",
@@ -420,9 +420,7 @@ def main() -> None:
     with initialize_config_module("pipeline.conf", version_base="1.3"):
         cfg = typed(compose("config", overrides=overrides))
     device = resolve_device(cfg.device)
-    model = build_model(cfg.model).to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model = place_model(build_model(cfg.model), device)
     m = cfg.model
     preprocess = resolve_preprocess(model, m.input_size, m.crop_pct, m.interpolation, m.mean, m.std)
     print(

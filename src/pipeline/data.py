@@ -14,7 +14,7 @@ import os
 import re
 import stat
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -703,9 +703,18 @@ def collate(samples: list[tuple[int, torch.Tensor | None, tuple[str, str] | None
     good = [(i, x) for i, x, _ in samples if x is not None]
     return Batch(
         indices=[i for i, _ in good],
-        images=torch.stack([x for _, x in good]) if good else None,
+        images=stack(x for _, x in good),
         failures=[(i, *err) for i, _, err in samples if err is not None],
     )
+
+
+def stack(images: Iterable[torch.Tensor]) -> torch.Tensor | None:
+    """The images as one batch tensor (None for none). torch's default_collate stacks them
+    straight into shared memory in a loader process, so the batch reaches the main process
+    without the copy that moving a stacked tensor there costs (py-spy: a sixth of a loader
+    process's time on 500x375 photos)."""
+    images = list(images)
+    return torch.utils.data.default_collate(images) if images else None
 
 
 def image_loader(

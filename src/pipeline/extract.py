@@ -42,6 +42,8 @@ from pipeline.data import (
 from pipeline.devices import (
     AUTOCAST_DTYPES,
     LoaderPlan,
+    model_input,
+    place_model,
     plan_loader,
     resolve_decode,
     resolve_device,
@@ -202,9 +204,7 @@ def extract_images(
     output_dir = Path(cfg.output_dir).expanduser()
     m = cfg.model
     preprocess = resolve_preprocess(model, m.input_size, m.crop_pct, m.interpolation, m.mean, m.std)
-    model.eval().to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    place_model(model, device)
     ids = manifest["image_id"].tolist()
     labels = manifest["label"].tolist() if "label" in manifest else None
     images_digest = manifest_digest(manifest)
@@ -564,9 +564,7 @@ def _extract(
             failures = [(start + i, error, reason) for i, error, reason in batch.failures]
             outputs, copied = {}, None
             if batch.images is not None:
-                images = batch.images.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
+                images = model_input(batch.images, device)
                 outputs = {
                     name: out.float().to("cpu", non_blocking=True)
                     for name, out in hooks(images).items()
@@ -664,9 +662,7 @@ def embed_copies(
     for batch in tqdm(loader, unit="batch", desc="calibration copies", mininterval=1.0):
         if batch.images is None:
             continue
-        images = batch.images.flatten(0, 1).to(device, non_blocking=True)  # copies in a row
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = model_input(batch.images.flatten(0, 1), device)  # copies in a row
         for name, out in hooks(images).items():
             arrays[name].append(out.float().cpu().numpy())
         sources += [sample["image_id"].iloc[i] for i in batch.indices for _ in range(copies)]

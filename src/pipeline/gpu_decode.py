@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline.data import Batch, ImageDataset, Preprocess, failure, read_header
+from pipeline.data import Batch, ImageDataset, Preprocess, failure, read_header, stack
 
 # Pixels decoded at once: the decoded images of a batch of phone photos (12 MP, 36 MB each)
 # would otherwise all sit on the GPU together before they are resized.
@@ -92,7 +92,7 @@ def collate_jpegs(
     return JpegBatch(
         decoded=Batch(
             indices=[i for i, _ in decoded],
-            images=torch.stack([x for _, x in decoded]) if decoded else None,
+            images=stack(x for _, x in decoded),
             failures=[(i, *err) for i, _, _, _, err in samples if err is not None],
         ),
         jpeg_indices=[i for i, _, _ in jpegs],

@@ -35,7 +35,13 @@ from tqdm import tqdm
 
 from pipeline.config import EngineConfig, Pool, Precision
 from pipeline.data import ImageDataset
-from pipeline.devices import AUTOCAST_DTYPES, resolve_device, resolve_precision
+from pipeline.devices import (
+    AUTOCAST_DTYPES,
+    model_input,
+    place_model,
+    resolve_device,
+    resolve_precision,
+)
 from pipeline.errors import ConfigError
 from pipeline.hooks import LayerHooks
 
@@ -270,9 +276,7 @@ class _Model:
         torch.set_num_threads(threads)
         self.plan, self.batch_size = plan, batch_size
         self.device = torch.device(plan.placement.device)
-        self.model = ray.get(model).eval().to(self.device)
-        if self.device.type == "cuda":
-            self.model.to(memory_format=torch.channels_last)
+        self.model = place_model(ray.get(model), self.device)
         # Entered for the actor's lifetime: its process ends with the plan.
         self.hooks = LayerHooks(
             self.model,
@@ -306,9 +310,7 @@ class _Model:
             if not ok.any():
                 continue
             pixels = np.ascontiguousarray(block["pixels"][part][ok])
-            images = torch.from_numpy(pixels).to(self.device)
-            if self.device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = model_input(torch.from_numpy(pixels), self.device)
             with self._computing():
                 pooled = self.hooks(images)
             for name, tensor in pooled.items():
