@@ -35,7 +35,7 @@ from hydra import compose, initialize_config_module
 
 from pipeline.app import typed
 from pipeline.data import Batch, build_transform, decode_image, load_manifest, resolve_preprocess
-from pipeline.devices import AUTOCAST_DTYPES, resolve_device, resolve_precision
+from pipeline.devices import AUTOCAST_DTYPES, place_model, resolve_device, resolve_precision
 from pipeline.extract import ChunkWriter, _extract, chunk_rows, layer_schemas
 from pipeline.hooks import LayerHooks
 from pipeline.models import build_model
@@ -52,7 +52,12 @@ def batches_of(cfg, model, images: int) -> list[torch.Tensor]:
     paths = load_manifest(cfg.dataset)["path"].tolist()
     decoded = [transform(image=decode_image(Path(p).read_bytes()))["image"] for p in paths]
     tensors = [decoded[i % len(decoded)] for i in range(images)]
-    return [torch.stack(tensors[i : i + cfg.batch_size]) for i in range(0, images, cfg.batch_size)]
+    # Channels-last, as the CLI gives them to the model (pipeline.devices.model_input); .to()
+    # keeps the layout, so every variant runs the same convolutions.
+    return [
+        torch.stack(tensors[i : i + cfg.batch_size]).contiguous(memory_format=torch.channels_last)
+        for i in range(0, images, cfg.batch_size)
+    ]
 
 
 def bare(model, batches, device, **_) -> None:
@@ -135,7 +140,7 @@ def main() -> None:
         cfg = typed(compose("config", overrides=overrides))
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    model = build_model(cfg.model).to(device)
+    model = place_model(build_model(cfg.model), device)
     layer = cfg.layers[-1]
     print(
         f"model={cfg.model.name} device={device} precision={precision.value} "
