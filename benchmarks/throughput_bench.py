@@ -164,6 +164,14 @@ def timed(images: int, work: Callable[[], object]) -> Part:
     return Part(images / seconds, max(0.0, foreign) / (seconds * available_cores()), seconds)
 
 
+def combined(a: Part, b: Part) -> Part:
+    """Two timings of the same work as one."""
+    seconds = a.seconds + b.seconds
+    images = a.rate * a.seconds + b.rate * b.seconds
+    foreign = (a.foreign * a.seconds + b.foreign * b.seconds) / seconds
+    return Part(images / seconds, foreign, seconds)
+
+
 # --- the parts -----------------------------------------------------------------------------------
 
 
@@ -282,6 +290,7 @@ class Row:
     cli: Part
     command: Part
     taken: str  # which round's figures: "2 of 3"
+    every_round: str = ""  # CLI / bound in each round: how far the machine's noise reaches
 
     @property
     def foreign(self) -> float:
@@ -323,8 +332,11 @@ def measure(
         decode_full = decode_part(sample, preprocess, cfg.batch_size, full=True)
         decode = decode_part(sample, preprocess, cfg.batch_size, full=False)
         loader, plan = loader_part(paths, cfg, preprocess, device)
-        alone = model_part(model, layer, cfg, batches, device)
+        # The model alone just before and just after the command, their images over their
+        # time: a shared machine's speed drifts, and this brackets the command in time.
+        before = model_part(model, layer, cfg, batches, device)
         cli, command = cli_part(folder, layer, scratch / f"out-{size}-{layer}-{round_}", overrides)
+        alone = combined(before, model_part(model, layer, cfg, batches, device))
         row = Row(
             size,
             layer,
@@ -345,7 +357,9 @@ def measure(
             flush=True,
         )
         rows.append(row)
-    return min(rows, key=lambda r: r.foreign)
+    taken = min(rows, key=lambda r: r.foreign)
+    taken.every_round = ", ".join(f"{r.cli.rate / r.bound(device):.2f}" for r in rows)
+    return taken
 
 
 def report(row: Row, device: torch.device) -> None:
@@ -378,9 +392,10 @@ def report(row: Row, device: torch.device) -> None:
 def summary(rows: list[Row], device: torch.device) -> None:
     print(
         "\n| photos | layer | decode+resize ms, full -> reduced | loader | model | bound "
-        "| CLI | CLI / bound | whole command / bound | foreign load (decode, loader, model, CLI) |"
+        "| CLI | CLI / bound | every round | whole command / bound "
+        "| foreign load (decode, loader, model, CLI) |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|---:|---|")
     for row in rows:
         bound = row.bound(device)
         loads = ", ".join(f"{p.foreign:.0%}" for p in (row.decode, row.loader, row.model, row.cli))
@@ -388,7 +403,8 @@ def summary(rows: list[Row], device: torch.device) -> None:
             f"| {row.size} | {row.layer} | {1e3 / row.decode_full.rate:.1f} -> "
             f"{1e3 / row.decode.rate:.1f} ({row.decode.rate / row.decode_full.rate:.1f}x) "
             f"| {row.loader.rate:.1f} | {row.model.rate:.1f} | {bound:.1f} | {row.cli.rate:.1f} "
-            f"| {row.cli.rate / bound:.2f} | {row.command.rate / bound:.2f} | {loads} |"
+            f"| {row.cli.rate / bound:.2f} | {row.every_round} | {row.command.rate / bound:.2f} "
+            f"| {loads} |"
         )
 
 
@@ -402,7 +418,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000, help="500x375 photos")
     parser.add_argument("--large-images", type=int, default=200, help="3000x4000 photos")
     parser.add_argument("--layers", nargs="+", default=["global_pool", "layer1"])
-    parser.add_argument("--model-images", type=int, default=320, help="for the model alone")
+    parser.add_argument(
+        "--model-images", type=int, default=640, help="for the model alone, before and after"
+    )
     parser.add_argument("--decode-images", type=int, default=200, help="for the decode parts")
     parser.add_argument(
         "--rounds", type=int, default=1, help="of which the least loaded is reported"

@@ -95,4 +95,29 @@ def test_the_throughput_benchmark_runs(tmp_path: Path) -> None:
         assert min(loader, model, bound, cli) > 0
         assert ratio == pytest.approx(cli / bound, rel=0.05)  # of figures rounded to 0.1
         assert bound <= model  # the model alone is the bound with free decoding
-        assert re.fullmatch(r"(\d+%, ){3}\d+%", cells[9])
+        assert cells[8] == f"{ratio:.2f}"  # --quick runs one round
+        assert re.fullmatch(r"(\d+%, ){3}\d+%", cells[10])
+
+
+@pytest.mark.slow
+def test_the_layout_benchmark_compares_both_layouts() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks/layout_bench.py"),
+            "--models",
+            "resnet18",
+            "--batch",
+            "2",
+            "--repeats",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| resnet18 |"))
+    plain, last, ratio, gap = (float(c) for c in row.split("|")[2:6])
+    assert ratio == pytest.approx(last / plain, abs=0.01)
+    assert gap < 1e-4  # the same function in either layout
