@@ -35,7 +35,13 @@ from hydra import compose, initialize_config_module
 
 from pipeline.app import typed
 from pipeline.data import Batch, build_transform, decode_image, load_manifest, resolve_preprocess
-from pipeline.devices import AUTOCAST_DTYPES, place_model, resolve_device, resolve_precision
+from pipeline.devices import (
+    AUTOCAST_DTYPES,
+    place_model,
+    resolve_device,
+    resolve_precision,
+    reusing_freed_memory,
+)
 from pipeline.extract import ChunkWriter, _extract, chunk_rows, layer_schemas
 from pipeline.hooks import LayerHooks
 from pipeline.models import build_model
@@ -163,6 +169,7 @@ def main() -> None:
             dtype=AUTOCAST_DTYPES.get(precision, torch.float32),
             enabled=precision in AUTOCAST_DTYPES,
         ),
+        reusing_freed_memory(),  # as the command runs its batches
     ):
         for scale in (1, 4):
             images = args.images * scale

@@ -39,7 +39,7 @@ from sklearn.datasets import load_sample_images
 from pipeline.app import typed
 from pipeline.config import DatasetKind, Engine, EngineConfig, PipelineConfig
 from pipeline.data import ImageDataset, build_transform, resolve_preprocess
-from pipeline.devices import available_cores, resolve_device
+from pipeline.devices import available_cores, resolve_device, reusing_freed_memory
 from pipeline.extract import run
 from pipeline.hooks import LayerHooks
 from pipeline.models import build_model
@@ -83,7 +83,11 @@ def per_image_costs(cfg: PipelineConfig, paths: list[Path]) -> dict[str, float]:
         torch.stack(images[i : i + cfg.batch_size]).to(device)
         for i in range(0, len(images), cfg.batch_size)
     ]
-    with LayerHooks(model, cfg.layers, cfg.pool) as hooks, torch.inference_mode():
+    with (
+        LayerHooks(model, cfg.layers, cfg.pool) as hooks,
+        torch.inference_mode(),
+        reusing_freed_memory(),  # as both engines run their batches
+    ):
         hooks.describe(batches[0][:1])
         hooks(batches[0])  # warm-up
         if device.type == "cuda":

@@ -69,6 +69,7 @@ from pipeline.devices import (
     resolve_decode,
     resolve_device,
     resolve_precision,
+    reusing_freed_memory,
     torch_threads,
 )
 from pipeline.extract import _batches
@@ -226,6 +227,7 @@ def model_part(
 
     with (
         torch_threads(plan.main_threads),
+        reusing_freed_memory(),
         LayerHooks(model, [layer], cfg.pool, cfg.output_key) as hooks,
         torch.inference_mode(),
         torch.autocast(

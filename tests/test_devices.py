@@ -4,6 +4,7 @@ really run with."""
 from __future__ import annotations
 
 import logging
+import resource
 
 import cv2
 import pytest
@@ -113,3 +114,23 @@ def test_omp_num_threads_set_by_the_user_is_torchs_thread_count(
     assert plan_loader(None, batches=1000, device=CPU).workers == 16
     monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
     assert plan_loader(None, batches=1000, device=CPU).main_threads == 16
+
+
+def _page_faults_of_a_large_tensor() -> int:
+    """Minor page faults while a 64 MiB tensor (over any mmap threshold glibc sets itself) is
+    made, written and freed."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(64 * 2**20 // 4)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(devices._glibc() is None, reason="a setting of glibc's malloc")
+def test_freed_memory_is_reused_while_kept_and_given_back_after() -> None:
+    fresh = _page_faults_of_a_large_tensor()  # a mapping of its own, zeroed page by page
+    with devices.reusing_freed_memory():
+        for _ in range(8):  # the heap grows until its free blocks fit an aligned request
+            _page_faults_of_a_large_tensor()
+        kept = max(_page_faults_of_a_large_tensor() for _ in range(3))
+    after = _page_faults_of_a_large_tensor()
+    assert fresh > 0 and kept <= fresh / 10
+    assert after > kept and after >= fresh / 2  # glibc's own behaviour again

@@ -100,11 +100,11 @@ def test_the_throughput_benchmark_runs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_layout_benchmark_compares_both_layouts() -> None:
+def test_the_forward_benchmark_compares_layouts_and_memory_settings() -> None:
     done = subprocess.run(
         [
             sys.executable,
-            str(REPO / "benchmarks/layout_bench.py"),
+            str(REPO / "benchmarks/forward_bench.py"),
             "--models",
             "resnet18",
             "--batch",
@@ -118,6 +118,8 @@ def test_the_layout_benchmark_compares_both_layouts() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     row = next(line for line in done.stdout.splitlines() if line.startswith("| resnet18 |"))
-    plain, last, ratio, gap = (float(c) for c in row.split("|")[2:6])
+    plain, last, ratio, kept, kept_ratio, overall, gap = (float(c) for c in row.split("|")[2:9])
     assert ratio == pytest.approx(last / plain, abs=0.01)
-    assert gap < 1e-4  # the same function in either layout
+    assert kept_ratio == pytest.approx(kept / last, abs=0.01)
+    assert overall == pytest.approx(kept / plain, abs=0.01)
+    assert gap < 1e-4  # the same function in either layout, with either allocator setting

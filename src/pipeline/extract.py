@@ -48,6 +48,7 @@ from pipeline.devices import (
     resolve_decode,
     resolve_device,
     resolve_precision,
+    reusing_freed_memory,
     torch_threads,
 )
 from pipeline.errors import ConfigError, TooManyFailures
@@ -242,6 +243,7 @@ def extract_images(
             dtype=AUTOCAST_DTYPES.get(precision, torch.float32),
             enabled=precision in AUTOCAST_DTYPES,
         ),
+        reusing_freed_memory(),
     ):
         info = hooks.describe(torch.zeros((1, *preprocess.input_size), device=device))
         if cfg.compile:

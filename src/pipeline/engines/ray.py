@@ -37,6 +37,7 @@ from pipeline.config import EngineConfig, Pool, Precision
 from pipeline.data import ImageDataset
 from pipeline.devices import (
     AUTOCAST_DTYPES,
+    keep_freed_memory,
     model_input,
     place_model,
     resolve_device,
@@ -274,6 +275,7 @@ class _Model:
         # over threads adds in another order): the local engine's equal those of a process
         # with the same count (OMP_NUM_THREADS=<engine.cpus_per_worker>).
         torch.set_num_threads(threads)
+        keep_freed_memory()  # for the process's lifetime: it ends with the plan
         self.plan, self.batch_size = plan, batch_size
         self.device = torch.device(plan.placement.device)
         self.model = place_model(ray.get(model), self.device)
