@@ -42,7 +42,7 @@ from pipeline.devices import (
     resolve_precision,
     reusing_freed_memory,
 )
-from pipeline.extract import ChunkWriter, _extract, chunk_rows, layer_schemas
+from pipeline.extract import ChunkWriter, _extract, _forward, chunk_rows, layer_schemas
 from pipeline.hooks import LayerHooks
 from pipeline.models import build_model
 from pipeline.staging import Staging
@@ -85,7 +85,7 @@ def ours(model, batches, device, layer, out_dir, cfg, **_) -> None:
                 Batch(list(range(start, start + len(x))), x, [])
                 for start, x in zip(starts, batches, strict=False)
             ]
-            _extract(hooks, loader, writer, 0, device)
+            _extract((_forward(hooks, batch, device) for batch in loader), writer, 0)
             staging.publish(writer.chunks, ids)
 
 

@@ -4,15 +4,17 @@ run on the same images, for each photo size and layer:
   decode    ImageDataset and collate with no workers: one core decoding, resizing, normalising
             (reduced-scale JPEG decode, as the CLI does; and a full-size decode, for comparison)
   loader    the CLI's loader alone, its processes and threads as the CLI plans them, no model
-  model     the model alone on pre-decoded batches: LayerHooks with the early stop, torch on
-            the threads the CLI gives it (every core, on the CPU)
+  model     the model alone on pre-decoded batches: LayerHooks with the early stop, run as the
+            CLI runs it: on the CPU in a process per core, single-threaded, each stacking its
+            batches (or, where the CLI keeps the model in the main process, on every core there)
   cli       the real command, `python -m pipeline ...`, in a subprocess: its own images/s (the
             figure it prints: first batch request to publish) and the whole command's wall time
             (interpreter start, imports, model build and the first pass included)
 
 The bound. On the CPU the model and the decoding share the C cores, so the least time an image
 can take is the work it needs over the cores: the model's core-seconds (C / model images/s, the
-model alone keeping every core busy) plus one core's decode time (1 / decode images/s), over C:
+model alone keeping every core busy, as the CLI runs it) plus one core's decode time
+(1 / decode images/s), over C:
 
     bound = 1 / (1 / model + 1 / (C x decode))        images/s
 
@@ -59,7 +61,14 @@ from sklearn.datasets import load_sample_images
 
 from pipeline.app import sleeping_openmp, typed
 from pipeline.config import Decode, PipelineConfig
-from pipeline.data import ImageDataset, Preprocess, build_transform, collate, resolve_preprocess
+from pipeline.data import (
+    ImageDataset,
+    Preprocess,
+    _start_worker,
+    build_transform,
+    collate,
+    resolve_preprocess,
+)
 from pipeline.devices import (
     AUTOCAST_DTYPES,
     available_cores,
@@ -72,7 +81,7 @@ from pipeline.devices import (
     reusing_freed_memory,
     torch_threads,
 )
-from pipeline.extract import _batches
+from pipeline.extract import ForwardInWorker, _batches
 from pipeline.gpu_decode import JpegDataset
 from pipeline.hooks import LayerHooks
 from pipeline.models import build_model
@@ -195,7 +204,12 @@ def loader_part(
     paths: list[str], cfg: PipelineConfig, preprocess: Preprocess, device: torch.device
 ) -> tuple[Part, str]:
     """The CLI's loader as the CLI builds it (extract._batches), with the CLI's plan."""
-    plan = plan_loader(cfg.num_workers, -(-len(paths) // cfg.batch_size), device)
+    plan = plan_loader(
+        cfg.num_workers,
+        -(-len(paths) // cfg.batch_size),
+        device,
+        model_in_main=_model_in_main(cfg, device),
+    )
     gpu = resolve_decode(cfg.decode, device) is Decode.gpu
     dataset = (JpegDataset if gpu else ImageDataset)(
         paths, build_transform(preprocess), min_side=preprocess.min_side
@@ -215,15 +229,35 @@ def model_part(
     batches: list[torch.Tensor],
     device: torch.device,
 ) -> Part:
-    """The model alone on pre-decoded batches, with the CLI's threads, precision and hooks."""
+    """The model alone on pre-decoded batches, with the CLI's threads, precision and hooks:
+    in this process on every core, or where the CLI's plan runs the model in its loader
+    processes, in as many processes each stacking pre-decoded images and running the model on
+    them, single-threaded (timed on a second pass, after each process's first batch)."""
     precision = resolve_precision(cfg.precision, device)
-    plan = plan_loader(cfg.num_workers, len(batches), device)
+    plan = plan_loader(
+        cfg.num_workers, len(batches), device, model_in_main=_model_in_main(cfg, device)
+    )
+    images = sum(len(x) for x in batches)
 
     def forward_all() -> None:
         for x in batches:
             hooks(model_input(x, device))
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+    def in_workers() -> Part:
+        loader = torch.utils.data.DataLoader(
+            _Decoded(batches),
+            batch_size=cfg.batch_size,
+            num_workers=plan.workers,
+            collate_fn=ForwardInWorker(hooks, precision),
+            prefetch_factor=plan.prefetch_factor,
+            persistent_workers=True,
+            multiprocessing_context="fork",
+            worker_init_fn=_start_worker,
+        )
+        drain(iter(loader))  # warm-up: each process's allocator and kernels
+        return timed(images, lambda: drain(iter(loader)))
 
     with (
         torch_threads(plan.main_threads),
@@ -237,10 +271,30 @@ def model_part(
         ),
     ):
         hooks.describe(model_input(batches[0][:1], device))
+        if plan.model_in_workers:
+            return in_workers()
         if cfg.compile:
             hooks.compile(cfg.batch_size)
         hooks(model_input(batches[0], device))  # warm-up: allocator, kernels, a compiled graph
-        return timed(sum(len(x) for x in batches), forward_all)
+        return timed(images, forward_all)
+
+
+def _model_in_main(cfg: PipelineConfig, device: torch.device) -> bool:
+    """As the CLI decides it: a compiled model, or one fed by the GPU's decoder."""
+    return cfg.compile or resolve_decode(cfg.decode, device) is Decode.gpu
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """Pre-decoded images as the CLI's dataset hands them on: (index, image, no failure)."""
+
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self.images = [image for batch in batches for image in batch]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, None]:
+        return index, self.images[index], None
 
 
 def cli_part(root: Path, layer: str, out: Path, overrides: list[str]) -> tuple[Part, Part]:
@@ -323,10 +377,10 @@ def measure(
     dataset = ImageDataset(paths[: 2 * cfg.batch_size], build_transform(preprocess))
     decoded = torch.stack([dataset[i][1] for i in range(len(dataset))])
     model_images = min(len(paths), args.model_images)
-    batches = [
-        decoded.repeat(-(-model_images // len(decoded)), 1, 1, 1)[i : i + cfg.batch_size]
-        for i in range(0, model_images, cfg.batch_size)
-    ]
+    # Repeated once: a slice keeps its whole tensor alive (a repeat per batch held 8 GB, and a
+    # process this large slowed the command beside it by 15% on this VM).
+    repeated = decoded.repeat(-(-model_images // len(decoded)), 1, 1, 1)[:model_images]
+    batches = list(repeated.split(cfg.batch_size))
     rows = []
     for round_ in range(args.rounds):
         # Each round runs every part, one after the other; the figures compared are one

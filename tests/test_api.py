@@ -4,6 +4,7 @@ what the files record about the weights that made them."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import timm
 import torch
 
-from pipeline import LayerHooks, embed
+from pipeline import LayerHooks, devices, embed
 from pipeline.errors import ConfigError
 from pipeline.store import read_metadata
 
@@ -45,6 +46,32 @@ def test_a_folder_a_list_and_a_frame_give_the_same_rows(
     )
     by_folder = embed(photos, model=tiny)  # global_pool by default
     assert sorted(by_folder.columns) == ["global_pool", "image_id"] and len(by_folder) == 6
+
+
+def test_the_model_in_the_loader_processes_gives_the_main_process_rows(
+    photos: Path,
+    tiny: torch.nn.Module,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The CPU's plan (a loader process per core decoding and running the model) against the
+    model in this process: the same rows in the same order, the same failures, in batches of
+    two over two processes, the last batch all failures."""
+    monkeypatch.setattr(devices, "available_cores", lambda: 2)
+    paths = sorted(str(p) for p in photos.rglob("*.png"))
+    images = [*paths, str(photos / "missing-1.png"), str(photos / "missing-2.png")]
+    layers = ["blocks.1", "global_pool"]
+    with caplog.at_level(logging.INFO, logger="pipeline.extract"):
+        in_workers = embed(images, model=tiny, layers=layers, batch_size=2, num_workers=None)
+    assert "each decoding its batches and running the model" in caplog.text
+    here = embed(images, model=tiny, layers=layers, batch_size=2, num_workers=0)
+    assert in_workers["image_id"].tolist() == here["image_id"].tolist() == paths
+    pd.testing.assert_frame_equal(in_workers.attrs["failures"], here.attrs["failures"])
+    assert len(here.attrs["failures"]) == 2
+    for layer in layers:
+        np.testing.assert_allclose(
+            np.stack(in_workers[layer]), np.stack(here[layer]), rtol=1e-4, atol=1e-5
+        )
 
 
 def test_a_tensor_batch_needs_no_files(tiny: torch.nn.Module) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import functools
 import logging
+import multiprocessing
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -146,34 +147,48 @@ class LoaderPlan:
         main_threads: torch's intra-op threads in the main process, where the model runs.
         prefetch_factor: batches each worker prepares ahead (None without workers).
         pin_memory: page-locked batches, for asynchronous copies to a GPU.
+        model_in_workers: each loader process also runs the model on the batches it decodes,
+            one torch thread each, and hands on only the pooled rows (the CPU's plan).
     """
 
     workers: int
     main_threads: int
     prefetch_factor: int | None
     pin_memory: bool
+    model_in_workers: bool = False
 
     def describe(self) -> str:
         if not self.workers:
             return f"decoding in the main process, {self.main_threads} torch threads"
+        if self.model_in_workers:
+            return (
+                f"{self.workers} loader processes, each decoding its batches and running the "
+                f"model on them (1 thread each, {self.prefetch_factor} batches ahead)"
+            )
         return (
             f"{self.workers} loader processes (1 thread each, {self.prefetch_factor} "
             f"batches ahead), {self.main_threads} torch threads in the main process"
         )
 
 
-def plan_loader(num_workers: int | None, batches: int, device: torch.device) -> LoaderPlan:
+def plan_loader(
+    num_workers: int | None, batches: int, device: torch.device, *, model_in_main: bool = False
+) -> LoaderPlan:
     """Workers and threads from the cores and the device.
 
-    On the CPU the model and the decoding share every core: one single-threaded worker per
-    core, and torch on every core in the main process, its OpenMP threads sleeping when idle
-    (`pipeline.app.sleeping_openmp`) so that the workers get the cores the model leaves.
-    (Niced workers were measured too: no steady gain on a quiet machine, and starved by other
-    processes' load on a shared one.) On a GPU the model needs little CPU and decoding is
-    what keeps it fed: a worker for every core but one, which is left to the main process
-    (batches in, copies out, writing). `num_workers` (null: automatic) sets the workers; more
-    than the cores is capped, with a warning. A single batch is decoded in the main process:
-    starting workers costs more. OMP_NUM_THREADS, where set, is torch's thread count.
+    On the CPU, where there is a worker for every core, each worker decodes a batch and runs
+    the model on it, single-threaded, and hands on the pooled rows: the cores are never shared
+    between the decoding and torch's threads, whose operators wait for a preempted thread at
+    their end (benchmarks/throughput_bench.py, 2 cores, 500x375 photos: 0.97 of the bound for
+    the embedding layer and 0.93-0.94 for an early one, against 0.87-0.91 and 0.67-0.77 with
+    the model on every core in the main process beside the workers). That second plan is kept
+    where the model must stay in the main process (`model_in_main`: compile=true, decode=gpu;
+    fewer workers than cores; no fork) or where OMP_NUM_THREADS gives this job a share of the
+    node. On a GPU the model needs little CPU and decoding is what keeps it fed: a worker for
+    every core but one, which is left to the main process (batches in, copies out, writing).
+    `num_workers` (null: automatic) sets the workers; more than the cores is capped, with a
+    warning. A single batch is decoded in the main process: starting workers costs more.
+    OMP_NUM_THREADS, where set, is torch's thread count.
     """
     if num_workers is not None and num_workers < 0:
         raise ConfigError(f"num_workers must be 0 or more (or null: automatic), got {num_workers}")
@@ -188,11 +203,20 @@ def plan_loader(num_workers: int | None, batches: int, device: torch.device) -> 
         workers = cores
     else:
         workers = num_workers
+    model_in_workers = (
+        not gpu
+        and not model_in_main
+        and workers == cores > 1
+        and _threads_set_by_user() is None
+        and "fork" in multiprocessing.get_all_start_methods()  # the hooked model, not pickled
+    )
     return LoaderPlan(
         workers=workers,
-        main_threads=_threads_set_by_user() or (max(1, cores - workers) if gpu else cores),
+        main_threads=_threads_set_by_user()
+        or (max(1, cores - workers) if gpu or model_in_workers else cores),
         prefetch_factor=(4 if gpu else 2) if workers else None,
         pin_memory=gpu,
+        model_in_workers=model_in_workers,
     )
 
 

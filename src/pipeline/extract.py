@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline import augment
-from pipeline.config import CalibrationConfig, Decode, Engine, PipelineConfig
+from pipeline.config import CalibrationConfig, Decode, Engine, PipelineConfig, Precision
 from pipeline.data import (
     Batch,
     ImageDataset,
@@ -293,11 +293,18 @@ def extract_images(
                     session.extract(writer, dataset, start, model_plan, cfg.batch_size)
                 else:
                     batch_count = -(-(len(ids) - start) // cfg.batch_size)
-                    plan = plan_loader(cfg.num_workers, batch_count, device)
+                    plan = plan_loader(
+                        cfg.num_workers,
+                        batch_count,
+                        device,
+                        model_in_main=cfg.compile or decode is Decode.gpu,
+                    )
                     log.info("loader: %s", plan.describe())
                     with torch_threads(plan.main_threads):
-                        batches = _batches(dataset, cfg.batch_size, plan, preprocess, device)
-                        _extract(hooks, batches, writer, start, device)
+                        forwarded = _forwarded(
+                            hooks, dataset, cfg.batch_size, plan, preprocess, device, precision
+                        )
+                        _extract(forwarded, writer, start)
                 if cfg.calibration.images:
                     picked = calibration_sample(len(ids), cfg.calibration.images, cfg.seed)
                     embed_copies(
@@ -540,48 +547,102 @@ def _batches(
     return map(DeviceDecoder(dataset, preprocess, device), loader) if gpu else loader
 
 
-def _extract(
-    hooks: LayerHooks,
-    loader: Iterable[Batch],
-    writer: ChunkWriter,
-    start: int,
-    device: torch.device,
-) -> None:
-    """The batch loop. Pooled outputs are copied to the host asynchronously and handed on one
-    batch later, so on a GPU the next forward pass overlaps the previous batch's saving."""
-    pending: tuple[list[int], list[tuple[int, str, str]], dict[str, torch.Tensor], Any] | None
-    pending = None
+@dataclass
+class Forwarded:
+    """A batch after the model: its images' indices, its failures, and each layer's pooled rows
+    (tensors being copied to the host until `copied`, a CUDA event, has happened; else on it)."""
 
-    def hand_on() -> None:
-        indices, failures, outputs, copied = pending
-        if copied is not None:
-            copied.synchronize()
-        writer.add(indices, {name: t.numpy() for name, t in outputs.items()}, failures)
+    indices: list[int]
+    failures: list[tuple[int, str, str]]
+    outputs: dict[str, Any]
+    copied: Any = None
+
+    def on_host(self) -> dict[str, np.ndarray]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return {name: np.asarray(rows) for name, rows in self.outputs.items()}
+
+
+def _forward(hooks: LayerHooks, batch: Batch, device: torch.device) -> Forwarded:
+    """One forward pass; on a GPU the pooled rows are copied to the host without waiting."""
+    if batch.images is None:
+        empty = {name: torch.empty((0, info.dim)) for name, info in hooks.info.items()}
+        return Forwarded(batch.indices, batch.failures, empty)
+    outputs = {
+        name: out.float().to("cpu", non_blocking=True)
+        for name, out in hooks(model_input(batch.images, device)).items()
+    }
+    copied = None
+    if device.type == "cuda":
+        copied = torch.cuda.Event()
+        copied.record()
+    return Forwarded(batch.indices, batch.failures, outputs, copied)
+
+
+class ForwardInWorker:
+    """A loader's collate_fn that runs the model in the loader process on the batch it decoded
+    (`LoaderPlan.model_in_workers`): the worker, forked after the hooks were put on the model,
+    has its own copy of both, and only the pooled rows travel back."""
+
+    def __init__(self, hooks: LayerHooks, precision: Precision) -> None:
+        self.hooks = hooks
+        self.dtype = AUTOCAST_DTYPES.get(precision)
+
+    def __call__(self, samples: list) -> Forwarded:
+        with (
+            torch.inference_mode(),
+            torch.autocast("cpu", dtype=self.dtype or torch.float32, enabled=bool(self.dtype)),
+        ):
+            forwarded = _forward(self.hooks, collate(samples), torch.device("cpu"))
+        forwarded.outputs = forwarded.on_host()
+        return forwarded
+
+
+def _forwarded(
+    hooks: LayerHooks,
+    dataset: ImageDataset,
+    batch_size: int,
+    plan: LoaderPlan,
+    preprocess: Preprocess,
+    device: torch.device,
+    precision: Precision,
+) -> Iterable[Forwarded]:
+    """Every batch through the model, in order: in the loader processes where the plan says so,
+    else in this process as the loader hands the batches over."""
+    if plan.model_in_workers:
+        return batch_loader(
+            dataset,
+            ForwardInWorker(hooks, precision),
+            batch_size,
+            plan.workers,
+            plan.pin_memory,
+            plan.prefetch_factor,
+            balanced=True,
+        )
+    batches = _batches(dataset, batch_size, plan, preprocess, device)
+    return (_forward(hooks, batch, device) for batch in batches)
+
+
+def _extract(forwarded: Iterable[Forwarded], writer: ChunkWriter, start: int) -> None:
+    """The batch loop. Each batch is handed to the writer one batch later, so on a GPU the next
+    forward pass overlaps the copy of the previous batch's rows and their saving."""
+    pending: Forwarded | None = None
+
+    def hand_on(batch: Forwarded) -> None:
+        indices = [start + i for i in batch.indices]
+        failures = [(start + i, error, reason) for i, error, reason in batch.failures]
+        writer.add(indices, batch.on_host(), failures)
 
     with tqdm(
         total=len(writer.ids), initial=start, unit="img", desc="extract", mininterval=1.0
     ) as progress:
-        for batch in loader:
-            indices = [start + i for i in batch.indices]
-            failures = [(start + i, error, reason) for i, error, reason in batch.failures]
-            outputs, copied = {}, None
-            if batch.images is not None:
-                images = model_input(batch.images, device)
-                outputs = {
-                    name: out.float().to("cpu", non_blocking=True)
-                    for name, out in hooks(images).items()
-                }
-                if device.type == "cuda":
-                    copied = torch.cuda.Event()
-                    copied.record()
-            else:
-                outputs = {name: torch.empty((0, info.dim)) for name, info in hooks.info.items()}
+        for batch in forwarded:
             if pending is not None:
-                hand_on()
-            pending = (indices, failures, outputs, copied)
-            progress.update(len(indices) + len(failures))
+                hand_on(pending)
+            pending = batch
+            progress.update(len(batch.indices) + len(batch.failures))
         if pending is not None:
-            hand_on()
+            hand_on(pending)
     writer.save()
 
 
