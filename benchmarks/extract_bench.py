@@ -37,6 +37,7 @@ from pipeline.app import typed
 from pipeline.data import Batch, build_transform, decode_image, load_manifest, resolve_preprocess
 from pipeline.devices import (
     AUTOCAST_DTYPES,
+    model_input,
     place_model,
     resolve_device,
     resolve_precision,
@@ -58,10 +59,10 @@ def batches_of(cfg, model, images: int) -> list[torch.Tensor]:
     paths = load_manifest(cfg.dataset)["path"].tolist()
     decoded = [transform(image=decode_image(Path(p).read_bytes()))["image"] for p in paths]
     tensors = [decoded[i % len(decoded)] for i in range(images)]
-    # Channels-last, as the CLI gives them to the model (pipeline.devices.model_input); .to()
-    # keeps the layout, so every variant runs the same convolutions.
+    # Channels-last, as the CLI gives them to the model; .to() keeps the layout, so every
+    # variant runs the same convolutions.
     return [
-        torch.stack(tensors[i : i + cfg.batch_size]).contiguous(memory_format=torch.channels_last)
+        model_input(torch.stack(tensors[i : i + cfg.batch_size]), torch.device("cpu"))
         for i in range(0, images, cfg.batch_size)
     ]
 

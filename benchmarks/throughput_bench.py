@@ -81,7 +81,7 @@ from pipeline.devices import (
     reusing_freed_memory,
     torch_threads,
 )
-from pipeline.extract import ForwardInWorker, _batches
+from pipeline.extract import ForwardInWorker, _batches, model_in_main
 from pipeline.gpu_decode import JpegDataset
 from pipeline.hooks import LayerHooks
 from pipeline.models import build_model
@@ -208,7 +208,7 @@ def loader_part(
         cfg.num_workers,
         -(-len(paths) // cfg.batch_size),
         device,
-        model_in_main=_model_in_main(cfg, device),
+        model_in_main=model_in_main(cfg, resolve_decode(cfg.decode, device)),
     )
     gpu = resolve_decode(cfg.decode, device) is Decode.gpu
     dataset = (JpegDataset if gpu else ImageDataset)(
@@ -235,7 +235,10 @@ def model_part(
     them, single-threaded (timed on a second pass, after each process's first batch)."""
     precision = resolve_precision(cfg.precision, device)
     plan = plan_loader(
-        cfg.num_workers, len(batches), device, model_in_main=_model_in_main(cfg, device)
+        cfg.num_workers,
+        len(batches),
+        device,
+        model_in_main=model_in_main(cfg, resolve_decode(cfg.decode, device)),
     )
     images = sum(len(x) for x in batches)
 
@@ -277,11 +280,6 @@ def model_part(
             hooks.compile(cfg.batch_size)
         hooks(model_input(batches[0], device))  # warm-up: allocator, kernels, a compiled graph
         return timed(images, forward_all)
-
-
-def _model_in_main(cfg: PipelineConfig, device: torch.device) -> bool:
-    """As the CLI decides it: a compiled model, or one fed by the GPU's decoder."""
-    return cfg.compile or resolve_decode(cfg.decode, device) is Decode.gpu
 
 
 class _Decoded(torch.utils.data.Dataset):

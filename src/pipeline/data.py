@@ -700,22 +700,30 @@ def failure(err: Exception) -> tuple[str, str]:
     return type(err).__name__, str(err) or type(err).__name__
 
 
-def collate(samples: list[tuple[int, torch.Tensor | None, tuple[str, str] | None]]) -> Batch:
+def collate(
+    samples: list[tuple[int, torch.Tensor | None, tuple[str, str] | None]],
+    *,
+    shared: bool = True,
+) -> Batch:
+    """The samples as a Batch; `shared`: see `stack`."""
     good = [(i, x) for i, x, _ in samples if x is not None]
     return Batch(
         indices=[i for i, _ in good],
-        images=stack(x for _, x in good),
+        images=stack((x for _, x in good), shared=shared),
         failures=[(i, *err) for i, _, err in samples if err is not None],
     )
 
 
-def stack(images: Iterable[torch.Tensor]) -> torch.Tensor | None:
-    """The images as one batch tensor (None for none). torch's default_collate stacks them
-    straight into shared memory in a loader process, so the batch reaches the main process
+def stack(images: Iterable[torch.Tensor], *, shared: bool = True) -> torch.Tensor | None:
+    """The images as one batch tensor (None for none). `shared`: torch's default_collate stacks
+    them straight into shared memory in a loader process, so the batch reaches the main process
     without the copy that moving a stacked tensor there costs (py-spy: a sixth of a loader
-    process's time on 500x375 photos)."""
+    process's time on 500x375 photos); a batch that stays in its process (the model runs there)
+    is stacked in its own memory, without a fresh shared segment to fault in."""
     images = list(images)
-    return torch.utils.data.default_collate(images) if images else None
+    if not images:
+        return None
+    return torch.utils.data.default_collate(images) if shared else torch.stack(images)
 
 
 def image_loader(

@@ -297,7 +297,7 @@ def extract_images(
                         cfg.num_workers,
                         batch_count,
                         device,
-                        model_in_main=cfg.compile or decode is Decode.gpu,
+                        model_in_main=model_in_main(cfg, decode),
                     )
                     log.info("loader: %s", plan.describe())
                     with torch_threads(plan.main_threads):
@@ -547,6 +547,12 @@ def _batches(
     return map(DeviceDecoder(dataset, preprocess, device), loader) if gpu else loader
 
 
+def model_in_main(cfg: PipelineConfig, decode: Decode) -> bool:
+    """Whether the model must stay in the main process: compiled there, or fed batches that the
+    GPU's decoder makes there (`pipeline.devices.plan_loader`)."""
+    return cfg.compile or decode is Decode.gpu
+
+
 @dataclass
 class Forwarded:
     """A batch after the model: its images' indices, its failures, and each layer's pooled rows
@@ -593,7 +599,8 @@ class ForwardInWorker:
             torch.inference_mode(),
             torch.autocast("cpu", dtype=self.dtype or torch.float32, enabled=bool(self.dtype)),
         ):
-            forwarded = _forward(self.hooks, collate(samples), torch.device("cpu"))
+            batch = collate(samples, shared=False)  # it stays in this process
+            forwarded = _forward(self.hooks, batch, torch.device("cpu"))
         forwarded.outputs = forwarded.on_host()
         return forwarded
 
