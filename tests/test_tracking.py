@@ -132,7 +132,8 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path: Path, photos:
     runs = _runs(_client(tmp_path))
     [parent] = [r for r in runs if r.data.tags["stage"] == "sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    logs = "\n".join(f.read_text() for f in tmp_path.rglob("*.log"))  # the jobs' warnings
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children), logs
 
 
 def _free_port() -> int:

@@ -34,6 +34,11 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 # tables takes a few seconds on a loaded machine); every later call gets its own deadline.
 FIRST_CALL_S = 10.0
 CALL_S = 20.0
+# Runs writing one SQLite store at once (a joblib sweep's jobs) can collide: MLflow inserts a
+# dataset both jobs log after checking it is not there yet, so one insert breaks the unique
+# key; a writer can find the database locked. Tried again, the call finds the other's row.
+COLLISIONS = ("UNIQUE constraint failed", "database is locked")
+TRIES = 3
 for _name, _value in {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(CALL_S)),
@@ -42,6 +47,7 @@ for _name, _value in {
 
 from mlflow import MlflowClient  # noqa: E402 - reads the variables above
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.utils.mlflow_tags import (  # noqa: E402
     MLFLOW_GIT_COMMIT,
     MLFLOW_PARENT_RUN_ID,
@@ -96,11 +102,14 @@ class Run:
         """`self.client.<method>(...)` unless tracking is off or has already failed."""
         if not self.active:
             return None
-        try:
-            return within(CALL_S, getattr(self.client, method), *args, **kwargs)
-        except Exception as err:
-            self.fail(err, f"while {action}")
-            return None
+        for tried in range(1, TRIES + 1):
+            try:
+                return within(CALL_S, getattr(self.client, method), *args, **kwargs)
+            except Exception as err:
+                if tried == TRIES or not any(c in str(err) for c in COLLISIONS):
+                    self.fail(err, f"while {action}")
+                    return None
+            time.sleep(0.1 * tried)
 
     def fail(self, err: Exception, action: str) -> None:
         self.error = err
@@ -155,7 +164,13 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     local = client._tracking_client.tracking_uri.startswith("sqlite:")
     # A local store keeps artifacts beside its database; a server decides for itself.
     location = ARTIFACT_ROOT.resolve().as_uri() if local else None
-    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
+    try:
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)  # another run created it meanwhile
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def start_run(settings: TrackingConfig, stage: str, name: str, tags: Mapping[str, str]) -> Run:
