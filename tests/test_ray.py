@@ -29,7 +29,7 @@ from pipeline.data import (
     folder_manifest,
     resolve_preprocess,
 )
-from pipeline.hooks import LayerHooks
+from pipeline.hooks import HookPlan, LayerHooks
 from pipeline.staging import staging_root
 from pipeline.store import METADATA_KEY
 
@@ -189,7 +189,7 @@ def test_plan_hands_on_the_local_batches_in_order_with_their_failures(
     settings = EngineConfig(Engine.ray, None, 1, 0, 1, 2)  # 1 worker, 1 CPU, 2 decode tasks
     session = RaySession(settings, model)
     placement = Placement("cpu", Precision.fp32)
-    plan = ModelPlan(LAYERS, Pool.auto, None, preprocess.input_size, placement)
+    plan = ModelPlan(HookPlan(tuple(LAYERS)), preprocess.input_size, placement)
     batches = list(session.batches(loader.dataset, start, plan, size))
     with LayerHooks(model, LAYERS, Pool.auto) as hooks, torch.inference_mode():
         expected = [

@@ -5,6 +5,7 @@ and the whole set published once every image is a row or a failure.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -53,7 +54,7 @@ from pipeline.devices import (
 )
 from pipeline.errors import ConfigError, TooManyFailures
 from pipeline.gpu_decode import DeviceDecoder, JpegDataset, collate_jpegs
-from pipeline.hooks import LayerHooks, LayerInfo
+from pipeline.hooks import HookPlan, LayerHooks, LayerInfo
 from pipeline.models import build_model, weights_provenance
 from pipeline.results import DatasetRef, StageResult
 from pipeline.staging import Chunk, LayerOutput, Staging, published
@@ -227,16 +228,11 @@ def extract_images(
         "scales": list(cfg.scales),
         "versions": versions(),
     }
+    hook_plan = HookPlan(
+        tuple(cfg.layers), cfg.pool, cfg.output_key, cfg.gem_p, cfg.pool_grid, tuple(cfg.scales)
+    )
     with (
-        LayerHooks(
-            model,
-            cfg.layers,
-            cfg.pool,
-            cfg.output_key,
-            gem_p=cfg.gem_p,
-            grid=cfg.pool_grid,
-            scales=cfg.scales,
-        ) as hooks,
+        hook_plan.on(model) as hooks,
         torch.inference_mode(),
         torch.autocast(
             device.type,
@@ -281,14 +277,9 @@ def extract_images(
                 )
                 if session is not None:
                     model_plan = ModelPlan(
-                        list(info),
-                        cfg.pool,
-                        cfg.output_key,
+                        dataclasses.replace(hook_plan, layers=tuple(info)),
                         preprocess.input_size,
                         placement,
-                        gem_p=cfg.gem_p,
-                        grid=cfg.pool_grid,
-                        scales=tuple(cfg.scales),
                     )
                     session.extract(writer, dataset, start, model_plan, cfg.batch_size)
                 else:

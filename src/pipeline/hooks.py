@@ -174,6 +174,31 @@ class LayerInfo:
     params: dict[str, float] = field(default_factory=dict)  # the pooling's (pool_params)
 
 
+@dataclass(frozen=True)
+class HookPlan:
+    """Which layers to capture and how to pool them: the config's part that `LayerHooks` takes,
+    built once and put on a model wherever it runs (this process, a loader process, a Ray
+    actor)."""
+
+    layers: tuple[str, ...]
+    pool: Pool | str = Pool.auto
+    output_key: str | None = None
+    gem_p: float = 3.0
+    grid: int = 2
+    scales: tuple[float, ...] = (1.0,)
+
+    def on(self, model: torch.nn.Module) -> LayerHooks:
+        return LayerHooks(
+            model,
+            self.layers,
+            self.pool,
+            self.output_key,
+            gem_p=self.gem_p,
+            grid=self.grid,
+            scales=self.scales,
+        )
+
+
 class LayerHooks:
     """Capture the pooled outputs of named layers in one forward pass.
 

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline.config import EngineConfig, Pool, Precision
+from pipeline.config import EngineConfig, Precision
 from pipeline.data import ImageDataset
 from pipeline.devices import (
     AUTOCAST_DTYPES,
@@ -44,7 +44,7 @@ from pipeline.devices import (
     resolve_precision,
 )
 from pipeline.errors import ConfigError
-from pipeline.hooks import LayerHooks
+from pipeline.hooks import HookPlan
 
 try:
     import ray
@@ -72,17 +72,12 @@ class Placement:
 
 @dataclass(frozen=True)
 class ModelPlan:
-    """What each model actor needs besides the model."""
+    """What each model actor needs besides the model: its hooks as the local engine's (the
+    layers resolved), its input size and where it computes."""
 
-    layers: list[str]
-    pool: Pool
-    output_key: str | None
+    hooks: HookPlan
     input_size: tuple[int, int, int]
     placement: Placement
-    # The pooling's own parameters, as the local engine's hooks take them.
-    gem_p: float = 3.0
-    grid: int = 2
-    scales: tuple[float, ...] = (1.0,)
 
 
 class RaySession:
@@ -232,7 +227,9 @@ class RaySession:
                     )
                     if not good
                 ]
-                outputs = {name: batch[EMBEDDING_PREFIX + name][part][ok] for name in plan.layers}
+                outputs = {
+                    name: batch[EMBEDDING_PREFIX + name][part][ok] for name in plan.hooks.layers
+                }
                 yield index[ok].tolist(), outputs, failures
         if expected != len(images):
             raise RuntimeError(f"Ray returned {expected} of {len(images)} images")
@@ -280,15 +277,7 @@ class _Model:
         self.device = torch.device(plan.placement.device)
         self.model = place_model(ray.get(model), self.device)
         # Entered for the actor's lifetime: its process ends with the plan.
-        self.hooks = LayerHooks(
-            self.model,
-            plan.layers,
-            plan.pool,
-            plan.output_key,
-            gem_p=plan.gem_p,
-            grid=plan.grid,
-            scales=plan.scales,
-        ).__enter__()
+        self.hooks = plan.hooks.on(self.model).__enter__()
         with self._computing():
             self.hooks.describe(torch.zeros((1, *plan.input_size), device=self.device))
 
