@@ -27,7 +27,7 @@ The machine this runs on may be shared, and the figures mean most where that sha
 whose parts saw the least foreign load. torch runs as the command runs it, its OpenMP threads
 sleeping when idle (pipeline.app.sleeping_openmp).
 
-    python benchmarks/throughput_bench.py [--images 1000] [--large-images 200] [--quick]
+    python benchmarks/throughput_bench.py [--images 2000] [--large-images 600] [--quick]
         [--layers global_pool layer1] [--sizes 500x375 3000x4000] [--photos DIR] [--rounds N]
         [overrides...]
 
@@ -469,8 +469,11 @@ def main() -> None:
         sleeping_openmp()
         os.execv(sys.executable, [sys.executable, *sys.argv])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=1000, help="500x375 photos")
-    parser.add_argument("--large-images", type=int, default=200, help="3000x4000 photos")
+    # Enough images that each command runs about 10 s on 2 cores: each loader process's start
+    # (its fork, its first forward pass growing the heap: 0.1-0.2 s) is then a small share of
+    # the command's own figure, as on a real dataset; the whole command's figure keeps it all.
+    parser.add_argument("--images", type=int, default=2000, help="500x375 photos")
+    parser.add_argument("--large-images", type=int, default=600, help="3000x4000 photos")
     parser.add_argument("--layers", nargs="+", default=["global_pool", "layer1"])
     parser.add_argument(
         "--model-images", type=int, default=640, help="for the model alone, before and after"
