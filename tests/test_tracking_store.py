@@ -3,10 +3,13 @@ another process writing the same store retry, and anything else still turns trac
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import Dataset, DatasetInput
 from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
@@ -74,3 +77,54 @@ def test_an_experiment_another_run_just_created_is_used(settings: TrackingConfig
     client.get_experiment_by_name = looked_too_early
     assert tracking._experiment_id(client, settings.experiment) == made
     assert len(looks) == 2
+
+
+def _log_the_same_datasets(uri: str, experiment: str, rounds: int, barrier: Any, out: Any) -> None:
+    """In a process of its own: each round, the same new dataset logged at the same moment as
+    the other process, once with MLflow alone and once through tracking.Run."""
+    client = MlflowClient(uri)
+    run_id = client.create_run(experiment).info.run_id
+    collided = failed = 0
+    for i in range(rounds):
+        for name in ("mlflow", "ours"):
+            dataset = Dataset(name="photos", digest=f"{name}{i}", source_type="local", source="/p")
+            barrier.wait()
+            if name == "mlflow":
+                try:
+                    client.log_inputs(run_id, [DatasetInput(dataset)])
+                except MlflowException as err:
+                    collided += "UNIQUE constraint failed" in str(err)
+            else:
+                run = tracking.Run(client, run_id)
+                run.call("logging the inputs", "log_inputs", run_id, [DatasetInput(dataset)])
+                failed += not run.active
+    out.put((run_id, collided, failed))
+
+
+def test_two_processes_logging_one_dataset_at_once_both_record_it(
+    settings: TrackingConfig,
+) -> None:
+    """The race itself: MLflow checks that a dataset is not stored yet, then inserts it, so two
+    processes logging it at once collide (measured: 37 of 120 here); through tracking.Run the
+    loser tries again and finds the winner's row."""
+    experiment = MlflowClient(settings.uri).create_experiment(settings.experiment)
+    context = multiprocessing.get_context("spawn")
+    barrier, out = context.Barrier(2), context.Queue()
+    rounds = 60
+    workers = [
+        context.Process(
+            target=_log_the_same_datasets, args=(settings.uri, experiment, rounds, barrier, out)
+        )
+        for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    results = [out.get(timeout=300) for _ in workers]
+    for worker in workers:
+        worker.join()
+    assert sum(collided for _, collided, _ in results) > 0  # the rounds did meet the race
+    assert [failed for _, _, failed in results] == [0, 0]
+    client = MlflowClient(settings.uri)
+    for run_id, _, _ in results:
+        logged = {d.dataset.digest for d in client.get_run(run_id).inputs.dataset_inputs}
+        assert {f"ours{i}" for i in range(rounds)} <= logged

@@ -179,9 +179,9 @@ def plan_loader(
     On the CPU, where there is a worker for every core, each worker decodes a batch and runs
     the model on it, single-threaded, and hands on the pooled rows: the cores are never shared
     between the decoding and torch's threads, whose operators wait for a preempted thread at
-    their end (benchmarks/throughput_bench.py, 2 cores, 500x375 photos: 0.97 of the bound for
-    the embedding layer and 0.93-0.94 for an early one, against 0.87-0.91 and 0.67-0.77 with
-    the model on every core in the main process beside the workers). That second plan is kept
+    their end (benchmarks/throughput_bench.py, 2 cores, 500x375 photos: 0.98-1.00 of the bound
+    for the embedding layer and 0.95-1.01 for an early one, against 0.87-0.91 and 0.67-0.77
+    with the model on every core in the main process beside the workers). That second plan is kept
     where the model must stay in the main process (`model_in_main`: compile=true, decode=gpu;
     fewer workers than cores; no fork) or where OMP_NUM_THREADS gives this job a share of the
     node. On a GPU the model needs little CPU and decoding is what keeps it fed: a worker for
