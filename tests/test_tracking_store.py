@@ -128,3 +128,34 @@ def test_two_processes_logging_one_dataset_at_once_both_record_it(
     for run_id, _, _ in results:
         logged = {d.dataset.digest for d in client.get_run(run_id).inputs.dataset_inputs}
         assert {f"ours{i}" for i in range(rounds)} <= logged
+
+
+def _start_a_run(uri: str, barrier: Any, out: Any) -> None:
+    """In a process of its own: a run started at the same moment as the other process's."""
+    barrier.wait()
+    run = tracking.start_run(TrackingConfig("mlflow", uri, "embeddings", False), "x", "x", {})
+    if run.active:
+        run.end("FINISHED")
+    out.put(None if run.active else str(run.error).splitlines()[0])
+
+
+def test_two_commands_starting_at_once_in_a_new_folder_are_both_tracked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow makes a new SQLite store's tables on first use: two processes doing it at once
+    collided ("table runs already exists", "duplicate column name"; at least 5 of 8 rounds here)."""
+    monkeypatch.chdir(tmp_path)  # the processes' own: where a local store keeps its artifacts
+    context = multiprocessing.get_context("spawn")
+    for round_ in range(3):
+        uri = f"sqlite:///{tmp_path}/{round_}/mlflow.db"
+        barrier, out = context.Barrier(2), context.Queue()
+        workers = [context.Process(target=_start_a_run, args=(uri, barrier, out)) for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        errors = [out.get(timeout=300) for _ in workers]
+        for worker in workers:
+            worker.join()
+        assert errors == [None, None]
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("embeddings").experiment_id])
+        assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import TrackingConfig
 from pipeline.results import DatasetRef, StageResult
+from pipeline.staging import Lock
 
 log = logging.getLogger(__name__)
 
@@ -173,14 +174,34 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
         return experiment.experiment_id
 
 
+@contextlib.contextmanager
+def local_store_made_once(uri: str) -> Iterator[None]:
+    """Held while a local SQLite store is first opened (MLflow creates and migrates its tables
+    then) and its experiment looked up or created: two commands started at once in a new
+    folder both made the tables, and one failed ("table runs already exists"). A lock file
+    beside the database; a no-op for other stores."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Lock(Path(uri.removeprefix("sqlite:///") + ".lock"))
+    lock.acquire(wait=True)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def start_run(settings: TrackingConfig, stage: str, name: str, tags: Mapping[str, str]) -> Run:
     """A new run, or an inactive one (with the warning said) when the store does not answer
     within FIRST_CALL_S."""
 
     def create() -> Run:
-        client = MlflowClient(tracking_uri(settings))
+        uri = tracking_uri(settings)
+        with local_store_made_once(uri):
+            client = MlflowClient(uri)
+            experiment_id = _experiment_id(client, settings.experiment)
         run = client.create_run(
-            _experiment_id(client, settings.experiment),
+            experiment_id,
             run_name=name,
             tags={
                 MLFLOW_RUN_NAME: name,
