@@ -36,7 +36,7 @@ from hydra import compose, initialize_config_module
 from pipeline.app import typed
 from pipeline.data import Batch, build_transform, decode_image, load_manifest, resolve_preprocess
 from pipeline.devices import (
-    AUTOCAST_DTYPES,
+    computing,
     model_input,
     place_model,
     resolve_device,
@@ -164,12 +164,7 @@ def main() -> None:
     results: dict[str, dict[int, tuple[float, float, float]]] = {}
     with (
         tempfile.TemporaryDirectory() as tmp,
-        torch.inference_mode(),
-        torch.autocast(
-            device.type,
-            dtype=AUTOCAST_DTYPES.get(precision, torch.float32),
-            enabled=precision in AUTOCAST_DTYPES,
-        ),
+        computing(device, precision),
         reusing_freed_memory(),  # as the command runs its batches
     ):
         for scale in (1, 4):

@@ -70,8 +70,8 @@ from pipeline.data import (
     resolve_preprocess,
 )
 from pipeline.devices import (
-    AUTOCAST_DTYPES,
     available_cores,
+    computing,
     model_input,
     place_model,
     plan_loader,
@@ -266,12 +266,7 @@ def model_part(
         torch_threads(plan.main_threads),
         reusing_freed_memory(),
         LayerHooks(model, [layer], cfg.pool, cfg.output_key) as hooks,
-        torch.inference_mode(),
-        torch.autocast(
-            device.type,
-            dtype=AUTOCAST_DTYPES.get(precision, torch.float32),
-            enabled=precision in AUTOCAST_DTYPES,
-        ),
+        computing(device, precision),
     ):
         hooks.describe(model_input(batches[0][:1], device))
         if plan.model_in_workers:

@@ -21,6 +21,18 @@ log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {Precision.fp16: torch.float16, Precision.bf16: torch.bfloat16}
 
 
+@contextlib.contextmanager
+def computing(device: torch.device, precision: Precision) -> Iterator[None]:
+    """How the model runs wherever it runs: inference mode, under autocast where `precision`
+    is fp16 or bf16."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+    ):
+        yield
+
+
 def resolve_device(device: str) -> torch.device:
     """auto: CUDA when there is a GPU, else the CPU; a CUDA device that is not there is a
     config error, not a crash."""
@@ -203,16 +215,17 @@ def plan_loader(
         workers = cores
     else:
         workers = num_workers
+    user_threads = _threads_set_by_user()
     model_in_workers = (
         not gpu
         and not model_in_main
         and workers == cores > 1
-        and _threads_set_by_user() is None
+        and user_threads is None
         and "fork" in multiprocessing.get_all_start_methods()  # the hooked model, not pickled
     )
     return LoaderPlan(
         workers=workers,
-        main_threads=_threads_set_by_user()
+        main_threads=user_threads
         or (max(1, cores - workers) if gpu or model_in_workers else cores),
         prefetch_factor=(4 if gpu else 2) if workers else None,
         pin_memory=gpu,

@@ -41,8 +41,8 @@ from pipeline.data import (
     resolve_preprocess,
 )
 from pipeline.devices import (
-    AUTOCAST_DTYPES,
     LoaderPlan,
+    computing,
     model_input,
     place_model,
     plan_loader,
@@ -233,12 +233,7 @@ def extract_images(
     )
     with (
         hook_plan.on(model) as hooks,
-        torch.inference_mode(),
-        torch.autocast(
-            device.type,
-            dtype=AUTOCAST_DTYPES.get(precision, torch.float32),
-            enabled=precision in AUTOCAST_DTYPES,
-        ),
+        computing(device, precision),
         reusing_freed_memory(),
     ):
         info = hooks.describe(torch.zeros((1, *preprocess.input_size), device=device))
@@ -583,15 +578,13 @@ class ForwardInWorker:
 
     def __init__(self, hooks: LayerHooks, precision: Precision) -> None:
         self.hooks = hooks
-        self.dtype = AUTOCAST_DTYPES.get(precision)
+        self.precision = precision
 
     def __call__(self, samples: list) -> Forwarded:
-        with (
-            torch.inference_mode(),
-            torch.autocast("cpu", dtype=self.dtype or torch.float32, enabled=bool(self.dtype)),
-        ):
+        cpu = torch.device("cpu")
+        with computing(cpu, self.precision):
             batch = collate(samples, shared=False)  # it stays in this process
-            forwarded = _forward(self.hooks, batch, torch.device("cpu"))
+            forwarded = _forward(self.hooks, batch, cpu)
         forwarded.outputs = forwarded.on_host()
         return forwarded
 

@@ -22,7 +22,6 @@ small next to decoding them (~1-2 ms an image at ImageNet sizes).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from tqdm import tqdm
 from pipeline.config import EngineConfig, Precision
 from pipeline.data import ImageDataset
 from pipeline.devices import (
-    AUTOCAST_DTYPES,
+    computing,
     keep_freed_memory,
     model_input,
     place_model,
@@ -278,17 +277,8 @@ class _Model:
         self.model = place_model(ray.get(model), self.device)
         # Entered for the actor's lifetime: its process ends with the plan.
         self.hooks = plan.hooks.on(self.model).__enter__()
-        with self._computing():
+        with computing(self.device, plan.placement.precision):
             self.hooks.describe(torch.zeros((1, *plan.input_size), device=self.device))
-
-    @contextlib.contextmanager
-    def _computing(self) -> Iterator[None]:
-        dtype = AUTOCAST_DTYPES.get(self.plan.placement.precision)
-        with (
-            torch.inference_mode(),
-            torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=bool(dtype)),
-        ):
-            yield
 
     def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {key: block[key] for key in ("position", "ok", "error", "reason")}
@@ -302,7 +292,7 @@ class _Model:
                 continue
             pixels = np.ascontiguousarray(block["pixels"][part][ok])
             images = model_input(torch.from_numpy(pixels), self.device)
-            with self._computing():
+            with computing(self.device, self.plan.placement.precision):
                 pooled = self.hooks(images)
             for name, tensor in pooled.items():
                 out[EMBEDDING_PREFIX + name][part][ok] = tensor.float().cpu().numpy()
