@@ -74,14 +74,13 @@ from pipeline.devices import (
     computing,
     model_input,
     place_model,
-    plan_loader,
     resolve_decode,
     resolve_device,
     resolve_precision,
     reusing_freed_memory,
     torch_threads,
 )
-from pipeline.extract import ForwardInWorker, _batches, model_in_main
+from pipeline.extract import ForwardInWorker, _batches, extraction_plan
 from pipeline.gpu_decode import JpegDataset
 from pipeline.hooks import LayerHooks
 from pipeline.models import build_model
@@ -204,13 +203,9 @@ def loader_part(
     paths: list[str], cfg: PipelineConfig, preprocess: Preprocess, device: torch.device
 ) -> tuple[Part, str]:
     """The CLI's loader as the CLI builds it (extract._batches), with the CLI's plan."""
-    plan = plan_loader(
-        cfg.num_workers,
-        -(-len(paths) // cfg.batch_size),
-        device,
-        model_in_main=model_in_main(cfg, resolve_decode(cfg.decode, device)),
-    )
-    gpu = resolve_decode(cfg.decode, device) is Decode.gpu
+    decode = resolve_decode(cfg.decode, device)
+    plan = extraction_plan(cfg, len(paths), device, decode)
+    gpu = decode is Decode.gpu
     dataset = (JpegDataset if gpu else ImageDataset)(
         paths, build_transform(preprocess), min_side=preprocess.min_side
     )
@@ -234,13 +229,8 @@ def model_part(
     processes, in as many processes each stacking pre-decoded images and running the model on
     them, single-threaded (timed on a second pass, after each process's first batch)."""
     precision = resolve_precision(cfg.precision, device)
-    plan = plan_loader(
-        cfg.num_workers,
-        len(batches),
-        device,
-        model_in_main=model_in_main(cfg, resolve_decode(cfg.decode, device)),
-    )
     images = sum(len(x) for x in batches)
+    plan = extraction_plan(cfg, images, device, resolve_decode(cfg.decode, device))
 
     def forward_all() -> None:
         for x in batches:

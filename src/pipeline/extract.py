@@ -278,13 +278,7 @@ def extract_images(
                     )
                     session.extract(writer, dataset, start, model_plan, cfg.batch_size)
                 else:
-                    batch_count = -(-(len(ids) - start) // cfg.batch_size)
-                    plan = plan_loader(
-                        cfg.num_workers,
-                        batch_count,
-                        device,
-                        model_in_main=model_in_main(cfg, decode),
-                    )
+                    plan = extraction_plan(cfg, len(ids) - start, device, decode)
                     log.info("loader: %s", plan.describe())
                     with torch_threads(plan.main_threads):
                         forwarded = _forwarded(
@@ -533,10 +527,18 @@ def _batches(
     return map(DeviceDecoder(dataset, preprocess, device), loader) if gpu else loader
 
 
-def model_in_main(cfg: PipelineConfig, decode: Decode) -> bool:
-    """Whether the model must stay in the main process: compiled there, or fed batches that the
-    GPU's decoder makes there (`pipeline.devices.plan_loader`)."""
-    return cfg.compile or decode is Decode.gpu
+def extraction_plan(
+    cfg: PipelineConfig, images: int, device: torch.device, decode: Decode
+) -> LoaderPlan:
+    """The loader plan for extracting `images` images (`pipeline.devices.plan_loader`): the
+    model stays in the main process when it is compiled there, or fed batches that the GPU's
+    decoder makes there."""
+    return plan_loader(
+        cfg.num_workers,
+        -(-images // cfg.batch_size),
+        device,
+        model_in_main=cfg.compile or decode is Decode.gpu,
+    )
 
 
 @dataclass
