@@ -4,6 +4,7 @@ another process writing the same store retry, and anything else still turns trac
 from __future__ import annotations
 
 import multiprocessing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,20 @@ def test_an_experiment_another_run_just_created_is_used(settings: TrackingConfig
     assert len(looks) == 2
 
 
+def _in_two_processes_at_once(target: Callable[..., None], *args: object) -> list[Any]:
+    """`target(*args, barrier, out)` in two spawned processes that meet at `barrier.wait()`;
+    what each put on `out`."""
+    context = multiprocessing.get_context("spawn")
+    barrier, out = context.Barrier(2), context.Queue()
+    workers = [context.Process(target=target, args=(*args, barrier, out)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    results = [out.get(timeout=300) for _ in workers]
+    for worker in workers:
+        worker.join()
+    return results
+
+
 def _log_the_same_datasets(uri: str, experiment: str, rounds: int, barrier: Any, out: Any) -> None:
     """In a process of its own: each round, the same new dataset logged at the same moment as
     the other process, once with MLflow alone and once through tracking.Run."""
@@ -108,20 +123,8 @@ def test_two_processes_logging_one_dataset_at_once_both_record_it(
     processes logging it at once collide (measured: 37 of 120 here); through tracking.Run the
     loser tries again and finds the winner's row."""
     experiment = MlflowClient(settings.uri).create_experiment(settings.experiment)
-    context = multiprocessing.get_context("spawn")
-    barrier, out = context.Barrier(2), context.Queue()
     rounds = 60
-    workers = [
-        context.Process(
-            target=_log_the_same_datasets, args=(settings.uri, experiment, rounds, barrier, out)
-        )
-        for _ in range(2)
-    ]
-    for worker in workers:
-        worker.start()
-    results = [out.get(timeout=300) for _ in workers]
-    for worker in workers:
-        worker.join()
+    results = _in_two_processes_at_once(_log_the_same_datasets, settings.uri, experiment, rounds)
     assert sum(collided for _, collided, _ in results) > 0  # the rounds did meet the race
     assert [failed for _, _, failed in results] == [0, 0]
     client = MlflowClient(settings.uri)
@@ -145,17 +148,9 @@ def test_two_commands_starting_at_once_in_a_new_folder_are_both_tracked(
     """MLflow makes a new SQLite store's tables on first use: two processes doing it at once
     collided ("table runs already exists", "duplicate column name"; at least 5 of 8 rounds here)."""
     monkeypatch.chdir(tmp_path)  # the processes' own: where a local store keeps its artifacts
-    context = multiprocessing.get_context("spawn")
     for round_ in range(3):
         uri = f"sqlite:///{tmp_path}/{round_}/mlflow.db"
-        barrier, out = context.Barrier(2), context.Queue()
-        workers = [context.Process(target=_start_a_run, args=(uri, barrier, out)) for _ in range(2)]
-        for worker in workers:
-            worker.start()
-        errors = [out.get(timeout=300) for _ in workers]
-        for worker in workers:
-            worker.join()
-        assert errors == [None, None]
+        assert _in_two_processes_at_once(_start_a_run, uri) == [None, None]
         client = MlflowClient(uri)
         runs = client.search_runs([client.get_experiment_by_name("embeddings").experiment_id])
         assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
