@@ -49,6 +49,14 @@ class Decode(Enum):
     gpu = "gpu"
 
 
+class Identity(Enum):
+    """What tells that an image file is the one a row was computed from: its size and
+    modification time (one stat), or the SHA-256 of its bytes (reads every file)."""
+
+    stat = "stat"
+    content = "content"
+
+
 class KeyMatch(Enum):
     """How a checkpoint's tensors are matched to the model's parameters: by name, or by order
     with every shape checked (the same architecture saved by another codebase)."""
@@ -87,6 +95,7 @@ class DatasetConfig:
     extensions: list[str] = MISSING
     allow_outside_root: bool = MISSING
     truth: str | None = MISSING  # a manifest with true near-duplicate groups, if known
+    identity: Identity = Identity.stat  # how a rerun tells an unchanged image file
 
 
 @dataclass

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import platform
-import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -27,8 +26,8 @@ import torch
 from tqdm import tqdm
 
 import pipeline
-from pipeline import augment
-from pipeline.config import CalibrationConfig, Decode, Engine, PipelineConfig, Precision
+from pipeline import augment, ledger, update
+from pipeline.config import CalibrationConfig, Decode, Engine, PipelineConfig, Pool, Precision
 from pipeline.data import (
     Batch,
     ImageDataset,
@@ -52,33 +51,33 @@ from pipeline.devices import (
     reusing_freed_memory,
     torch_threads,
 )
-from pipeline.errors import ConfigError, TooManyFailures
+from pipeline.errors import ConfigError
 from pipeline.gpu_decode import DeviceDecoder, JpegDataset, collate_jpegs
 from pipeline.hooks import HookPlan, LayerHooks, LayerInfo
 from pipeline.models import build_model, weights_provenance
+from pipeline.publish import LayerOutput, published_outputs
 from pipeline.results import DatasetRef, StageResult
-from pipeline.staging import Chunk, LayerOutput, Staging, published
+from pipeline.staging import IMAGES_DIR, Chunk, Staging
 from pipeline.store import (
-    CALIBRATION_DIR,
     FAILURES_FILE,
     embedding_schema,
     embedding_table,
-    failures_table,
     layer_path,
     part_name,
+    read_metadata,
     write_manifest,
     write_part,
 )
+from pipeline.update import Plan, copies_stale, judge_failures, publish_changes
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 64 * 2**20  # embeddings held in memory before a chunk is staged: a part's size
-MIN_IMAGES_FOR_FAILURE_RATE = 100  # judge the failure rate on no fewer images
 GLANCE_ROWS = 5000  # rows of the last layer kept for the "embeddings at a glance" picture
-# Keys that decide the embedding values; the rest say where or how fast a run goes.
+# Keys that decide the embedding values of a layer; the rest say where or how fast a run goes,
+# or which layers (a layer's rows do not depend on which others are captured beside it).
 HASHED_KEYS = (
     "dataset",
     "model",
-    "layers",
     "pool",
     "gem_p",
     "pool_grid",
@@ -105,7 +104,9 @@ class ExtractResult(StageResult):
 def config_hash(cfg: PipelineConfig) -> str:
     """A short digest of everything that decides the embedding values, to tell runs apart."""
     values = {k: getattr(cfg, k) for k in HASHED_KEYS}
-    values["dataset"] = {k: v for k, v in asdict(cfg.dataset).items() if k != "truth"}
+    values["dataset"] = {
+        k: v for k, v in asdict(cfg.dataset).items() if k not in ("truth", "identity")
+    }
     text = json.dumps(
         values,
         sort_keys=True,
@@ -176,15 +177,79 @@ def run(cfg: PipelineConfig) -> ExtractResult:
             sum(skipped.values()),
             ", ".join(f"{ext}: {n}" for ext, n in sorted(skipped.items())),
         )
+    weights = weights_provenance(cfg.model)
+    if (ready := up_to_date(cfg, manifest, weights)) is not None:
+        return ready
     model = build_model(cfg.model)
-    return extract_images(model, manifest, cfg, weights_provenance(cfg.model))
+    return extract_images(model, manifest, cfg, weights)
+
+
+def up_to_date(
+    cfg: PipelineConfig, manifest: pd.DataFrame, weights: dict[str, Any]
+) -> ExtractResult | None:
+    """The result of a run with nothing to do, found without building the model: every layer
+    (named, not a pattern) is published for these images as they are, with this config and
+    these weights, its calibration copies too. None when there is work (or patterns)."""
+    if cfg.engine.name is not Engine.local or not cfg.resume:
+        return None
+    if any(any(c in name for c in "*?[") for name in cfg.layers):
+        return None
+    started = time.perf_counter()
+    output_dir = Path(cfg.output_dir).expanduser()
+    manifest = ledger.with_identity(manifest, cfg.dataset.identity)
+    values = values_key(config_hash(cfg), weights)
+    keys = ledger.keys(manifest)
+    info = {}
+    for name in dict.fromkeys(cfg.layers):
+        folder = layer_path(output_dir, name)
+        previous = update.published(folder, values)
+        if (
+            previous is None
+            or previous.outcomes.keys != keys
+            or list(keys) != list(previous.outcomes.keys)
+        ):
+            return None
+        if copies_stale(previous, calibration_spec(cfg), values, set(keys)):
+            return None
+        info[name] = layer_info(read_metadata(folder))
+    log.info("up to date: all %d images of %s are in %s", len(keys), ", ".join(info), output_dir)
+    metadata = read_metadata(layer_path(output_dir, next(iter(info))))
+    result = _result(
+        cfg,
+        output_dir,
+        info,
+        published_outputs(output_dir, list(info)),
+        len(manifest),
+        0,
+        time.perf_counter() - started,
+        None,
+        DatasetRef(
+            cfg.dataset.name, manifest_digest(manifest), metadata["dataset"]["root"], "images"
+        ),
+        metadata,
+    )
+    result.metrics.update({"images.new": 0, "images.changed": 0, "images.removed": 0})
+    result.metrics["images.reused"] = len(manifest)
+    return result
+
+
+def layer_info(metadata: dict[str, Any]) -> LayerInfo:
+    """A published layer's LayerInfo, from its metadata."""
+    return LayerInfo(
+        tuple(metadata["output_shape"]),
+        Pool(metadata["pool"]),
+        metadata["dim"],
+        metadata["depth"],
+        metadata.get("pool_params") or {},
+    )
 
 
 def extract_images(
     model: torch.nn.Module, manifest: pd.DataFrame, cfg: PipelineConfig, weights: dict[str, Any]
 ) -> ExtractResult:
     """The extraction of `manifest`'s images with a model already built (the Python API hands
-    its own); `cfg` says which layers, how, and where."""
+    its own); `cfg` says which layers, how, and where. Only what is not published yet, as it
+    is, gets embedded (`update.py`)."""
     _check_numbers(cfg)
     session = None
     if cfg.engine.name is Engine.ray:
@@ -207,9 +272,8 @@ def extract_images(
     m = cfg.model
     preprocess = resolve_preprocess(model, m.input_size, m.crop_pct, m.interpolation, m.mean, m.std)
     place_model(model, device)
-    ids = manifest["image_id"].tolist()
+    manifest = ledger.with_identity(manifest, cfg.dataset.identity)
     labels = manifest["label"].tolist() if "label" in manifest else None
-    images_digest = manifest_digest(manifest)
     metadata = {
         "model": cfg.model.name,
         "weights": weights,
@@ -228,6 +292,7 @@ def extract_images(
         "scales": list(cfg.scales),
         "versions": versions(),
     }
+    values = values_key(metadata["config_hash"], weights)
     hook_plan = HookPlan(
         tuple(cfg.layers), cfg.pool, cfg.output_key, cfg.gem_p, cfg.pool_grid, tuple(cfg.scales)
     )
@@ -241,32 +306,30 @@ def extract_images(
             hooks.compile(cfg.batch_size)
         schemas = layer_schemas(info, labels is not None, metadata)
         rows = chunk_rows(cfg.save_every, cfg.batch_size, sum(i.dim for i in info.values()))
-        key = f"{metadata['config_hash']}-{images_digest[:12]}-b{cfg.batch_size}-c{rows}"
+        layers_digest = hashlib.sha256("\n".join(info).encode()).hexdigest()[:8]
+        key = f"{metadata['config_hash']}-{layers_digest}-b{cfg.batch_size}-c{rows}"
         if session is not None:  # the parts' metadata name their engine: never mix them
             key += "-ray"
         started = time.perf_counter()
         with Staging(output_dir, key, list(info)) as staging:
             done = staging.resume(cfg.resume)
-            if done is None:  # an earlier run was killed while publishing: now finished
-                outputs, processed, sample = published(output_dir, list(info)), 0, None
-            else:
-                start = done[-1].stop if done else 0
-                if start:
-                    log.info(
-                        "resuming: %d of %d images were done by an earlier run of this command "
-                        "(resume=false starts afresh)",
-                        start,
-                        len(ids),
-                    )
-                writer = ChunkWriter(
-                    staging, schemas, ids, labels, rows, done, cfg.max_failure_rate
-                )
+            plan = Plan.make(manifest, output_dir, list(info), values, staging, done, cfg.resume)
+            log.info("images: %s", plan.describe())
+            judged, failed = plan.reused_failures()
+            judge_failures(
+                judged, failed, len(manifest), cfg.max_failure_rate, staging.dir, before=True
+            )
+            writer = ChunkWriter(
+                staging, schemas, plan, rows, done, cfg.max_failure_rate, (judged, failed)
+            )
+            if plan.work:
+                work = manifest.iloc[plan.work]
                 dataset_cls = JpegDataset if decode is Decode.gpu else ImageDataset
                 dataset = dataset_cls(
-                    manifest["path"].tolist()[start:],
+                    work["path"].tolist(),
                     build_transform(preprocess),
                     cfg.max_image_pixels,
-                    errors=manifest["error"].tolist()[start:] if "error" in manifest else None,
+                    errors=work["error"].tolist() if "error" in work else None,
                     min_side=preprocess.min_side,
                     max_file_bytes=cfg.max_file_bytes,
                 )
@@ -276,47 +339,71 @@ def extract_images(
                         preprocess.input_size,
                         placement,
                     )
-                    session.extract(writer, dataset, start, model_plan, cfg.batch_size)
+                    session.extract(writer, dataset, 0, model_plan, cfg.batch_size)
                 else:
-                    plan = extraction_plan(cfg, len(ids) - start, device, decode)
-                    log.info("loader: %s", plan.describe())
-                    with torch_threads(plan.main_threads):
+                    loader = extraction_plan(cfg, len(plan.work), device, decode)
+                    log.info("loader: %s", loader.describe())
+                    with torch_threads(loader.main_threads):
                         forwarded = _forwarded(
-                            hooks, dataset, cfg.batch_size, plan, preprocess, device, precision
+                            hooks, dataset, cfg.batch_size, loader, preprocess, device, precision
                         )
-                        _extract(forwarded, writer, start)
-                if cfg.calibration.images:
-                    picked = calibration_sample(len(ids), cfg.calibration.images, cfg.seed)
-                    embed_copies(
-                        hooks,
-                        manifest.iloc[picked],
-                        CopyPlan(cfg.calibration, cfg.seed, preprocess, cfg.batch_size),
-                        layer_schemas(info, False, copies_metadata(metadata, cfg), sourced=True),
-                        staging.dir / CALIBRATION_DIR,
-                        device,
-                        loader_options(cfg, device, len(picked)),
-                    )
-                outputs = staging.publish(writer.chunks, ids)
-                processed, sample = len(ids) - start, writer.sample
+                        _extract(forwarded, writer)
+            spec = calibration_spec(cfg)
+            schemas_of_copies = layer_schemas(
+                info, False, copies_metadata(metadata, cfg), sourced=True
+            )
+
+            def make_copies(folder: Path) -> None:
+                picked = calibration_sample(len(manifest), spec["images"], cfg.seed)
+                embed_copies(
+                    hooks,
+                    manifest.iloc[picked],
+                    CopyPlan(cfg.calibration, cfg.seed, preprocess, cfg.batch_size),
+                    schemas_of_copies,
+                    folder,
+                    device,
+                    loader_options(cfg, device, len(picked)),
+                    {"values": values, "calibration": spec},
+                )
+
+            changed = publish_changes(
+                plan, staging, writer.chunks, schemas, rows, values, spec, make_copies
+            )
+            if not changed:
+                log.info("up to date: nothing new to embed or publish in %s", output_dir)
+            staging.clear()
+        outputs = published_outputs(output_dir, list(info))
         seconds = time.perf_counter() - started
-    if not cfg.calibration.images:  # copies an earlier run embedded no longer match
-        shutil.rmtree(output_dir / CALIBRATION_DIR, ignore_errors=True)
     result = _result(
         cfg,
         output_dir,
         info,
         outputs,
-        len(ids),
-        processed,
+        len(manifest),
+        len(plan.work),
         seconds,
-        sample,
-        DatasetRef(cfg.dataset.name, images_digest, metadata["dataset"]["root"], "images"),
+        writer.sample,
+        DatasetRef(
+            cfg.dataset.name, manifest_digest(manifest), metadata["dataset"]["root"], "images"
+        ),
         metadata,
     )
+    result.metrics.update({f"images.{k}": v for k, v in plan.counts.items()})
     if session is not None:
         result.tags.update(session.tags())
         session.close()
     return result
+
+
+def values_key(config: str, weights: dict[str, Any]) -> str:
+    """What a published layer's rows depend on besides the layer: the config's hash and the
+    weights. A layer published under another key is embedded again, whole."""
+    text = json.dumps({"config": config, "weights": weights}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def calibration_spec(cfg: PipelineConfig) -> dict[str, Any]:
+    return {**asdict(cfg.calibration), "seed": cfg.seed}
 
 
 def _result(
@@ -337,7 +424,8 @@ def _result(
     summary = (
         f"{written} embedded, {failures} failed"
         + (f", see {output_dir / FAILURES_FILE}" if failures else "")
-        + f" in {seconds:.1f} s ({rate:.1f} images/s) -> {output_dir}"
+        + f" ({processed} images run through the model in {seconds:.1f} s, {rate:.1f} images/s)"
+        + f" -> {output_dir}"
     )
     log.info("%s", summary)
     last = list(info)[-1]
@@ -403,31 +491,36 @@ def _projection(sample: tuple[np.ndarray, list[str] | None], title: str) -> Any:
 
 
 class ChunkWriter:
-    """Collects rows and failures in dataset order and stages each finished chunk of images.
+    """Collects the rows and failures of the images a run embeds (`plan.work`, in dataset
+    order) and stages each finished chunk of them with its ledger.
 
     Rows whose embedding has a NaN or Inf in any layer (fp16 overflow, broken weights) become
-    failures, never rows. When more than `max_failure_rate` of the images so far have failed,
-    the run stops after staging the chunk (what is staged stays, for a rerun).
+    failures, never rows. When more than `max_failure_rate` of the images judged so far (the
+    reused ones included) have failed, the run stops after staging the chunk (what is staged
+    stays, and a rerun judges it again).
     """
 
     def __init__(
         self,
         staging: Staging,
         schemas: dict[str, pa.Schema],
-        ids: list[str],
-        labels: list[str] | None,
+        plan: Plan,
         rows: int,
         done: list[Chunk],
         max_failure_rate: float,
+        reused: tuple[int, int],
     ) -> None:
-        self.staging, self.schemas = staging, schemas
-        self.ids, self.labels, self.rows = ids, labels, rows
+        self.staging, self.schemas, self.plan, self.rows = staging, schemas, plan, rows
         self.chunks = list(done)
+        manifest = plan.manifest.iloc[plan.work]
+        self.ids = manifest["image_id"].tolist()
+        self.labels = manifest["label"].tolist() if "label" in manifest else None
         self.max_failure_rate = max_failure_rate
-        self.failed_before = sum(c.failures.rows for c in done)
-        self.start = done[-1].stop if done else 0
+        self.judged, self.failed_before = reused
+        self.start = 0
         self.last = list(schemas)[-1]
-        self.glance = set(np.linspace(0, len(ids) - 1, min(len(ids), GLANCE_ROWS)).astype(int))
+        count = len(self.ids)
+        self.glance = set(np.linspace(0, count - 1, min(count, GLANCE_ROWS)).astype(int))
         self._sample: list[tuple[int, np.ndarray]] = []
         self._reset()
 
@@ -439,7 +532,7 @@ class ChunkWriter:
 
     @property
     def sample(self) -> tuple[np.ndarray, list[str] | None] | None:
-        """Rows of the last layer spread over the dataset, for a picture (this run's rows)."""
+        """Rows of the last layer spread over the images embedded, for a picture."""
         if not self._sample:
             return None
         indices = [i for i, _ in self._sample]
@@ -488,23 +581,21 @@ class ChunkWriter:
             name: embedding_table(schema, ids, labels, np.concatenate(self.arrays[name]))
             for name, schema in self.schemas.items()
         }
-        failures = failures_table(
-            [(self.ids[i], error, reason) for i, error, reason in sorted(self.failures)]
-        )
-        chunk = self.staging.write_chunk(len(self.chunks), self.start, stop, tables, failures)
-        self.chunks.append(chunk)
+        work = self.plan.work
+        failed = {work[i]: (error, reason) for i, error, reason in self.failures}
+        images = ledger.table(self.plan.manifest, work[self.start : stop], failed)
+        self.chunks.append(self.staging.write_chunk(len(self.chunks), tables, images))
+        self.judged += self.seen
         self.failed_before += len(self.failures)
         self.start = stop
         self._reset()
-        if self.failed_before > self.max_failure_rate * stop and stop >= min(
-            len(self.ids), MIN_IMAGES_FOR_FAILURE_RATE
-        ):
-            raise TooManyFailures(
-                f"{self.failed_before} of the first {stop} images failed, more than "
-                f"max_failure_rate={self.max_failure_rate}: the config is probably wrong for "
-                f"this data (the reasons are in {self.staging.dir / 'failures'}); fix it, or "
-                "raise max_failure_rate"
-            )
+        judge_failures(
+            self.judged,
+            self.failed_before,
+            len(self.plan.keys),
+            self.max_failure_rate,
+            self.staging.dir / IMAGES_DIR,
+        )
 
 
 def _batches(
@@ -616,19 +707,15 @@ def _forwarded(
     return (_forward(hooks, batch, device) for batch in batches)
 
 
-def _extract(forwarded: Iterable[Forwarded], writer: ChunkWriter, start: int) -> None:
+def _extract(forwarded: Iterable[Forwarded], writer: ChunkWriter) -> None:
     """The batch loop. Each batch is handed to the writer one batch later, so on a GPU the next
     forward pass overlaps the copy of the previous batch's rows and their saving."""
     pending: Forwarded | None = None
 
     def hand_on(batch: Forwarded) -> None:
-        indices = [start + i for i in batch.indices]
-        failures = [(start + i, error, reason) for i, error, reason in batch.failures]
-        writer.add(indices, batch.on_host(), failures)
+        writer.add(batch.indices, batch.on_host(), batch.failures)
 
-    with tqdm(
-        total=len(writer.ids), initial=start, unit="img", desc="extract", mininterval=1.0
-    ) as progress:
+    with tqdm(total=len(writer.ids), unit="img", desc="extract", mininterval=1.0) as progress:
         for batch in forwarded:
             if pending is not None:
                 hand_on(pending)
@@ -697,10 +784,12 @@ def embed_copies(
     folder: Path,
     device: torch.device,
     options: dict[str, Any],
+    about: dict[str, Any],
 ) -> None:
     """Make `plan.calibration.copies` near-duplicates of each sampled image (manifest rows),
-    embed them with the same hooks, and write one part per layer under `folder` (the staging
-    folder's calibration/, published with the layers). Images that fail are left out."""
+    embed them with the same hooks, and write one part per layer under `folder` (in staging,
+    then published inside each layer's folder), its manifest saying `about` them and which
+    images they were made from. Images that fail are left out."""
     copies = plan.calibration.copies
     transform = augment.CopyTransform(
         build_transform(plan.preprocess), copies, plan.seed, plan.calibration.flip
@@ -728,7 +817,11 @@ def embed_copies(
         vectors = np.concatenate(arrays[name]) if arrays[name] else np.empty((0, dim))
         table = embedding_table(schema, ids, None, vectors.astype(np.float32), sources)
         path = layer_path(folder, name)
-        write_manifest(path, [write_part(table, path / part_name(0))])
+        write_manifest(
+            path,
+            [write_part(table, path / part_name(0))],
+            {**about, "sources": sorted(set(sources))},
+        )
 
 
 def manifest_digest(manifest: pd.DataFrame) -> str:

@@ -9,8 +9,10 @@ rows, bytes and SHA-256 and the dataset's digest; readers skip it (pyarrow ignor
 start with `_`). How parts are staged, resumed and published is `staging.py`'s business.
 
 The calibration copies (near-duplicates of a sample of the images, for `dedup.threshold=auto`)
-follow the same contract in `<output_dir>/calibration/<layer>.parquet/`, with a `source_id`
-column naming the image each copy was made from, and the layer's metadata plus `calibration`.
+follow the same contract in `<layer>.parquet/_calibration/`, with a `source_id` column naming
+the image each copy was made from, and the layer's metadata plus `calibration`. A layer folder
+also holds `_images.arrow`, its ledger (`ledger.py`): every image it was published for, the
+file's identity, and why an image is not a row.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ METADATA_KEY = b"pipeline"
 FAILURES_FILE = "failures.parquet"
 FAILURE_COLUMNS = ("image_id", "error", "reason")
 MANIFEST_FILE = "_manifest.json"
-CALIBRATION_DIR = "calibration"  # in output_dir: the calibration copies' layer folders
+CALIBRATION_DIR = "_calibration"  # in a layer's folder: its calibration copies, a layer folder
 # Rows per row group: small enough that a reader taking a sample of rows decodes little,
 # large enough that a full scan is not dominated by per-group overhead.
 ROW_GROUP_BYTES = 16 * 2**20
@@ -47,8 +49,9 @@ def layer_path(output_dir: Path, layer: str) -> Path:
 
 
 def calibration_path(layer: Path) -> Path:
-    """Where the calibration copies of a layer's embeddings are: beside its folder."""
-    return layer.parent / CALIBRATION_DIR / layer.name
+    """Where the calibration copies of a layer's embeddings are: inside its folder, published
+    with it (readers of the layer skip `_` folders)."""
+    return layer / CALIBRATION_DIR
 
 
 def part_name(index: int) -> str:
@@ -169,9 +172,13 @@ def dataset_digest(parts: Sequence[FileRecord]) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, parts: Sequence[FileRecord]) -> dict[str, Any]:
-    """`_manifest.json` of a layer folder: its parts and digest, for tracking and checks."""
+def write_manifest(
+    folder: Path, parts: Sequence[FileRecord], about: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`_manifest.json` of a layer folder: its parts and digest, for tracking and checks, and
+    `about` it (what the extraction needs to tell whether the layer is up to date)."""
     manifest = {
+        **(about or {}),
         "rows": sum(p.rows for p in parts),
         "bytes": sum(p.bytes for p in parts),
         "sha256": dataset_digest(parts),
