@@ -314,6 +314,12 @@ def extract_images(
         with Staging(output_dir, key, list(info)) as staging:
             done = staging.resume(cfg.resume)
             plan = Plan.make(manifest, output_dir, list(info), values, staging, done, cfg.resume)
+            if done:
+                log.info(
+                    "resuming: %d images were staged by an earlier run of this command "
+                    "(resume=false starts afresh)",
+                    len(plan.staged.keys),
+                )
             log.info("images: %s", plan.describe())
             judged, failed = plan.reused_failures()
             judge_failures(

@@ -19,6 +19,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -81,13 +82,22 @@ def _sha256(path: str) -> str:
 
 def keys(frame: pd.DataFrame | pa.Table) -> dict[str, str]:
     """image_id -> what must be equal for its row to be reused (label and identity)."""
-    table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame)
-    columns = [
-        table.column(c).to_pylist() if c in table.column_names else [None] * len(table)
-        for c in ("label", *IDENTITY_COLUMNS)
-    ]
-    ids = table.column("image_id").to_pylist()
-    return {i: repr(values) for i, *values in zip(ids, *columns, strict=True)}
+
+    def column(name: str) -> list[Any]:
+        if isinstance(frame, pa.Table):
+            return (
+                frame.column(name).to_pylist()
+                if name in frame.column_names
+                else [None] * len(frame)
+            )
+        if name not in frame:
+            return [None] * len(frame)
+        return [None if pd.isna(v) else v for v in frame[name].tolist()]
+
+    ids = column("image_id")
+    labels = [None if v is None else str(v) for v in column("label")]  # as the ledger has them
+    values = [labels, *(column(c) for c in IDENTITY_COLUMNS)]
+    return {i: repr(v) for i, *v in zip(ids, *values, strict=True)}
 
 
 def table(

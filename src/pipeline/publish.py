@@ -141,6 +141,8 @@ def assemble(
         if pending_rows >= rows_per_part:
             flush()
     flush()
+    if not records:  # no image is a row: one empty part keeps the schema for readers
+        records.append(write_part(schema.empty_table(), dest / part_name(0)))
     _check(dest, images)
     write_bytes(dest / ledger.LEDGER_FILE, ledger.to_bytes(images))
     return write_manifest(dest, records, about)
