@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import torch
 from hydra import compose, initialize_config_module
@@ -48,6 +49,7 @@ from pipeline.hooks import LayerHooks
 from pipeline.models import build_model
 from pipeline.staging import Staging
 from pipeline.store import embedding_schema, embedding_table
+from pipeline.update import Plan, publish_changes
 
 
 def batches_of(cfg, model, images: int) -> list[torch.Tensor]:
@@ -75,19 +77,24 @@ def bare(model, batches, device, **_) -> None:
 def ours(model, batches, device, layer, out_dir, cfg, **_) -> None:
     """The CLI's loop and write path on pre-decoded batches (no loader: that is not timed)."""
     ids = [str(i) for i in range(sum(len(x) for x in batches))]
+    manifest = pd.DataFrame({"image_id": ids, "path": ids})
     with LayerHooks(model, [layer], cfg.pool) as hooks:
         info = hooks.describe(batches[0][:1].to(device))
         schemas = layer_schemas(info, False, {})
         rows = chunk_rows(cfg.save_every, cfg.batch_size, info[layer].dim)
-        with Staging(out_dir / uuid.uuid4().hex, "bench", [layer]) as staging:
-            writer = ChunkWriter(staging, schemas, ids, None, rows, [], 1.0)
+        out = out_dir / uuid.uuid4().hex
+        with Staging(out, "bench", [layer]) as staging:
+            plan = Plan.make(manifest, out, [layer], "bench", staging, [], reuse=False)
+            writer = ChunkWriter(staging, schemas, plan, rows, [], 1.0, (0, 0))
             starts = np.cumsum([0] + [len(x) for x in batches])
             loader = [
                 Batch(list(range(start, start + len(x))), x, [])
                 for start, x in zip(starts, batches, strict=False)
             ]
-            _extract((_forward(hooks, batch, device) for batch in loader), writer, 0)
-            staging.publish(writer.chunks, ids)
+            _extract((_forward(hooks, batch, device) for batch in loader), writer)
+            publish_changes(
+                plan, staging, writer.chunks, schemas, rows, "bench", {"images": 0}, print
+            )
 
 
 def write_once(model, batches, device, layer, out_dir, cfg, **_) -> None:

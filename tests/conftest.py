@@ -28,6 +28,26 @@ TINY_MODEL = [
 ]
 
 
+# The tiny model on small inputs: the fastest real extraction, for tests of the runs themselves.
+SMALL = [*TINY_MODEL, "model.input_size=[3,32,32]", "batch_size=4"]
+
+
+def photos_in(root: Path, n: int, start: int = 0) -> list[str]:
+    """n small random JPEGs named 0000.jpg, 0001.jpg, ... from `start`: their names."""
+    rng = np.random.default_rng(start)
+    names = [f"{i:04d}.jpg" for i in range(start, start + n)]
+    for name in names:
+        write_image(root / name, rng.integers(0, 255, (40, 48, 3), np.uint8))
+    return names
+
+
+def one_line_error(done: subprocess.CompletedProcess, code: int, text: str) -> None:
+    """The command failed with `code` and one line on stderr that says `text`."""
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == code, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], done.stderr
+
+
 def write_image(path: Path, rgb: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     bgr = rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)

@@ -20,29 +20,23 @@ import torch
 from pipeline import extract, store
 from pipeline.errors import ConfigError
 
-from conftest import TINY_MODEL, composed, run_cli, start_until_chunks, write_image
+from conftest import (
+    SMALL,
+    TINY_MODEL,
+    composed,
+    one_line_error,
+    photos_in,
+    run_cli,
+    start_until_chunks,
+    write_image,
+)
 
 pytestmark = pytest.mark.slow
-SMALL = [*TINY_MODEL, "model.input_size=[3,32,32]", "batch_size=4"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-
-def photos_in(root: Path, n: int, start: int = 0) -> list[str]:
-    rng = np.random.default_rng(start)
-    names = [f"{i:04d}.jpg" for i in range(start, start + n)]
-    for name in names:
-        write_image(root / name, rng.integers(0, 255, (40, 48, 3), np.uint8))
-    return names
 
 
 def layer_rows(out: Path) -> pd.DataFrame:
     return pd.read_parquet(out / "global_pool.parquet")
-
-
-def one_line_error(done: subprocess.CompletedProcess, code: int, text: str) -> None:
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == code, done.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], done.stderr
 
 
 def test_a_hostile_folder_gives_each_bad_entry_its_row(tmp_path: Path) -> None:

@@ -32,11 +32,11 @@ def test_copies_are_embedded_and_calibrate_dedup_on_a_folder(tmp_path: Path, pho
     )
     assert extract.returncode == 0, extract.stderr
     out = tmp_path / "outputs/embeddings/photos/test_efficientnet-random"
-    copies = pd.read_parquet(out / "calibration/blocks.2.parquet")
+    copies = pd.read_parquet(out / "blocks.2.parquet/_calibration")
     ids = pd.read_parquet(out / "blocks.2.parquet")["image_id"].tolist()
     assert len(copies) == 8 and set(copies["source_id"]) <= set(ids)
     assert copies["image_id"].str.contains("#copy").all()
-    meta = read_metadata(out / "calibration/blocks.2.parquet")
+    meta = read_metadata(out / "blocks.2.parquet/_calibration")
     assert meta["pool"] == "grid" and meta["pool_params"] == {"grid": 2}
     assert meta["calibration"]["copies"] == 2 and meta["scales"] == [1.0]
     assert len(copies["embedding"].iloc[0]) == meta["dim"] == 4 * meta["output_shape"][0]

@@ -79,7 +79,11 @@ def stage(
         for start in range(0, len(plan.work), 4):
             positions = plan.work[start : start + 4]
             ids = manifest["image_id"].iloc[positions].tolist()
-            bad = {p: ("ImageError", "broken") for p, i in zip(positions, ids) if _n(i) in failed}
+            bad = {
+                p: ("ImageError", "broken")
+                for p, i in zip(positions, ids, strict=True)
+                if _n(i) in failed
+            }
             kept = [i for i in ids if _n(i) not in failed]
             tables = {layer: _table(layer, kept, scale) for layer in layers}
             chunks.append(
@@ -178,7 +182,7 @@ def test_runs_sharing_a_layer_exclude_each_other_and_disjoint_runs_both_add(
     """Another config writing one of the same layers is refused, naming the layer; runs of
     other layers proceed, and each publishes without removing what the other published."""
     out = tmp_path / "out"
-    with Staging(out, "k", ["blocks.1"]), pytest.raises(OutputBusy, match="blocks.1"):
+    with Staging(out, "k", ["blocks.1"]), pytest.raises(OutputBusy, match=r"blocks\.1"):
         Staging(out, "other-config", ["blocks.1", "pool"]).__enter__()
     stage(out, 8, layers=["pool"], key="a")
     stage(out, 8, layers=["blocks.1"], key="b")
@@ -239,29 +243,31 @@ def test_a_finished_run_publishes_nothing(tmp_path: Path) -> None:
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")} == before
 
 
-def _read_set(out: Path) -> float | None:
-    """The scale of the complete set a reader sees in `out`, checking that it is one: every
-    layer there, whole, of one scale, and failures.parquet consistent with the ledgers."""
+def _snapshot(out: Path) -> object:
+    """What a reader of `out` sees: each layer's rows and the failures (None: no folder)."""
     if not out.exists():
         return None
-    scales = set()
-    for layer in LAYERS:
-        frame = pd.read_parquet(out / f"{layer}.parquet")
-        assert frame["image_id"].tolist() == [f"img{i:02d}" for i in range(10) if i != 3]
-        scales |= {v[0] / _n(i) for i, v in zip(frame["image_id"], frame["embedding"]) if _n(i)}
-    assert pd.read_parquet(out / "failures.parquet")["image_id"].tolist() == ["img03"]
-    assert len(scales) == 1, f"a reader sees a mixture of two sets: {scales}"
-    return scales.pop()
+    seen = {layer: pd.read_parquet(out / f"{layer}.parquet").to_dict("list") for layer in LAYERS}
+    seen["failures"] = pd.read_parquet(out / "failures.parquet")["image_id"].tolist()
+    return repr(seen)
 
 
+UPDATES = {  # a run that replaces every row, and one that adds two images and changes one
+    "config": (images(10), {"values": "v2", "scale": 2.0}),
+    "grown": (images(12, changed=(6,)), {"scale": 2.0}),
+}
+
+
+@pytest.mark.parametrize("update", UPDATES)
 def test_a_crash_anywhere_in_publishing_shows_readers_one_whole_set(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, update: str
 ) -> None:
     """Kill a run at each of its file-system steps in turn (each part's write, each record's,
     each link and rename of assembling and publishing, the swap, the cleaning up): a reader
     of the output folder sees the old set or the new set, whole, at every point (never a
     mixture, never a missing layer), and the rerun of the same command ends with the new
     set. The same with a file system that cannot exchange two folders."""
+    manifest, settings = UPDATES[update]
     steps = {"n": 0, "crash_at": 0}
 
     def crashing(real):
@@ -281,23 +287,29 @@ def test_a_crash_anywhere_in_publishing_shows_readers_one_whole_set(
             patch.setattr(publish, "_exchange", crashing(publish._exchange))
             patch.setattr(staging.shutil, "rmtree", crashing(shutil.rmtree))
             with contextlib.suppress(KeyboardInterrupt):
-                stage(out, 10, values="v2", scale=2.0, failed=(3,))
+                stage(out, manifest, failed=(3,), **settings)
         return steps["n"]
 
+    stage(tmp_path / "old", 10, failed=(3,))
+    stage(tmp_path / "new", 10, failed=(3,))
+    stage(tmp_path / "new", manifest, failed=(3,), **settings)
+    old, new = _snapshot(tmp_path / "old"), _snapshot(tmp_path / "new")
+    assert old != new
     for exchange in (True, False):
         if not exchange:
             monkeypatch.setattr(publish, "_exchange", lambda a, b: False)
+        stage(tmp_path / f"count-{exchange}", 10, failed=(3,))
         total, missing = run(tmp_path / f"count-{exchange}", 0), 0
         for crash_at in range(1, total + 1):
             out = tmp_path / f"{exchange}-{crash_at}" / "out"
-            stage(out, 10, values="v1", failed=(3,))  # the old set
+            stage(out, 10, failed=(3,))  # the old set
             run(out, crash_at)
-            seen = _read_set(out)
+            seen = _snapshot(out)
             # Without an exchange, the swap is two renames: between them the folder is missing
             # (and the next run moves the new set in); with one, never.
-            assert seen in ((1.0, 2.0) if exchange else (1.0, 2.0, None)), f"step {crash_at}"
+            assert seen in ((old, new) if exchange else (old, new, None)), f"step {crash_at}"
             missing += seen is None
-            stage(out, 10, values="v2", scale=2.0, failed=(3,))  # the rerun
-            assert _read_set(out) == 2.0
+            stage(out, manifest, failed=(3,), **settings)  # the rerun
+            assert _snapshot(out) == new
             assert not _staged_dirs(out)
         assert missing == (0 if exchange else 1)
