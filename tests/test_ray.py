@@ -253,3 +253,12 @@ def test_a_killed_ray_job_resumes_without_redoing_staged_chunks(tmp_path: Path) 
     for layer in LAYERS:
         written = pd.read_parquet(out / f"{layer}.parquet")["image_id"].tolist()
         assert written == [i for i in ids if i not in failed]
+    # The folder grows: the Ray job embeds only the new images, and keeps every other row.
+    before = pd.read_parquet(out / "global_pool.parquet")
+    many_images(root / "later", 6)
+    grown = run_cli(*args, f"output_dir={out}", cwd=tmp_path)
+    assert "6 new, 0 changed, 0 removed" in grown.stdout, grown.stderr
+    after = pd.read_parquet(out / "global_pool.parquet").set_index("image_id")
+    assert len(after) == len(before) + 6
+    for image_id, vector in zip(before["image_id"], before["embedding"], strict=True):
+        assert np.array_equal(after.loc[image_id, "embedding"], vector)
