@@ -4,6 +4,7 @@ another process writing the same store retry, and anything else still turns trac
 from __future__ import annotations
 
 import multiprocessing
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -154,3 +155,26 @@ def test_two_commands_starting_at_once_in_a_new_folder_are_both_tracked(
         client = MlflowClient(uri)
         runs = client.search_runs([client.get_experiment_by_name("embeddings").experiment_id])
         assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+
+
+def test_a_new_local_store_slow_to_make_its_tables_is_waited_for(
+    settings: TrackingConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Making a new store's tables took 11.6 s on a loaded machine: a deadline meant for a
+    dead server gave up on it, and the run went untracked. Here it takes longer than that."""
+    import mlflow.store.db.utils
+
+    make = mlflow.store.db.utils._initialize_tables
+
+    def slowly(engine: object) -> None:
+        time.sleep(1.5)
+        make(engine)
+
+    monkeypatch.setattr(tracking, "FIRST_CALL_S", 0.5)  # the server's deadline, made short
+    monkeypatch.setattr(mlflow.store.db.utils, "_initialize_tables", slowly)
+    run = tracking.start_run(settings, "extract", "photos", {})
+    run.log_params({"model.name": "x"})
+    run.end("FINISHED")
+    assert run.active
+    stored = MlflowClient(settings.uri).get_run(run.run_id)
+    assert stored.info.status == "FINISHED" and stored.data.params == {"model.name": "x"}

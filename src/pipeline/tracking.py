@@ -1,9 +1,13 @@
 """MLflow tracking: the only module that imports mlflow. It records what a stage returned.
 
 One MLflow run per stage invocation, named by what it did; a Hydra multirun is a parent run with
-a child per job. Tracking never costs the user their outputs or their time: every call has a
-deadline, and the first failure or timeout turns tracking off for the rest of the run with one
-warning. Only `tracking.required=true` makes that a non-zero exit.
+a child per job. Tracking never costs the user their outputs: the first failure or timeout
+turns tracking off for the rest of the run with one warning. Only `tracking.required=true` makes
+that a non-zero exit.
+
+A store on this machine (the default SQLite file) is waited for, however long it takes: it
+answers or fails on its own. A server gets a deadline per call, so one that never answers costs
+seconds, not the user's run.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ DEFAULT_URI = "sqlite:///outputs/mlflow.db"
 ARTIFACT_ROOT = Path("outputs/mlartifacts")
 PARENT_RUN_FILE = "mlflow_parent_run_id"  # in the sweep folder, read by every job
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
-# The first call decides whether the store answers at all (a local SQLite store creating its
-# tables takes a few seconds on a loaded machine); every later call gets its own deadline.
+# A server's deadlines. The first call decides whether it answers at all; every later call gets
+# its own. A local store has none: making a new SQLite store's tables took 11.6 s at load 9 on
+# 2 cores, and cutting that off lost the run.
 FIRST_CALL_S = 10.0
 CALL_S = 20.0
 # Runs writing one SQLite store at once (a joblib sweep's jobs) can collide: MLflow inserts a
@@ -65,9 +70,17 @@ def tracking_uri(settings: TrackingConfig) -> str:
     return settings.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
-def within(seconds: float, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """`call(...)`, or TimeoutError after `seconds`: a store that never answers (a dead server,
-    a locked database) must not hold the user's run. The call goes on in a daemon thread."""
+def is_local(uri: str) -> bool:
+    """A SQLite store: a file on this machine, as opposed to a server."""
+    return uri.startswith("sqlite:")
+
+
+def within(seconds: float | None, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`call(...)`, or TimeoutError after `seconds` (None: as long as it takes): a store that
+    never answers (a dead server) must not hold the user's run. The call goes on in a daemon
+    thread."""
+    if seconds is None:
+        return call(*args, **kwargs)
     outcome: dict[str, Any] = {}
 
     def target() -> None:
@@ -80,20 +93,22 @@ def within(seconds: float, call: Callable[..., Any], *args: Any, **kwargs: Any) 
     thread.start()
     thread.join(seconds)
     if thread.is_alive():
-        raise TimeoutError(f"no answer within {seconds:.0f} s")
+        raise TimeoutError(f"no answer within {seconds:g} s")
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("value")
 
 
 class Run:
-    """One MLflow run. Every call is guarded and bounded: the first failure is logged once and
-    turns the rest into no-ops. With tracking off, every call is a no-op from the start."""
+    """One MLflow run. Every call is guarded, and bounded for a server: the first failure is
+    logged once and turns the rest into no-ops. With tracking off, every call is a no-op from
+    the start."""
 
     def __init__(self, client: MlflowClient | None = None, run_id: str | None = None) -> None:
         self.client = client
         self.run_id = run_id
         self.error: Exception | None = None
+        self.deadline_s = None if client is None or is_local(client.tracking_uri) else CALL_S
 
     @property
     def active(self) -> bool:
@@ -105,7 +120,7 @@ class Run:
             return None
         for tried in range(1, TRIES + 1):
             try:
-                return within(CALL_S, getattr(self.client, method), *args, **kwargs)
+                return within(self.deadline_s, getattr(self.client, method), *args, **kwargs)
             except Exception as err:
                 if tried == TRIES or not any(c in str(err) for c in COLLISIONS):
                     self.fail(err, f"while {action}")
@@ -162,9 +177,8 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    local = client._tracking_client.tracking_uri.startswith("sqlite:")
     # A local store keeps artifacts beside its database; a server decides for itself.
-    location = ARTIFACT_ROOT.resolve().as_uri() if local else None
+    location = ARTIFACT_ROOT.resolve().as_uri() if is_local(client.tracking_uri) else None
     try:
         return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
     except MlflowException:
@@ -184,7 +198,9 @@ def local_store_made_once(uri: str) -> Iterator[None]:
         yield
         return
     lock = Lock(Path(uri.removeprefix("sqlite:///") + ".lock"))
-    lock.acquire(wait=True)
+    if not lock.acquire(wait=False):  # said, so that a long wait is not a silent hang
+        log.info("waiting for another command (%s) to open the tracking store", lock.holder())
+        lock.acquire(wait=True)
     try:
         yield
     finally:
@@ -192,8 +208,8 @@ def local_store_made_once(uri: str) -> Iterator[None]:
 
 
 def start_run(settings: TrackingConfig, stage: str, name: str, tags: Mapping[str, str]) -> Run:
-    """A new run, or an inactive one (with the warning said) when the store does not answer
-    within FIRST_CALL_S."""
+    """A new run, or an inactive one (with the warning said) when the store fails, or when a
+    server does not answer within FIRST_CALL_S."""
 
     def create() -> Run:
         uri = tracking_uri(settings)
@@ -213,14 +229,16 @@ def start_run(settings: TrackingConfig, stage: str, name: str, tags: Mapping[str
         )
         return Run(client, run.info.run_id)
 
+    uri = tracking_uri(settings)
     try:
-        return within(FIRST_CALL_S, create)
+        return within(None if is_local(uri) else FIRST_CALL_S, create)
     except Exception as err:
         run = Run()
         log.warning(
-            "tracking failed: no MLflow run at %s (%s: %s); the outputs are written but not "
+            "tracking failed: no MLflow run %r at %s (%s: %s); the outputs are written but not "
             "tracked",
-            tracking_uri(settings),
+            name,
+            uri,
             type(err).__name__,
             str(err).splitlines()[0] if str(err) else "",
         )
