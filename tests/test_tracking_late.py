@@ -1,13 +1,20 @@
 """Tracking that is never lost silently, through the CLI: a new local store that takes 15 s to
-make its tables is waited for (a command and a sweep started at once, under CPU load)."""
+make its tables is waited for (a command and a sweep started at once, under CPU load), and a
+server that answers after the deadline leaves no run RUNNING."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow import MlflowClient
@@ -59,3 +66,97 @@ def test_a_command_and_a_sweep_at_once_on_a_slow_new_store_are_tracked_in_full(
     ]
     assert sorted(r.data.params["layers"] for r in jobs) == ["['blocks.0']", "['global_pool']"]
     assert all(r.data.metrics["images"] == 6 for r in extracts)
+
+
+class LateServer(ThreadingHTTPServer):
+    """Just enough of MLflow's REST API for a run to be created, tagged and ended, on
+    127.0.0.1; it answers a run's creation `late_s` late. `runs` is what a real server would
+    show: each run's status and tags."""
+
+    def __init__(self, late_s: float, artifacts: Path) -> None:
+        super().__init__(("127.0.0.1", 0), LateHandler)
+        self.late_s, self.artifacts = late_s, artifacts
+        self.runs: dict[str, dict[str, Any]] = {}
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class LateHandler(BaseHTTPRequestHandler):
+    server: LateServer
+
+    def do_GET(self) -> None:  # experiments/get-by-name: the experiment exists
+        self._answer({"experiment": {"experiment_id": "1", "name": "embeddings"}})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+        endpoint = self.path.split("/mlflow/", 1)[-1]
+        server = self.server
+        if endpoint == "runs/create":
+            time.sleep(server.late_s)
+            with server.lock:
+                run_id = f"run{len(server.runs)}"
+                tags = {t["key"]: t["value"] for t in body.get("tags", [])}
+                server.runs[run_id] = {"status": "RUNNING", "tags": tags}
+            info = {
+                "run_id": run_id,
+                "run_uuid": run_id,
+                "experiment_id": "1",
+                "status": "RUNNING",
+                "lifecycle_stage": "active",
+                "artifact_uri": (server.artifacts / run_id).as_uri(),
+            }
+            return self._answer({"run": {"info": info, "data": {}}})
+        with server.lock:
+            run = server.runs.get(body.get("run_id") or body.get("run_uuid"))
+            if run is not None and endpoint == "runs/set-tag":
+                run["tags"][body["key"]] = body["value"]
+            if run is not None and endpoint == "runs/update":
+                run["status"] = body["status"]
+        self._answer({})
+
+    def _answer(self, document: dict[str, Any]) -> None:
+        data = json.dumps(document).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_: Any) -> None:  # quiet
+        pass
+
+
+@pytest.fixture
+def late_server(tmp_path: Path) -> Iterator[LateServer]:
+    """A server that creates runs 11 s late: after the 10 s deadline of a first call, before
+    MLflow's own 20 s HTTP timeout, so the answer does arrive, late."""
+    server = LateServer(11.0, tmp_path / "artifacts")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_server_that_answers_late_leaves_no_run_running(
+    tmp_path: Path, photos: Path, late_server: LateServer
+) -> None:
+    done = run_cli(
+        *SMALL,
+        f"dataset.root={photos}",
+        f"tracking.uri={late_server.url}",
+        f"output_dir={tmp_path}/out",
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "tracking failed" in done.stdout + done.stderr  # said, and the outputs are written
+    assert (tmp_path / "out/global_pool.parquet").is_dir()
+    [run] = late_server.runs.values()  # made after the command had given up on it
+    assert run["status"] == "FAILED", run
+    assert "10 s" in run["tags"]["tracking_error"]

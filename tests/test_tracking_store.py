@@ -1,5 +1,6 @@
-"""pipeline.tracking against a real local SQLite store, in process: runs that collide with
-another process writing the same store retry, and anything else still turns tracking off."""
+"""pipeline.tracking in process, against a real local SQLite store (waited for, however slow:
+runs that collide with another process writing it retry, anything else turns tracking off and
+ends the run FAILED) and against a server that answers late."""
 
 from __future__ import annotations
 
@@ -56,14 +57,19 @@ def test_a_collision_with_another_writer_is_tried_again(settings: TrackingConfig
     assert [d.dataset.name for d in stored.inputs.dataset_inputs] == ["photos"]
 
 
-def test_any_other_failure_turns_tracking_off_at_once(
+def test_any_other_failure_turns_tracking_off_at_once_and_ends_the_run(
     settings: TrackingConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
     run = tracking.start_run(settings, "extract", "photos", {})
-    calls = _failing_first(run.client, "set_tag", "RESOURCE_DOES_NOT_EXIST: no such run")
+    _failing_first(run.client, "set_tag", "RESOURCE_DOES_NOT_EXIST: no such run")
     run.set_tags({"a": "1", "b": "2"})
-    assert not run.active and len(calls) == 1
+    run.end("FINISHED")  # a no-op now
+    assert not run.active
     assert "tracking failed while setting tags" in caplog.text
+    stored = MlflowClient(settings.uri).get_run(run.run_id)
+    assert stored.info.status == "FAILED"  # not RUNNING forever
+    assert "no such run" in stored.data.tags["tracking_error"]
+    assert not {"a", "b"} & set(stored.data.tags)  # neither tried again nor the next one
 
 
 def test_an_experiment_another_run_just_created_is_used(settings: TrackingConfig) -> None:
@@ -178,3 +184,40 @@ def test_a_new_local_store_slow_to_make_its_tables_is_waited_for(
     assert run.active
     stored = MlflowClient(settings.uri).get_run(run.run_id)
     assert stored.info.status == "FINISHED" and stored.data.params == {"model.name": "x"}
+
+
+class SlowServer:
+    """A client of a server whose `log_batch` answers after `late_s`; what it was asked."""
+
+    tracking_uri = "http://127.0.0.1:5000"
+
+    def __init__(self, late_s: float) -> None:
+        self.late_s = late_s
+        self.asked: list[tuple[str, tuple[object, ...]]] = []
+
+    def log_batch(self, *args: object, **_: object) -> None:
+        time.sleep(self.late_s)
+        self.asked.append(("log_batch", args))
+
+    def set_tag(self, *args: object) -> None:
+        self.asked.append(("set_tag", args))
+
+    def set_terminated(self, *args: object) -> None:
+        self.asked.append(("set_terminated", args))
+
+
+def test_a_server_call_past_its_deadline_ends_the_run_failed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(tracking, "CALL_S", 0.2)
+    server = SlowServer(late_s=0.6)
+    run = tracking.Run(server, "run1")
+    run.log_params({"a": "1"})
+    run.end("FINISHED")  # a no-op: tracking is off
+    assert not run.active and "tracking failed while logging params" in caplog.text
+    deadline = time.monotonic() + 10
+    while ("set_terminated", ("run1", "FAILED")) not in server.asked:
+        assert time.monotonic() < deadline, server.asked  # left RUNNING
+        time.sleep(0.05)
+    [(_, (_, key, reason))] = [a for a in server.asked if a[0] == "set_tag"]
+    assert key == "tracking_error" and "no answer within 0.2 s" in reason

@@ -1,18 +1,21 @@
 """MLflow tracking: the only module that imports mlflow. It records what a stage returned.
 
 One MLflow run per stage invocation, named by what it did; a Hydra multirun is a parent run with
-a child per job. Tracking never costs the user their outputs: the first failure or timeout
-turns tracking off for the rest of the run with one warning. Only `tracking.required=true` makes
-that a non-zero exit.
+a child per job. Tracking never costs the user their outputs: the first failure turns tracking
+off for the rest of the run with one warning, and the run it leaves is ended FAILED with the
+reason, never left RUNNING. Only `tracking.required=true` makes that a non-zero exit.
 
 A store on this machine (the default SQLite file) is waited for, however long it takes: it
 answers or fails on its own. A server gets a deadline per call, so one that never answers costs
-seconds, not the user's run.
+seconds, not the user's run; a call that answers after its deadline is undone (the run it made
+is ended FAILED), and the command waits for such calls at exit, at most CALL_S.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -20,6 +23,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +40,9 @@ ARTIFACT_ROOT = Path("outputs/mlartifacts")
 PARENT_RUN_FILE = "mlflow_parent_run_id"  # in the sweep folder, read by every job
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 # A server's deadlines. The first call decides whether it answers at all; every later call gets
-# its own. A local store has none: making a new SQLite store's tables took 11.6 s at load 9 on
-# 2 cores, and cutting that off lost the run.
+# its own. CALL_S is also MLflow's HTTP timeout (below), so a first call past its deadline still
+# has time to answer, and the run it made can then be ended. A local store has none: making a new
+# SQLite store's tables took 11.6 s at load 9 on 2 cores, and cutting that off lost the run.
 FIRST_CALL_S = 10.0
 CALL_S = 20.0
 # Runs writing one SQLite store at once (a joblib sweep's jobs) can collide: MLflow inserts a
@@ -75,34 +80,72 @@ def is_local(uri: str) -> bool:
     return uri.startswith("sqlite:")
 
 
-def within(seconds: float | None, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """`call(...)`, or TimeoutError after `seconds` (None: as long as it takes): a store that
-    never answers (a dead server) must not hold the user's run. The call goes on in a daemon
-    thread."""
+# Calls still running past their deadline, and the undoing of what they did: waited for at exit.
+_late: list[threading.Thread] = []
+
+
+def within(
+    seconds: float | None,
+    call: Callable[..., Any],
+    *args: Any,
+    late: Callable[[Any], None] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """`call(...)`, or TimeoutError after `seconds` (None: as long as it takes). A store that
+    never answers (a dead server) must not hold the user's run, so the call goes on in a daemon
+    thread; if it answers after all, `late` gets its value there, to undo what it made."""
     if seconds is None:
         return call(*args, **kwargs)
-    outcome: dict[str, Any] = {}
+    answer: Future = Future()
 
     def target() -> None:
         try:
-            outcome["value"] = call(*args, **kwargs)
+            answer.set_result(call(*args, **kwargs))
         except BaseException as err:  # handed to the caller's thread
-            outcome["error"] = err
+            answer.set_exception(err)
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     thread.join(seconds)
-    if thread.is_alive():
-        raise TimeoutError(f"no answer within {seconds:g} s")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
+    if answer.done():
+        return answer.result()
+    _late.append(thread)
+    if late is not None:
+
+        def undo(done: Future) -> None:  # in the call's thread, or in this one if it just ended
+            if done.exception() is None:
+                in_background(lambda: late(done.result()))
+
+        answer.add_done_callback(undo)
+    raise TimeoutError(f"no answer within {seconds:g} s")
+
+
+def in_background(call: Callable[[], None]) -> None:
+    """`call()` in a daemon thread the command waits for at exit (a server may be slow)."""
+    thread = threading.Thread(target=call, daemon=True)
+    _late.append(thread)
+    thread.start()
+
+
+@atexit.register
+def _wait_for_late_calls() -> None:
+    """A late call may still create a run, or an undoing still end one: without this wait the
+    run stays RUNNING forever. At most CALL_S: by then MLflow's HTTP timeout has ended them."""
+    if not any(t.is_alive() for t in _late):
+        return
+    log.warning(
+        "waiting up to %.0f s for the tracking server's late answers, to end the runs they made",
+        CALL_S,
+    )
+    until = time.monotonic() + CALL_S
+    for thread in _late:
+        thread.join(max(0.0, until - time.monotonic()))
 
 
 class Run:
     """One MLflow run. Every call is guarded, and bounded for a server: the first failure is
-    logged once and turns the rest into no-ops. With tracking off, every call is a no-op from
-    the start."""
+    logged once, ends the run FAILED and turns the rest into no-ops. With tracking off, every
+    call is a no-op from the start."""
 
     def __init__(self, client: MlflowClient | None = None, run_id: str | None = None) -> None:
         self.client = client
@@ -129,13 +172,29 @@ class Run:
 
     def fail(self, err: Exception, action: str) -> None:
         self.error = err
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         log.warning(
-            "tracking failed %s (%s: %s); the outputs are written, tracking is off for the "
-            "rest of this run",
+            "tracking failed %s (%s); the outputs are written, tracking is off for the rest of "
+            "this run",
             action,
-            type(err).__name__,
-            str(err).splitlines()[0] if str(err) else "",
+            reason,
         )
+        # Left alone, the run would show RUNNING forever. A server may be the problem: there
+        # this goes on in the background, and the command waits for it at exit.
+        undo = functools.partial(self.abandon, f"tracking failed {action} ({reason})")
+        if self.deadline_s is None:
+            undo()
+        else:
+            in_background(undo)
+
+    def abandon(self, reason: str) -> None:
+        """End the run FAILED with `reason` as its `tracking_error` tag, straight through the
+        client (for a server, callers run this in the background); quiet if it fails too."""
+        try:
+            self.client.set_tag(self.run_id, "tracking_error", reason[:MAX_PARAM_LENGTH])
+            self.client.set_terminated(self.run_id, "FAILED")
+        except Exception as err:
+            log.debug("could not end run %s: %s", self.run_id, err)
 
     def log_params(self, params: Mapping[str, str]) -> None:
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
@@ -209,7 +268,7 @@ def local_store_made_once(uri: str) -> Iterator[None]:
 
 def start_run(settings: TrackingConfig, stage: str, name: str, tags: Mapping[str, str]) -> Run:
     """A new run, or an inactive one (with the warning said) when the store fails, or when a
-    server does not answer within FIRST_CALL_S."""
+    server does not answer within FIRST_CALL_S: a run it makes after that is ended FAILED."""
 
     def create() -> Run:
         uri = tracking_uri(settings)
@@ -230,8 +289,11 @@ def start_run(settings: TrackingConfig, stage: str, name: str, tags: Mapping[str
         return Run(client, run.info.run_id)
 
     uri = tracking_uri(settings)
+    gave_up = f"tracking gave up on this run: the server did not answer within {FIRST_CALL_S:.0f} s"
     try:
-        return within(None if is_local(uri) else FIRST_CALL_S, create)
+        return within(
+            None if is_local(uri) else FIRST_CALL_S, create, late=lambda run: run.abandon(gave_up)
+        )
     except Exception as err:
         run = Run()
         log.warning(
