@@ -1,6 +1,7 @@
 """Tracking that is never lost silently, through the CLI: a new local store that takes 15 s to
 make its tables is waited for (a command and a sweep started at once, under CPU load), and a
-server that answers after the deadline leaves no run RUNNING."""
+server that answers after the deadline leaves no run RUNNING and no sweep job without its
+parent."""
 
 from __future__ import annotations
 
@@ -69,25 +70,41 @@ def test_a_command_and_a_sweep_at_once_on_a_slow_new_store_are_tracked_in_full(
 
 
 class LateServer(ThreadingHTTPServer):
-    """Just enough of MLflow's REST API for a run to be created, tagged and ended, on
-    127.0.0.1; it answers a run's creation `late_s` late. `runs` is what a real server would
-    show: each run's status and tags."""
+    """Just enough of MLflow's REST API, on 127.0.0.1, for runs to be created, logged to and
+    ended (artifacts go straight to a local folder); it answers the first request to create a
+    run `late_s` late. `runs` is what a real server would show: each run's status, tags and
+    params, by id: `run<n>` for the n-th request to create one."""
 
     def __init__(self, late_s: float, artifacts: Path) -> None:
         super().__init__(("127.0.0.1", 0), LateHandler)
         self.late_s, self.artifacts = late_s, artifacts
         self.runs: dict[str, dict[str, Any]] = {}
+        self.asked_to_create = 0
         self.lock = threading.Lock()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
+    def info(self, run_id: str) -> dict[str, Any]:
+        """The run as MLflow's REST API describes it."""
+        return {
+            "run_id": run_id,
+            "run_uuid": run_id,
+            "experiment_id": "1",
+            "status": self.runs[run_id]["status"],
+            "lifecycle_stage": "active",
+            "artifact_uri": (self.artifacts / run_id).as_uri(),
+        }
+
 
 class LateHandler(BaseHTTPRequestHandler):
     server: LateServer
 
-    def do_GET(self) -> None:  # experiments/get-by-name: the experiment exists
+    def do_GET(self) -> None:
+        if "/runs/get" in self.path:  # where to put artifacts
+            run_id = self.path.split("run_id=")[1].split("&")[0]
+            return self._answer({"run": {"info": self.server.info(run_id), "data": {}}})
         self._answer({"experiment": {"experiment_id": "1", "name": "embeddings"}})
 
     def do_POST(self) -> None:
@@ -95,25 +112,22 @@ class LateHandler(BaseHTTPRequestHandler):
         endpoint = self.path.split("/mlflow/", 1)[-1]
         server = self.server
         if endpoint == "runs/create":
-            time.sleep(server.late_s)
             with server.lock:
-                run_id = f"run{len(server.runs)}"
-                tags = {t["key"]: t["value"] for t in body.get("tags", [])}
-                server.runs[run_id] = {"status": "RUNNING", "tags": tags}
-            info = {
-                "run_id": run_id,
-                "run_uuid": run_id,
-                "experiment_id": "1",
-                "status": "RUNNING",
-                "lifecycle_stage": "active",
-                "artifact_uri": (server.artifacts / run_id).as_uri(),
-            }
-            return self._answer({"run": {"info": info, "data": {}}})
+                run_id = f"run{server.asked_to_create}"
+                server.asked_to_create += 1
+            if run_id == "run0":
+                time.sleep(server.late_s)
+            tags = {t["key"]: t["value"] for t in body.get("tags", [])}
+            with server.lock:
+                server.runs[run_id] = {"status": "RUNNING", "tags": tags, "params": {}}
+            return self._answer({"run": {"info": server.info(run_id), "data": {}}})
         with server.lock:
-            run = server.runs.get(body.get("run_id") or body.get("run_uuid"))
-            if run is not None and endpoint == "runs/set-tag":
+            run = server.runs.get(body.get("run_id") or body.get("run_uuid"), {})
+            if endpoint == "runs/set-tag":
                 run["tags"][body["key"]] = body["value"]
-            if run is not None and endpoint == "runs/update":
+            elif endpoint == "runs/log-batch":
+                run["params"].update({p["key"]: p["value"] for p in body.get("params", [])})
+            elif endpoint == "runs/update":
                 run["status"] = body["status"]
         self._answer({})
 
@@ -131,8 +145,8 @@ class LateHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def late_server(tmp_path: Path) -> Iterator[LateServer]:
-    """A server that creates runs 11 s late: after the 10 s deadline of a first call, before
-    MLflow's own 20 s HTTP timeout, so the answer does arrive, late."""
+    """A server that creates the first run 11 s late: after the 10 s deadline of a first call,
+    before MLflow's own 20 s HTTP timeout, so the answer does arrive, late."""
     server = LateServer(11.0, tmp_path / "artifacts")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -143,20 +157,29 @@ def late_server(tmp_path: Path) -> Iterator[LateServer]:
         server.server_close()
 
 
-def test_a_server_that_answers_late_leaves_no_run_running(
+def test_a_server_that_answers_late_leaves_no_run_running_and_the_jobs_a_parent(
     tmp_path: Path, photos: Path, late_server: LateServer
 ) -> None:
+    """A sweep whose start gives up on its parent run (the server answers after the deadline):
+    that run, made late, is ended FAILED with the reason; the first job makes the parent, and
+    both jobs are tracked under it."""
     done = run_cli(
+        "-m",
         *SMALL,
         f"dataset.root={photos}",
+        "layers=[blocks.0],[global_pool]",
         f"tracking.uri={late_server.url}",
-        f"output_dir={tmp_path}/out",
         cwd=tmp_path,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert "tracking failed" in done.stdout + done.stderr  # said, and the outputs are written
-    assert (tmp_path / "out/global_pool.parquet").is_dir()
-    [run] = late_server.runs.values()  # made after the command had given up on it
-    assert run["status"] == "FAILED", run
-    assert "10 s" in run["tags"]["tracking_error"]
+    runs = late_server.runs
+    assert sorted(runs) == ["run0", "run1", "run2", "run3"]
+    late, parent, jobs = runs["run0"], runs["run1"], [runs["run2"], runs["run3"]]
+    assert late["status"] == "FAILED", late
+    assert "did not answer within 10 s" in late["tags"]["tracking_error"]
+    assert parent["status"] == "FINISHED" and parent["tags"]["stage"] == "sweep"
+    assert [j["tags"]["mlflow.parentRunId"] for j in jobs] == ["run1", "run1"]
+    assert sorted(j["params"]["layers"] for j in jobs) == ["['blocks.0']", "['global_pool']"]
+    assert [j["status"] for j in jobs] == ["FINISHED"] * 2
+    assert "tracking failed: no MLflow run 'sweep " in done.stdout + done.stderr  # said

@@ -1,6 +1,6 @@
 """pipeline.tracking in process, against a real local SQLite store (waited for, however slow:
 runs that collide with another process writing it retry, anything else turns tracking off and
-ends the run FAILED) and against a server that answers late."""
+ends the run FAILED; a sweep's parent run made once) and against a server that answers late."""
 
 from __future__ import annotations
 
@@ -221,3 +221,25 @@ def test_a_server_call_past_its_deadline_ends_the_run_failed(
         time.sleep(0.05)
     [(_, (_, key, reason))] = [a for a in server.asked if a[0] == "set_tag"]
     assert key == "tracking_error" and "no answer within 0.2 s" in reason
+
+
+def test_a_sweep_parent_is_made_once_by_whoever_needs_it_first(
+    settings: TrackingConfig, tmp_path: Path
+) -> None:
+    """The sweep's start makes it, or else its first job (a server that did not answer the
+    start); the others read its id from the sweep folder."""
+    folder = tmp_path / "multirun/12-00-00"
+    parent = tracking.sweep_parent(settings, folder)
+    assert parent is not None and tracking.sweep_parent(settings, folder) == parent
+    client = MlflowClient(settings.uri)
+    [run] = client.search_runs([client.get_experiment_by_name(settings.experiment).experiment_id])
+    assert run.info.run_id == parent and run.data.tags["stage"] == "sweep"
+
+
+def test_a_sweep_parent_that_cannot_be_made_is_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "file").write_text("")  # a store under a file: it cannot be made
+    settings = TrackingConfig("mlflow", f"sqlite:///{tmp_path}/file/mlflow.db", "e", False)
+    assert tracking.sweep_parent(settings, tmp_path / "sweep") is None
+    assert "tracking failed: no MLflow run 'sweep sweep'" in caplog.text

@@ -321,10 +321,7 @@ def tracked(
     if settings.backend == "none":
         yield lambda result: None
         return
-    tags = {}
-    if parent := sweep_parent():
-        tags[MLFLOW_PARENT_RUN_ID] = parent
-    run = start_run(settings, stage, name, tags)
+    run = _job_run(settings, stage, name)
     run.log_params(flatten(OmegaConf.to_container(config, resolve=True, enum_to_str=True)))
     run.call(
         "logging config.yaml",
@@ -421,15 +418,55 @@ def git_tags() -> dict[str, str]:
 # --- sweeps: one parent run per Hydra multirun -------------------------------------------------
 
 
-def sweep_parent() -> str | None:
-    """The parent run of the Hydra sweep this job belongs to, if any."""
+def sweep_dir() -> Path | None:
+    """The folder of the Hydra sweep this job belongs to; None outside a multirun."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode is not RunMode.MULTIRUN:
         return None
-    marker = Path(HydraConfig.get().sweep.dir) / PARENT_RUN_FILE
+    return Path(HydraConfig.get().sweep.dir)
+
+
+def _parent_id(folder: Path) -> str | None:
+    marker = folder / PARENT_RUN_FILE
     return marker.read_text().strip() if marker.is_file() else None
+
+
+def sweep_parent(settings: TrackingConfig, folder: Path) -> str | None:
+    """The parent run of the sweep in `folder`: made by the sweep's start, or else by its first
+    job (a server may answer the jobs but not the start), one process at a time; None when it
+    cannot be made (start_run has said why)."""
+    if parent := _parent_id(folder):
+        return parent
+    lock = Lock(folder / f"{PARENT_RUN_FILE}.lock")
+    lock.acquire(wait=True)
+    try:
+        if parent := _parent_id(folder):  # made while this job waited
+            return parent
+        run = start_run(settings, "sweep", f"sweep {folder.name}", {"sweep_dir": str(folder)})
+        if not run.active:
+            return None
+        partial = folder / f"{PARENT_RUN_FILE}.partial"  # jobs read it without the lock
+        partial.write_text(run.run_id)
+        partial.replace(folder / PARENT_RUN_FILE)
+        return run.run_id
+    finally:
+        lock.release()
+
+
+def _job_run(settings: TrackingConfig, stage: str, name: str) -> Run:
+    """The stage's run; in a sweep, a child of the sweep's parent run, and none without one: a
+    job's run would be lost among the others, outside its sweep."""
+    folder = sweep_dir()
+    if folder is None:
+        return start_run(settings, stage, name, {})
+    parent = sweep_parent(settings, folder)
+    if parent is None:
+        run = Run()
+        run.error = RuntimeError("the sweep's parent run could not be made")
+        return run
+    return start_run(settings, stage, name, {MLFLOW_PARENT_RUN_ID: parent})
 
 
 def _settings(config: DictConfig) -> TrackingConfig | None:
@@ -443,20 +480,17 @@ def start_sweep(config: DictConfig) -> None:
     """The parent run; its id goes to a file in the sweep folder, which jobs read whether they
     run in this process, in joblib workers or on cluster nodes that share the folder."""
     settings = _settings(config)
-    if settings is None:
-        return
-    sweep_dir = Path(config.hydra.sweep.dir)
-    run = start_run(settings, "sweep", f"sweep {sweep_dir.name}", {"sweep_dir": str(sweep_dir)})
-    if run.active:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / PARENT_RUN_FILE).write_text(run.run_id)
+    if settings is not None:
+        sweep_parent(settings, Path(config.hydra.sweep.dir))
 
 
 def end_sweep_job(config: DictConfig, job_return: Any) -> None:
     """Each job's outcome as a tag on the parent, so a failed job shows in the sweep."""
     from hydra.core.hydra_config import HydraConfig
 
-    settings, parent = _settings(config), sweep_parent()
+    folder = sweep_dir()
+    settings = _settings(config)
+    parent = _parent_id(folder) if folder is not None else None
     if settings is None or parent is None:
         return
     run = Run(MlflowClient(tracking_uri(settings)), parent)
@@ -468,7 +502,6 @@ def end_sweep_job(config: DictConfig, job_return: Any) -> None:
 
 
 def end_sweep(config: DictConfig) -> None:
-    settings = _settings(config)
-    marker = Path(config.hydra.sweep.dir) / PARENT_RUN_FILE
-    if settings is not None and marker.is_file():
-        Run(MlflowClient(tracking_uri(settings)), marker.read_text().strip()).end("FINISHED")
+    settings, parent = _settings(config), _parent_id(Path(config.hydra.sweep.dir))
+    if settings is not None and parent:
+        Run(MlflowClient(tracking_uri(settings)), parent).end("FINISHED")
