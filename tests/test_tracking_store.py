@@ -243,3 +243,4 @@ def test_a_sweep_parent_that_cannot_be_made_is_said(
     settings = TrackingConfig("mlflow", f"sqlite:///{tmp_path}/file/mlflow.db", "e", False)
     assert tracking.sweep_parent(settings, tmp_path / "sweep") is None
     assert "tracking failed: no MLflow run 'sweep sweep'" in caplog.text
+    assert "each job tries again to make it, and is not tracked without it" in caplog.text

@@ -266,12 +266,19 @@ def local_store_made_once(uri: str) -> Iterator[None]:
         lock.release()
 
 
-def start_run(settings: TrackingConfig, stage: str, name: str, tags: Mapping[str, str]) -> Run:
-    """A new run, or an inactive one (with the warning said) when the store fails, or when a
-    server does not answer within FIRST_CALL_S: a run it makes after that is ended FAILED."""
+def start_run(
+    settings: TrackingConfig,
+    stage: str,
+    name: str,
+    tags: Mapping[str, str],
+    consequence: str = "the outputs are written but not tracked",
+) -> Run:
+    """A new run, or an inactive one (with a warning that ends in `consequence`) when the store
+    fails, or when a server does not answer within FIRST_CALL_S: a run it makes after that is
+    ended FAILED."""
+    uri = tracking_uri(settings)
 
     def create() -> Run:
-        uri = tracking_uri(settings)
         with local_store_made_once(uri):
             client = MlflowClient(uri)
             experiment_id = _experiment_id(client, settings.experiment)
@@ -288,7 +295,6 @@ def start_run(settings: TrackingConfig, stage: str, name: str, tags: Mapping[str
         )
         return Run(client, run.info.run_id)
 
-    uri = tracking_uri(settings)
     gave_up = f"tracking gave up on this run: the server did not answer within {FIRST_CALL_S:.0f} s"
     try:
         return within(
@@ -297,12 +303,12 @@ def start_run(settings: TrackingConfig, stage: str, name: str, tags: Mapping[str
     except Exception as err:
         run = Run()
         log.warning(
-            "tracking failed: no MLflow run %r at %s (%s: %s); the outputs are written but not "
-            "tracked",
+            "tracking failed: no MLflow run %r at %s (%s: %s); %s",
             name,
             uri,
             type(err).__name__,
             str(err).splitlines()[0] if str(err) else "",
+            consequence,
         )
         run.error = err
         return run
@@ -444,7 +450,13 @@ def sweep_parent(settings: TrackingConfig, folder: Path) -> str | None:
     try:
         if parent := _parent_id(folder):  # made while this job waited
             return parent
-        run = start_run(settings, "sweep", f"sweep {folder.name}", {"sweep_dir": str(folder)})
+        run = start_run(
+            settings,
+            "sweep",
+            f"sweep {folder.name}",
+            {"sweep_dir": str(folder)},
+            "each job tries again to make it, and is not tracked without it",
+        )
         if not run.active:
             return None
         partial = folder / f"{PARENT_RUN_FILE}.partial"  # jobs read it without the lock
