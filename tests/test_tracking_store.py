@@ -1,9 +1,11 @@
-"""pipeline.tracking against a real local SQLite store, in process: runs that collide with
-another process writing the same store retry, and anything else still turns tracking off."""
+"""pipeline.tracking in process, against a real local SQLite store (waited for, however slow:
+runs that collide with another process writing it retry, anything else turns tracking off and
+ends the run FAILED; a sweep's parent run made once) and against a server that answers late."""
 
 from __future__ import annotations
 
 import multiprocessing
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,14 +57,19 @@ def test_a_collision_with_another_writer_is_tried_again(settings: TrackingConfig
     assert [d.dataset.name for d in stored.inputs.dataset_inputs] == ["photos"]
 
 
-def test_any_other_failure_turns_tracking_off_at_once(
+def test_any_other_failure_turns_tracking_off_at_once_and_ends_the_run(
     settings: TrackingConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
     run = tracking.start_run(settings, "extract", "photos", {})
-    calls = _failing_first(run.client, "set_tag", "RESOURCE_DOES_NOT_EXIST: no such run")
+    _failing_first(run.client, "set_tag", "RESOURCE_DOES_NOT_EXIST: no such run")
     run.set_tags({"a": "1", "b": "2"})
-    assert not run.active and len(calls) == 1
+    run.end("FINISHED")  # a no-op now
+    assert not run.active
     assert "tracking failed while setting tags" in caplog.text
+    stored = MlflowClient(settings.uri).get_run(run.run_id)
+    assert stored.info.status == "FAILED"  # not RUNNING forever
+    assert "no such run" in stored.data.tags["tracking_error"]
+    assert not {"a", "b"} & set(stored.data.tags)  # neither tried again nor the next one
 
 
 def test_an_experiment_another_run_just_created_is_used(settings: TrackingConfig) -> None:
@@ -154,3 +161,86 @@ def test_two_commands_starting_at_once_in_a_new_folder_are_both_tracked(
         client = MlflowClient(uri)
         runs = client.search_runs([client.get_experiment_by_name("embeddings").experiment_id])
         assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+
+
+def test_a_new_local_store_slow_to_make_its_tables_is_waited_for(
+    settings: TrackingConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Making a new store's tables took 11.6 s on a loaded machine: a deadline meant for a
+    dead server gave up on it, and the run went untracked. Here it takes longer than that."""
+    import mlflow.store.db.utils
+
+    make = mlflow.store.db.utils._initialize_tables
+
+    def slowly(engine: object) -> None:
+        time.sleep(1.5)
+        make(engine)
+
+    monkeypatch.setattr(tracking, "FIRST_CALL_S", 0.5)  # the server's deadline, made short
+    monkeypatch.setattr(mlflow.store.db.utils, "_initialize_tables", slowly)
+    run = tracking.start_run(settings, "extract", "photos", {})
+    run.log_params({"model.name": "x"})
+    run.end("FINISHED")
+    assert run.active
+    stored = MlflowClient(settings.uri).get_run(run.run_id)
+    assert stored.info.status == "FINISHED" and stored.data.params == {"model.name": "x"}
+
+
+class SlowServer:
+    """A client of a server whose `log_batch` answers after `late_s`; what it was asked."""
+
+    tracking_uri = "http://127.0.0.1:5000"
+
+    def __init__(self, late_s: float) -> None:
+        self.late_s = late_s
+        self.asked: list[tuple[str, tuple[object, ...]]] = []
+
+    def log_batch(self, *args: object, **_: object) -> None:
+        time.sleep(self.late_s)
+        self.asked.append(("log_batch", args))
+
+    def set_tag(self, *args: object) -> None:
+        self.asked.append(("set_tag", args))
+
+    def set_terminated(self, *args: object) -> None:
+        self.asked.append(("set_terminated", args))
+
+
+def test_a_server_call_past_its_deadline_ends_the_run_failed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(tracking, "CALL_S", 0.2)
+    server = SlowServer(late_s=0.6)
+    run = tracking.Run(server, "run1")
+    run.log_params({"a": "1"})
+    run.end("FINISHED")  # a no-op: tracking is off
+    assert not run.active and "tracking failed while logging params" in caplog.text
+    deadline = time.monotonic() + 10
+    while ("set_terminated", ("run1", "FAILED")) not in server.asked:
+        assert time.monotonic() < deadline, server.asked  # left RUNNING
+        time.sleep(0.05)
+    [(_, (_, key, reason))] = [a for a in server.asked if a[0] == "set_tag"]
+    assert key == "tracking_error" and "no answer within 0.2 s" in reason
+
+
+def test_a_sweep_parent_is_made_once_by_whoever_needs_it_first(
+    settings: TrackingConfig, tmp_path: Path
+) -> None:
+    """The sweep's start makes it, or else its first job (a server that did not answer the
+    start); the others read its id from the sweep folder."""
+    folder = tmp_path / "multirun/12-00-00"
+    parent = tracking.sweep_parent(settings, folder)
+    assert parent is not None and tracking.sweep_parent(settings, folder) == parent
+    client = MlflowClient(settings.uri)
+    [run] = client.search_runs([client.get_experiment_by_name(settings.experiment).experiment_id])
+    assert run.info.run_id == parent and run.data.tags["stage"] == "sweep"
+
+
+def test_a_sweep_parent_that_cannot_be_made_is_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "file").write_text("")  # a store under a file: it cannot be made
+    settings = TrackingConfig("mlflow", f"sqlite:///{tmp_path}/file/mlflow.db", "e", False)
+    assert tracking.sweep_parent(settings, tmp_path / "sweep") is None
+    assert "tracking failed: no MLflow run 'sweep sweep'" in caplog.text
+    assert "each job tries again to make it, and is not tracked without it" in caplog.text

@@ -1,14 +1,21 @@
 """MLflow tracking: the only module that imports mlflow. It records what a stage returned.
 
 One MLflow run per stage invocation, named by what it did; a Hydra multirun is a parent run with
-a child per job. Tracking never costs the user their outputs or their time: every call has a
-deadline, and the first failure or timeout turns tracking off for the rest of the run with one
-warning. Only `tracking.required=true` makes that a non-zero exit.
+a child per job. Tracking never costs the user their outputs: the first failure turns tracking
+off for the rest of the run with one warning, and the run it leaves is ended FAILED with the
+reason, never left RUNNING. Only `tracking.required=true` makes that a non-zero exit.
+
+A store on this machine (the default SQLite file) is waited for, however long it takes: it
+answers or fails on its own. A server gets a deadline per call, so one that never answers costs
+seconds, not the user's run; a call that answers after its deadline is undone (the run it made
+is ended FAILED), and the command waits for such calls at exit, at most CALL_S.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -16,6 +23,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +39,10 @@ DEFAULT_URI = "sqlite:///outputs/mlflow.db"
 ARTIFACT_ROOT = Path("outputs/mlartifacts")
 PARENT_RUN_FILE = "mlflow_parent_run_id"  # in the sweep folder, read by every job
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
-# The first call decides whether the store answers at all (a local SQLite store creating its
-# tables takes a few seconds on a loaded machine); every later call gets its own deadline.
+# A server's deadlines. The first call decides whether it answers at all; every later call gets
+# its own. CALL_S is also MLflow's HTTP timeout (below), so a first call past its deadline still
+# has time to answer, and the run it made can then be ended. A local store has none: making a new
+# SQLite store's tables took 11.6 s at load 9 on 2 cores, and cutting that off lost the run.
 FIRST_CALL_S = 10.0
 CALL_S = 20.0
 # Runs writing one SQLite store at once (a joblib sweep's jobs) can collide: MLflow inserts a
@@ -65,35 +75,83 @@ def tracking_uri(settings: TrackingConfig) -> str:
     return settings.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
-def within(seconds: float, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """`call(...)`, or TimeoutError after `seconds`: a store that never answers (a dead server,
-    a locked database) must not hold the user's run. The call goes on in a daemon thread."""
-    outcome: dict[str, Any] = {}
+def is_local(uri: str) -> bool:
+    """A SQLite store: a file on this machine, as opposed to a server."""
+    return uri.startswith("sqlite:")
+
+
+# Calls still running past their deadline, and the undoing of what they did: waited for at exit.
+_late: list[threading.Thread] = []
+
+
+def within(
+    seconds: float | None,
+    call: Callable[..., Any],
+    *args: Any,
+    late: Callable[[Any], None] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """`call(...)`, or TimeoutError after `seconds` (None: as long as it takes). A store that
+    never answers (a dead server) must not hold the user's run, so the call goes on in a daemon
+    thread; if it answers after all, `late` gets its value there, to undo what it made."""
+    if seconds is None:
+        return call(*args, **kwargs)
+    answer: Future = Future()
 
     def target() -> None:
         try:
-            outcome["value"] = call(*args, **kwargs)
+            answer.set_result(call(*args, **kwargs))
         except BaseException as err:  # handed to the caller's thread
-            outcome["error"] = err
+            answer.set_exception(err)
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     thread.join(seconds)
-    if thread.is_alive():
-        raise TimeoutError(f"no answer within {seconds:.0f} s")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
+    if answer.done():
+        return answer.result()
+    _late.append(thread)
+    if late is not None:
+
+        def undo(done: Future) -> None:  # in the call's thread, or in this one if it just ended
+            if done.exception() is None:
+                in_background(lambda: late(done.result()))
+
+        answer.add_done_callback(undo)
+    raise TimeoutError(f"no answer within {seconds:g} s")
+
+
+def in_background(call: Callable[[], None]) -> None:
+    """`call()` in a daemon thread the command waits for at exit (a server may be slow)."""
+    thread = threading.Thread(target=call, daemon=True)
+    _late.append(thread)
+    thread.start()
+
+
+@atexit.register
+def _wait_for_late_calls() -> None:
+    """A late call may still create a run, or an undoing still end one: without this wait the
+    run stays RUNNING forever. At most CALL_S: by then MLflow's HTTP timeout has ended them."""
+    if not any(t.is_alive() for t in _late):
+        return
+    log.warning(
+        "waiting up to %.0f s for the tracking server's late answers, to end the runs they made",
+        CALL_S,
+    )
+    until = time.monotonic() + CALL_S
+    for thread in _late:
+        thread.join(max(0.0, until - time.monotonic()))
 
 
 class Run:
-    """One MLflow run. Every call is guarded and bounded: the first failure is logged once and
-    turns the rest into no-ops. With tracking off, every call is a no-op from the start."""
+    """One MLflow run. Every call is guarded, and bounded for a server: the first failure is
+    logged once, ends the run FAILED and turns the rest into no-ops. With tracking off, every
+    call is a no-op from the start."""
 
     def __init__(self, client: MlflowClient | None = None, run_id: str | None = None) -> None:
         self.client = client
         self.run_id = run_id
         self.error: Exception | None = None
+        self.deadline_s = None if client is None or is_local(client.tracking_uri) else CALL_S
 
     @property
     def active(self) -> bool:
@@ -105,7 +163,7 @@ class Run:
             return None
         for tried in range(1, TRIES + 1):
             try:
-                return within(CALL_S, getattr(self.client, method), *args, **kwargs)
+                return within(self.deadline_s, getattr(self.client, method), *args, **kwargs)
             except Exception as err:
                 if tried == TRIES or not any(c in str(err) for c in COLLISIONS):
                     self.fail(err, f"while {action}")
@@ -114,13 +172,29 @@ class Run:
 
     def fail(self, err: Exception, action: str) -> None:
         self.error = err
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         log.warning(
-            "tracking failed %s (%s: %s); the outputs are written, tracking is off for the "
-            "rest of this run",
+            "tracking failed %s (%s); the outputs are written, tracking is off for the rest of "
+            "this run",
             action,
-            type(err).__name__,
-            str(err).splitlines()[0] if str(err) else "",
+            reason,
         )
+        # Left alone, the run would show RUNNING forever. A server may be the problem: there
+        # this goes on in the background, and the command waits for it at exit.
+        undo = functools.partial(self.abandon, f"tracking failed {action} ({reason})")
+        if self.deadline_s is None:
+            undo()
+        else:
+            in_background(undo)
+
+    def abandon(self, reason: str) -> None:
+        """End the run FAILED with `reason` as its `tracking_error` tag, straight through the
+        client (for a server, callers run this in the background); quiet if it fails too."""
+        try:
+            self.client.set_tag(self.run_id, "tracking_error", reason[:MAX_PARAM_LENGTH])
+            self.client.set_terminated(self.run_id, "FAILED")
+        except Exception as err:
+            log.debug("could not end run %s: %s", self.run_id, err)
 
     def log_params(self, params: Mapping[str, str]) -> None:
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
@@ -162,9 +236,8 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    local = client._tracking_client.tracking_uri.startswith("sqlite:")
     # A local store keeps artifacts beside its database; a server decides for itself.
-    location = ARTIFACT_ROOT.resolve().as_uri() if local else None
+    location = ARTIFACT_ROOT.resolve().as_uri() if is_local(client.tracking_uri) else None
     try:
         return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
     except MlflowException:
@@ -184,19 +257,28 @@ def local_store_made_once(uri: str) -> Iterator[None]:
         yield
         return
     lock = Lock(Path(uri.removeprefix("sqlite:///") + ".lock"))
-    lock.acquire(wait=True)
+    if not lock.acquire(wait=False):  # said, so that a long wait is not a silent hang
+        log.info("waiting for another command (%s) to open the tracking store", lock.holder())
+        lock.acquire(wait=True)
     try:
         yield
     finally:
         lock.release()
 
 
-def start_run(settings: TrackingConfig, stage: str, name: str, tags: Mapping[str, str]) -> Run:
-    """A new run, or an inactive one (with the warning said) when the store does not answer
-    within FIRST_CALL_S."""
+def start_run(
+    settings: TrackingConfig,
+    stage: str,
+    name: str,
+    tags: Mapping[str, str],
+    consequence: str = "the outputs are written but not tracked",
+) -> Run:
+    """A new run, or an inactive one (with a warning that ends in `consequence`) when the store
+    fails, or when a server does not answer within FIRST_CALL_S: a run it makes after that is
+    ended FAILED."""
+    uri = tracking_uri(settings)
 
     def create() -> Run:
-        uri = tracking_uri(settings)
         with local_store_made_once(uri):
             client = MlflowClient(uri)
             experiment_id = _experiment_id(client, settings.experiment)
@@ -213,16 +295,20 @@ def start_run(settings: TrackingConfig, stage: str, name: str, tags: Mapping[str
         )
         return Run(client, run.info.run_id)
 
+    gave_up = f"tracking gave up on this run: the server did not answer within {FIRST_CALL_S:.0f} s"
     try:
-        return within(FIRST_CALL_S, create)
+        return within(
+            None if is_local(uri) else FIRST_CALL_S, create, late=lambda run: run.abandon(gave_up)
+        )
     except Exception as err:
         run = Run()
         log.warning(
-            "tracking failed: no MLflow run at %s (%s: %s); the outputs are written but not "
-            "tracked",
-            tracking_uri(settings),
+            "tracking failed: no MLflow run %r at %s (%s: %s); %s",
+            name,
+            uri,
             type(err).__name__,
             str(err).splitlines()[0] if str(err) else "",
+            consequence,
         )
         run.error = err
         return run
@@ -241,10 +327,7 @@ def tracked(
     if settings.backend == "none":
         yield lambda result: None
         return
-    tags = {}
-    if parent := sweep_parent():
-        tags[MLFLOW_PARENT_RUN_ID] = parent
-    run = start_run(settings, stage, name, tags)
+    run = _job_run(settings, stage, name)
     run.log_params(flatten(OmegaConf.to_container(config, resolve=True, enum_to_str=True)))
     run.call(
         "logging config.yaml",
@@ -341,15 +424,61 @@ def git_tags() -> dict[str, str]:
 # --- sweeps: one parent run per Hydra multirun -------------------------------------------------
 
 
-def sweep_parent() -> str | None:
-    """The parent run of the Hydra sweep this job belongs to, if any."""
+def sweep_dir() -> Path | None:
+    """The folder of the Hydra sweep this job belongs to; None outside a multirun."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode is not RunMode.MULTIRUN:
         return None
-    marker = Path(HydraConfig.get().sweep.dir) / PARENT_RUN_FILE
+    return Path(HydraConfig.get().sweep.dir)
+
+
+def _parent_id(folder: Path) -> str | None:
+    marker = folder / PARENT_RUN_FILE
     return marker.read_text().strip() if marker.is_file() else None
+
+
+def sweep_parent(settings: TrackingConfig, folder: Path) -> str | None:
+    """The parent run of the sweep in `folder`: made by the sweep's start, or else by its first
+    job (a server may answer the jobs but not the start), one process at a time; None when it
+    cannot be made (start_run has said why)."""
+    if parent := _parent_id(folder):
+        return parent
+    lock = Lock(folder / f"{PARENT_RUN_FILE}.lock")
+    lock.acquire(wait=True)
+    try:
+        if parent := _parent_id(folder):  # made while this job waited
+            return parent
+        run = start_run(
+            settings,
+            "sweep",
+            f"sweep {folder.name}",
+            {"sweep_dir": str(folder)},
+            "each job tries again to make it, and is not tracked without it",
+        )
+        if not run.active:
+            return None
+        partial = folder / f"{PARENT_RUN_FILE}.partial"  # jobs read it without the lock
+        partial.write_text(run.run_id)
+        partial.replace(folder / PARENT_RUN_FILE)
+        return run.run_id
+    finally:
+        lock.release()
+
+
+def _job_run(settings: TrackingConfig, stage: str, name: str) -> Run:
+    """The stage's run; in a sweep, a child of the sweep's parent run, and none without one: a
+    job's run would be lost among the others, outside its sweep."""
+    folder = sweep_dir()
+    if folder is None:
+        return start_run(settings, stage, name, {})
+    parent = sweep_parent(settings, folder)
+    if parent is None:
+        run = Run()
+        run.error = RuntimeError("the sweep's parent run could not be made")
+        return run
+    return start_run(settings, stage, name, {MLFLOW_PARENT_RUN_ID: parent})
 
 
 def _settings(config: DictConfig) -> TrackingConfig | None:
@@ -363,20 +492,17 @@ def start_sweep(config: DictConfig) -> None:
     """The parent run; its id goes to a file in the sweep folder, which jobs read whether they
     run in this process, in joblib workers or on cluster nodes that share the folder."""
     settings = _settings(config)
-    if settings is None:
-        return
-    sweep_dir = Path(config.hydra.sweep.dir)
-    run = start_run(settings, "sweep", f"sweep {sweep_dir.name}", {"sweep_dir": str(sweep_dir)})
-    if run.active:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / PARENT_RUN_FILE).write_text(run.run_id)
+    if settings is not None:
+        sweep_parent(settings, Path(config.hydra.sweep.dir))
 
 
 def end_sweep_job(config: DictConfig, job_return: Any) -> None:
     """Each job's outcome as a tag on the parent, so a failed job shows in the sweep."""
     from hydra.core.hydra_config import HydraConfig
 
-    settings, parent = _settings(config), sweep_parent()
+    folder = sweep_dir()
+    settings = _settings(config)
+    parent = _parent_id(folder) if folder is not None else None
     if settings is None or parent is None:
         return
     run = Run(MlflowClient(tracking_uri(settings)), parent)
@@ -388,7 +514,6 @@ def end_sweep_job(config: DictConfig, job_return: Any) -> None:
 
 
 def end_sweep(config: DictConfig) -> None:
-    settings = _settings(config)
-    marker = Path(config.hydra.sweep.dir) / PARENT_RUN_FILE
-    if settings is not None and marker.is_file():
-        Run(MlflowClient(tracking_uri(settings)), marker.read_text().strip()).end("FINISHED")
+    settings, parent = _settings(config), _parent_id(Path(config.hydra.sweep.dir))
+    if settings is not None and parent:
+        Run(MlflowClient(tracking_uri(settings)), parent).end("FINISHED")
