@@ -98,44 +98,45 @@ def test_repro_and_two_experiments_that_compare_from_a_fresh_clone(tmp_path: Pat
     git("add", "-A", cwd=clone)
     git("commit", "-q", "-m", "dvc repro", cwd=clone)
 
-    # Two experiments, each changing one setting: DVC composes params.yaml with the override
-    # (and nothing else: the first one's setting is undone) and runs what it feeds.
-    strict = ran(dvc("exp", "run", "-n", "strict", "-S", "dedup.threshold=0.99", cwd=clone))
-    assert sorted(strict) == ["dedup@blocks.4", "dedup@global_pool", "report"]
+    # Two experiments, a setting more each (the second keeps the first's threshold, so that it
+    # reruns only what its own setting feeds): DVC composes params.yaml with the overrides.
+    threshold = ["-S", "dedup.threshold=0.99"]
+    stages = ran(dvc("exp", "run", "-n", "strict", *threshold, cwd=clone))
+    assert sorted(stages) == ["dedup@blocks.4", "dedup@global_pool", "report"]
     assert "dedup.threshold" in dvc("params", "diff", cwd=clone)  # the workspace vs HEAD
-    fewer = ran(dvc("exp", "run", "-n", "fewer", "-S", "cluster.k=10", cwd=clone))
-    assert {"cluster@blocks.4", "cluster@global_pool", "report"} <= set(fewer)
+    stages = ran(dvc("exp", "run", "-n", "strict-k10", *threshold, "-S", "cluster.k=10", cwd=clone))
+    assert sorted(stages) == ["cluster@blocks.4", "cluster@global_pool", "report"]
 
     # `dvc exp show` tables the headline figures of the commit and of both experiments.
     layers = ("blocks.4", "global_pool")
     names = {f"{layer}.{name}" for layer in layers for name in HEADLINE}
-    figures = {}
+    rows = {}
     for row in rows_of(json.loads(dvc("exp", "show", "--json", cwd=clone))):
         found = row_metrics(row)
         assert set(found) == names, f"{row.get('name') or row['rev']}: {sorted(found)}"
-        figures[row.get("name") or row["rev"]] = found
+        rows[row.get("name") or row["rev"]] = found
     baseline = git("rev-parse", "--abbrev-ref", "HEAD", cwd=clone).strip()
-    main, strict_row, fewer_row = figures[baseline], figures["strict"], figures["fewer"]
+    main, strict, k10 = rows[baseline], rows["strict"], rows["strict-k10"]
     assert main["global_pool.dedup_f1"] > 0.8 and main["global_pool.cluster_nmi"] > 0.9
     for layer in layers:
-        # A stricter threshold finds fewer of the planted pairs; nothing else moves.
-        assert strict_row[f"{layer}.dedup_f1"] != main[f"{layer}.dedup_f1"]
-        assert strict_row[f"{layer}.cluster_nmi"] == main[f"{layer}.cluster_nmi"]
-        # Ten clusters for the demo's 20 labels: the clustering changes, dedup is main's again.
-        assert fewer_row[f"{layer}.cluster_nmi"] != main[f"{layer}.cluster_nmi"]
-        assert fewer_row[f"{layer}.dedup_f1"] == main[f"{layer}.dedup_f1"]
-        assert fewer_row[f"{layer}.probe_accuracy"] == main[f"{layer}.probe_accuracy"]
+        # A stricter threshold finds fewer of the planted pairs; the clusters stay.
+        assert strict[f"{layer}.dedup_f1"] < main[f"{layer}.dedup_f1"]
+        assert strict[f"{layer}.cluster_nmi"] == main[f"{layer}.cluster_nmi"]
+        # Ten clusters for the demo's 20 labels: the clustering changes, the pairs stay.
+        assert k10[f"{layer}.cluster_nmi"] < strict[f"{layer}.cluster_nmi"]
+        assert k10[f"{layer}.dedup_f1"] == strict[f"{layer}.dedup_f1"]
+        assert main[f"{layer}.probe_accuracy"] == strict[f"{layer}.probe_accuracy"]
     # The table's columns are those short names (a name that repeats gets its file's path).
     header = dvc("exp", "show", "--csv", cwd=clone).splitlines()[0].split(",")
     assert names <= set(header), header
 
     # The comparisons name the figures that moved, and only those.
-    changed = dvc("exp", "diff", baseline, "strict", cwd=clone)
-    assert all(f"{layer}.dedup_f1" in changed for layer in layers), changed
-    assert "cluster_nmi" not in changed and "dedup.threshold" in changed
+    changed = dvc("exp", "diff", "strict", "strict-k10", cwd=clone)
+    assert all(f"{layer}.cluster_nmi" in changed for layer in layers), changed
+    assert "dedup_f1" not in changed and "cluster.k" in changed
     moved = json.loads(dvc("metrics", "diff", "--json", cwd=clone))  # HEAD vs the workspace
     assert {name for diffs in moved.values() for name in diffs} == {
-        f"{layer}.cluster_nmi" for layer in layers
+        f"{layer}.{name}" for layer in layers for name in ("cluster_nmi", "dedup_f1")
     }, moved
 
 
