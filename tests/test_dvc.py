@@ -15,6 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline.results import write_headline
+
 from conftest import REPO
 
 SRC = REPO / "src"
@@ -167,6 +169,22 @@ def flat(tree: dict, prefix: str = "") -> dict:
         else:
             leaves[f"{prefix}{key}"] = value
     return leaves
+
+
+def test_headline_figures_are_the_reports(tmp_path: Path) -> None:
+    """Dedup's figures are against the true groups when known, else on the calibration copies
+    (report.md's rule); a figure the stage lacks is left out; no file is asked, none written."""
+    path = tmp_path / "metrics/dedup/blocks.4.json"
+    dedup = {"ap": 0.9, "f1": 0.8, "calibration_ap": 0.7, "calibration_f1": 0.6, "recall": 1.0}
+    write_headline(str(path), "blocks.4", dedup, ["dedup_ap", "dedup_f1"])
+    assert json.loads(path.read_text()) == {"blocks.4": {"dedup_ap": 0.9, "dedup_f1": 0.8}}
+    copies = {"calibration_ap": 0.7, "calibration_f1": 0.6}
+    write_headline(str(path), "blocks.4", copies, ["dedup_ap", "dedup_f1"])
+    assert json.loads(path.read_text()) == {"blocks.4": {"dedup_ap": 0.7, "dedup_f1": 0.6}}
+    unlabelled = {"silhouette": 0.2}
+    write_headline(str(path), "global_pool", unlabelled, ["cluster_nmi"])
+    assert json.loads(path.read_text()) == {"global_pool": {}}
+    assert write_headline(None, "blocks.4", dedup, ["dedup_ap"]) is None
 
 
 def test_params_yaml_is_dvcs_composition_of_the_config(tmp_path: Path) -> None:
