@@ -24,7 +24,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, s
 from pipeline import plots
 from pipeline.config import ClusterMethod, PipelineConfig
 from pipeline.errors import ConfigError
-from pipeline.results import StageResult
+from pipeline.results import StageResult, write_headline
 from pipeline.store import (
     Embeddings,
     embeddings_input,
@@ -157,6 +157,7 @@ def run(cfg: PipelineConfig) -> StageResult:
     sizes = metrics.pop("sizes")  # a table, not a metric: beside the metrics, not in them
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "sizes.json").write_text(json.dumps(sizes, indent=2) + "\n")
+    write_headline(params.headline_file, embeddings.metadata["layer"], metrics, ["cluster_nmi"])
     title = f"{source.stem}: {params.method.value}, {metrics['n_clusters']} clusters"
     shown = sample_rows(len(unit), PROJECTION_POINTS, params.seed)
     artifacts = [

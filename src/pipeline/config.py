@@ -159,6 +159,7 @@ class ClusterConfig:
     seed: int = MISSING
     sheet_images: int = MISSING
     output_dir: str = MISSING
+    headline_file: str | None = MISSING  # the figures DVC compares (results.HEADLINE)
 
 
 @dataclass
@@ -179,6 +180,7 @@ class DedupConfig:
     truth_group_column: str = MISSING
     top_pairs: int = MISSING
     output_dir: str = MISSING
+    headline_file: str | None = MISSING  # the figures DVC compares (results.HEADLINE)
 
 
 @dataclass
@@ -188,6 +190,7 @@ class ProbeConfig:
     max_iter: int = MISSING
     seed: int = MISSING
     output_dir: str = MISSING
+    headline_file: str | None = MISSING  # the figures DVC compares (results.HEADLINE)
 
 
 @dataclass

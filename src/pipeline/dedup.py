@@ -31,7 +31,7 @@ from pipeline import neighbours, plots
 from pipeline.calibration import Calibration, average_precision, calibrate
 from pipeline.config import DedupConfig, PipelineConfig
 from pipeline.errors import ConfigError
-from pipeline.results import StageResult
+from pipeline.results import StageResult, write_headline
 from pipeline.store import (
     Embeddings,
     calibration_path,
@@ -341,6 +341,8 @@ def run(cfg: PipelineConfig) -> StageResult:
             ),
         ]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    layer = embeddings.metadata["layer"]
+    write_headline(params.headline_file, layer, metrics, ["dedup_ap", "dedup_f1"])
     if root is not None:
         title = f"{source.stem}: pairs nearest the threshold {threshold:.3f}"
         shown = around_threshold(candidates, threshold, params.top_pairs)

@@ -19,7 +19,7 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError
-from pipeline.results import StageResult
+from pipeline.results import StageResult, write_headline
 from pipeline.store import embeddings_input, existing_embeddings, read_embeddings
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ def run(cfg: PipelineConfig) -> StageResult:
     out = Path(p.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps(scores, indent=2) + "\n")
+    write_headline(p.headline_file, embeddings.metadata["layer"], scores, ["probe_accuracy"])
     summary = (
         f"linear probe on {source.stem}: accuracy {scores['accuracy']:.3f} "
         f"+- {scores['accuracy_std']:.3f}, macro-F1 {scores['f1_macro']:.3f} "

@@ -23,16 +23,16 @@ import pandas as pd
 from pipeline import plots
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError
-from pipeline.results import StageResult
+from pipeline.results import HEADLINE, StageResult
 from pipeline.store import CALIBRATION_DIR, read_metadata
 
 log = logging.getLogger(__name__)
 # metric column -> (stage folder key, file, keys in the file: the first one there is shown)
 METRICS = {
-    "cluster_nmi": ("cluster_dir", "metrics.json", ("nmi",)),
-    "dedup_ap": ("dedup_dir", "metrics.json", ("ap", "calibration_ap")),
-    "dedup_f1": ("dedup_dir", "metrics.json", ("f1", "calibration_f1")),
-    "probe_accuracy": ("probe_dir", "probe.json", ("accuracy",)),
+    "cluster_nmi": ("cluster_dir", "metrics.json", HEADLINE["cluster_nmi"]),
+    "dedup_ap": ("dedup_dir", "metrics.json", HEADLINE["dedup_ap"]),
+    "dedup_f1": ("dedup_dir", "metrics.json", HEADLINE["dedup_f1"]),
+    "probe_accuracy": ("probe_dir", "probe.json", HEADLINE["probe_accuracy"]),
 }
 
 
