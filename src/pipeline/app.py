@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,9 @@ from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from pipeline.config import Engine, PipelineConfig
+from pipeline.config import Engine, PipelineConfig, check_key, validate
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ def main(
             with tracking.tracked(config.tracking, stage, run_name(stage, config), cfg) as record:
                 record(run(config))
 
-    _check_presets(sys.argv[1:])
+    with user_errors():
+        check_overrides(sys.argv[1:])
     try:
         task()
     except SystemExit as exit:
@@ -82,22 +83,23 @@ def sleeping_openmp() -> None:
 GROUPS = ("dataset", "model", "tracking", "engine")
 
 
-def _check_presets(arguments: list[str]) -> None:
-    """A preset that does not exist (`model=resnet5`) as one line and exit 2, before Hydra
-    composes anything (Hydra would print a page and exit 1)."""
+def check_overrides(arguments: Sequence[str]) -> None:
+    """Presets that do not exist (`model=resnet5`) and keys that are not in the schema
+    (`batch_szie=4`) as a ConfigError of one line naming the closest, before Hydra composes
+    anything (Hydra would print a page and exit 1). Hydra's own keys and flags pass."""
     conf = Path(__file__).parent / "conf"
     for argument in arguments:
-        group, _, values = argument.partition("=")
-        if group not in GROUPS:
-            continue
-        known = sorted(p.stem for p in (conf / group).glob("*.yaml"))
-        for value in values.split(","):  # a sweep: model=a,b
-            if value not in known:
-                print(
-                    f"error: no {group} preset {value!r}: use one of {', '.join(known)}",
-                    file=sys.stderr,
-                )
-                sys.exit(2)
+        if argument.startswith("-") or "=" not in argument:
+            continue  # a flag (-m, --cfg) or a flag's value
+        key, _, values = argument.lstrip("~+").partition("=")
+        key = key.partition("@")[0]  # key@package
+        if key in GROUPS:
+            known = sorted(p.stem for p in (conf / key).glob("*.yaml"))
+            for value in values.split(","):  # a sweep: model=a,b
+                if value not in known:
+                    raise ConfigError(f"no {key} preset {value!r}: use one of {', '.join(known)}")
+        elif "/" not in key and key.split(".")[0] != "hydra":
+            check_key(key)
 
 
 # Keys that name files or folders: `~` and $VARIABLES in them are expanded, as a shell would.
@@ -122,13 +124,17 @@ PATH_KEYS = (
 
 
 def typed(cfg: DictConfig) -> PipelineConfig:
-    """The composed config, checked against the schema and resolved, as dataclasses."""
+    """The composed config, checked against the schema and resolved, as dataclasses, its values
+    validated (`pipeline.config.validate`)."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), cfg)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        if isinstance(err, ConfigKeyError) and key:
+            check_key(key)  # a key the schema lacks (from a preset file): the closest one named
         message = str(err).splitlines()[0]
-        raise ConfigError(f"config: {message} (key {getattr(err, 'full_key', '?')})") from None
+        raise ConfigError(f"config: {message} (key {key or '?'})") from None
     for key in PATH_KEYS:
         *parents, name = key.split(".")
         node = config
@@ -139,6 +145,7 @@ def typed(cfg: DictConfig) -> PipelineConfig:
     config.visualize.images = [
         os.path.expandvars(os.path.expanduser(p)) for p in config.visualize.images
     ]
+    validate(config)
     return config
 
 
