@@ -30,6 +30,14 @@ CONFIG_ERRORS = [
     (["save_every=0"], "save_every must be at least 1, got 0"),
     (["max_failure_rate=1.5"], "max_failure_rate is a fraction in [0, 1], got 1.5"),
     (["calibration.copies=0"], "calibration.copies must be at least 1, got 0"),
+    (
+        ["model=module", "model.module._target_=my_package.AutoEncoder"],
+        "cannot import my_package.AutoEncoder: is my_package installed or on PYTHONPATH?",
+    ),
+    (
+        ["model=module", "model.module._target_=torch.nn.NoSuchLayer"],
+        "cannot import torch.nn.NoSuchLayer: torch.nn has no NoSuchLayer",
+    ),
 ]
 
 
