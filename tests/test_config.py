@@ -38,6 +38,14 @@ CONFIG_ERRORS = [
         ["model=module", "model.module._target_=torch.nn.NoSuchLayer"],
         "cannot import torch.nn.NoSuchLayer: torch.nn has no NoSuchLayer",
     ),
+    (
+        ["dataset=csv", "dataset.path={tmp}/images/photo.jpg", "dataset.root={tmp}/images"],
+        "cannot be read as CSV or Parquet",
+    ),
+    (
+        ["dataset=csv", "dataset.path={tmp}/broken.parquet", "dataset.root={tmp}/images"],
+        "is not a readable Parquet file",
+    ),
 ]
 
 
@@ -48,6 +56,7 @@ def test_config_errors_are_one_line_exit_2_nothing_written(
     tmp_path: Path, overrides: list[str], message: str
 ) -> None:
     write_image(tmp_path / "images/photo.jpg", np.zeros((40, 40, 3), np.uint8))
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 cut short")
     dataset = [] if any(o.startswith("dataset=") for o in overrides) else FOLDER
     args = [o.format(tmp=tmp_path) for o in [*dataset, *overrides]]
     done = run_cli(

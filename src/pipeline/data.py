@@ -190,14 +190,35 @@ def table_manifest(
     return manifest
 
 
+PARQUET_MAGIC = b"PAR1"
+
+
 def _read_table(path: Path) -> pd.DataFrame:
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
+    """A manifest file: Parquet (by its suffix or its first bytes), else CSV; anything else is
+    a config error naming the file."""
+    try:
+        with path.open("rb") as file:
+            parquet = path.suffix in (".parquet", ".pq") or file.read(4) == PARQUET_MAGIC
+    except OSError as err:
+        raise ConfigError(f"manifest {path} cannot be read: {err.strerror}") from None
+    if parquet:
+        try:
+            return pd.read_parquet(path)
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            reason = str(err).splitlines()[0]
+            raise ConfigError(
+                f"manifest {path} is not a readable Parquet file ({reason}): check dataset.path"
+            ) from None
     try:
         # Undecodable bytes stay as surrogates: they name files on disk in another encoding.
         return pd.read_csv(path, dtype=object, encoding_errors="surrogateescape")
     except pd.errors.EmptyDataError:
         raise ConfigError(f"manifest {path} is empty: check dataset.path") from None
+    except (pd.errors.ParserError, UnicodeError) as err:
+        reason = str(err).splitlines()[0]
+        raise ConfigError(
+            f"manifest {path} cannot be read as CSV or Parquet ({reason}): check dataset.path"
+        ) from None
 
 
 def _image_id(path: str, root: Path, allow_outside_root: bool) -> str:
