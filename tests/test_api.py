@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
@@ -80,6 +82,20 @@ def test_a_tensor_batch_needs_no_files(tiny: torch.nn.Module) -> None:
     with torch.inference_mode():
         expected = tiny.blocks[2](tiny.blocks[1](tiny.blocks[0](tiny.bn1(tiny.conv_stem(batch)))))
     np.testing.assert_allclose(np.stack(frame["blocks.2"]), expected.amax(dim=(2, 3)), rtol=1e-5)
+
+
+def test_a_frame_with_missing_labels_gives_null_labels(
+    tmp_path: Path, photos: Path, tiny: torch.nn.Module
+) -> None:
+    """None or NaN as a label: the image is a row, its label null in the file (pandas' own
+    missing value in the frame), the other labels strings."""
+    paths = sorted(str(p) for p in photos.rglob("*.png"))[:3]
+    given = pd.DataFrame({"path": paths, "label": ["cat", None, np.nan]}, index=[7, 8, 9])
+    frame = embed(given, model=tiny, output_dir=tmp_path / "out")
+    assert frame["image_id"].tolist() == paths
+    assert frame["label"].iloc[0] == "cat" and frame["label"].isna().tolist() == [False, True, True]
+    stored = pq.read_table(tmp_path / "out/global_pool.parquet").column("label")
+    assert stored.type == pa.string() and stored.to_pylist() == ["cat", None, None]
 
 
 def test_output_dir_keeps_the_parquet_contract(tmp_path: Path, photos: Path) -> None:

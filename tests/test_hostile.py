@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -233,6 +234,38 @@ def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(tmp_path: Path) -> No
     done = run_cli(*args, cwd=tmp_path, timeout=300)
     assert done.returncode == 0 and "resuming" in done.stdout + done.stderr
     assert layer_rows(out)["image_id"].tolist() == names
+
+
+def test_an_empty_label_cell_is_a_null_label(tmp_path: Path, photos: Path) -> None:
+    """A CSV manifest with an empty label cell: that image is a row with a null label, the
+    others keep theirs as strings; tracked, so the run's picture of the embeddings is drawn
+    with the unlabelled image in it too."""
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text(
+        "path,label\nanimals/chelsea.png,cat\nscenes/rocket.png,\nanimals/coffee.png,7\n"
+    )
+    done = run_cli(
+        *TINY_MODEL[:-1],  # tracked
+        "model.input_size=[3,32,32]",
+        "dataset=csv",
+        f"dataset.path={manifest}",
+        f"dataset.root={photos}",
+        "dataset.label_column=label",
+        "calibration.images=0",
+        f"output_dir={tmp_path}/out",
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "tracking failed" not in done.stdout + done.stderr
+    table = pq.read_table(tmp_path / "out/global_pool.parquet")
+    assert table.column("image_id").to_pylist() == [
+        "animals/chelsea.png",
+        "scenes/rocket.png",
+        "animals/coffee.png",
+    ]
+    assert table.column("label").to_pylist() == ["cat", None, "7"]
+    assert str(table.schema.field("label").type) == "string"
 
 
 def test_a_tracking_server_that_never_answers_costs_a_warning(tmp_path: Path, photos: Path) -> None:

@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_module
 
 from pipeline.app import typed
 from pipeline.config import PipelineConfig
-from pipeline.data import folder_manifest
+from pipeline.data import folder_manifest, labels
 from pipeline.errors import ConfigError
 from pipeline.extract import extract_images
 from pipeline.hooks import LayerHooks
@@ -117,7 +117,7 @@ def _manifest(images: Images) -> pd.DataFrame:
         paths = [str(p) for p in images["path"]]
         manifest = pd.DataFrame({"image_id": paths, "path": paths})
         if "label" in images:
-            manifest["label"] = images["label"].astype(str).to_numpy()
+            manifest["label"] = labels(images["label"], manifest.index)
         return manifest
     if isinstance(images, str | os.PathLike):
         raise ConfigError(f"{images} is not a folder: pass a folder, a list of paths or a frame")

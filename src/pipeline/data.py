@@ -3,7 +3,8 @@
 A manifest is a DataFrame with one row per image in dataset order: `image_id` (the path relative
 to the dataset root, `/`-separated, always valid UTF-8), `path` (where to read it, exactly as the
 OS names it, so of object dtype: it may not be UTF-8), `error` (why the image cannot be used,
-when listing it already tells; missing otherwise) and, when known, `label`.
+when listing it already tells; missing otherwise) and, when known, `label` (a string, or None
+for an image whose label is missing).
 """
 
 from __future__ import annotations
@@ -183,11 +184,19 @@ def table_manifest(
             f"({len(duplicated)} repeats): each image may appear once"
         )
     if label_column is not None:
-        manifest["label"] = [
-            label if pd.isna(label) else _utf8_id(str(label), None)[0]
-            for label in table[label_column]
-        ]
+        manifest["label"] = labels(table[label_column], manifest.index)
     return manifest
+
+
+def labels(values: Iterable[Any], index: pd.Index) -> pd.Series:
+    """A manifest's `label` column (on `index`) as the Parquet files hold it: strings, valid
+    UTF-8 (bytes that are not are escaped, as ids are), None where a label is missing (an empty
+    CSV cell, a null, NaN). Of object dtype: pandas would infer `str` and make None a NaN."""
+    return pd.Series(
+        [None if pd.isna(label) else _utf8_id(str(label), None)[0] for label in values],
+        index=index,
+        dtype=object,
+    )
 
 
 PARQUET_MAGIC = b"PAR1"
