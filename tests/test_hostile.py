@@ -9,6 +9,8 @@ import os
 import signal
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -20,6 +22,7 @@ import torch
 
 from pipeline import extract, store
 from pipeline.errors import ConfigError
+from pipeline.staging import staging_root
 
 from conftest import TINY_MODEL, composed, run_cli, start_until_chunks, write_image
 
@@ -234,6 +237,58 @@ def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(tmp_path: Path) -> No
     done = run_cli(*args, cwd=tmp_path, timeout=300)
     assert done.returncode == 0 and "resuming" in done.stdout + done.stderr
     assert layer_rows(out)["image_id"].tolist() == names
+
+
+def _forked_children(pid: int) -> list[int]:
+    """Processes `pid` forked that still run its own program (loader processes), not ones that
+    went on to run another (a subprocess torch starts while it loads)."""
+    try:
+        own = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # it has ended
+        return []
+    children = []
+    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in listing.read_text().split():
+            try:
+                if Path(f"/proc/{child}/cmdline").read_bytes() == own:
+                    children.append(int(child))
+            except OSError:  # it has ended already
+                pass
+    return children
+
+
+@pytest.mark.skipif(
+    not Path(f"/proc/self/task/{os.getpid()}/children").exists(), reason="needs Linux's /proc"
+)
+def test_ctrl_c_as_the_loader_starts_is_one_line_and_exit_130(tmp_path: Path) -> None:
+    """Ctrl-C the moment the first loader process is forked, while the others are still being
+    started: the worst moment, when each process is half set up. Three tries, as it is a race."""
+    root = tmp_path / "images"
+    photos_in(root, 200)
+    args = [*SMALL, "dataset=folder", f"dataset.root={root}", "num_workers=2"]
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}"
+        run = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", *args, f"output_dir={out}"],
+            cwd=tmp_path,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # Ctrl-C reaches the whole group: the loader's workers too
+        )
+        deadline = time.monotonic() + 120
+        while not staging_root(out).exists():  # the model is described; the loader comes next
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.01)
+        while not _forked_children(run.pid):  # no sleep: the first fork is the moment
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+        os.killpg(run.pid, signal.SIGINT)
+        _, stderr = run.communicate(timeout=120)
+        lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+        errors = [line for line in lines if not line.startswith("extract:")]  # progress bar
+        assert run.returncode == 130, (attempt, stderr)
+        assert errors == ["interrupted; rerun the same command to resume"], (attempt, stderr)
 
 
 def test_an_empty_label_cell_is_a_null_label(tmp_path: Path, photos: Path) -> None:

@@ -34,6 +34,7 @@ from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 JOB_ERROR_FILE = ".job_error"  # in a sweep job's folder: the exit code of a user error
+INTERRUPTED = "interrupted; rerun the same command to resume"  # Ctrl-C's one line
 _sweep_dir: Path | None = None  # set in the launching process when a multirun starts
 
 
@@ -60,6 +61,9 @@ def main(
         check_overrides(sys.argv[1:])
     try:
         task()
+    except KeyboardInterrupt:  # outside the job: while Hydra starts or ends it
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(130)
     except SystemExit as exit:
         # Hydra ends a sweep with a failed job as exit 1; a user error in a job means 2 or 3.
         codes = (
@@ -164,7 +168,7 @@ def user_errors() -> Iterator[None]:
         (job_dir / JOB_ERROR_FILE).write_text(str(err.exit_code))
         raise SweepJobFailed(f"job #{HydraConfig.get().job.num}: {err}") from None
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
 
 
@@ -197,6 +201,8 @@ class SweepRun(Callback):
         tracking.start_sweep(config)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **_: Any) -> None:
+        if not _in_sweep():
+            return  # a single run has no parent run (and MLflow takes seconds to import)
         from pipeline import tracking
 
         tracking.end_sweep_job(config, job_return)

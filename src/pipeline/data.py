@@ -9,14 +9,17 @@ for an image whose label is missing).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import multiprocessing
 import os
 import re
+import signal
 import stat
+import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -811,7 +814,7 @@ def batch_loader(
         if balanced
         else {"batch_size": batch_size, "shuffle": False}
     )
-    return torch.utils.data.DataLoader(
+    return _Loader(
         dataset,
         **batching,
         num_workers=num_workers,
@@ -823,9 +826,46 @@ def batch_loader(
     )
 
 
+class _Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose processes leave Ctrl-C to the main process, which ends them.
+
+    A terminal's Ctrl-C reaches every process of the group. A loader process that took it as
+    KeyboardInterrupt while half started printed a traceback, and so did the main process when
+    it came in the middle of starting them (torch's iterator, half built, fails in `__del__`).
+    So the loader processes ignore SIGINT, and while they are started the main process holds a
+    Ctrl-C back and raises it once they all run: then the iterator is whole and ends them.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self.num_workers:
+            return super().__iter__()
+        with _interrupts_held():
+            return super().__iter__()
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """A SIGINT arriving inside the block is raised when it ends. Processes forked inside it
+    inherit the handler that holds it, so they cannot be interrupted before they ignore it."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield  # handlers can only be set from the main thread, or one set outside Python
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda number, _frame: held.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        signal.raise_signal(signal.SIGINT)  # as it would have been: KeyboardInterrupt, usually
+
+
 def _start_worker(_worker: int) -> None:
     """One thread per loader process: the processes are the parallelism (torch already sets
-    its own; OpenCV's is set again, for a spawned process imports cv2 afresh)."""
+    its own; OpenCV's is set again, for a spawned process imports cv2 afresh). Ctrl-C is the
+    main process's to handle (see `_Loader`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
 
