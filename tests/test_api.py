@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
@@ -74,12 +77,82 @@ def test_the_model_in_the_loader_processes_gives_the_main_process_rows(
         )
 
 
+SIZE_32 = ["model.input_size=[3,32,32]"]  # the preprocessing a tensor batch was given
+
+
 def test_a_tensor_batch_needs_no_files(tiny: torch.nn.Module) -> None:
     batch = torch.randn(3, 3, 32, 32)
-    frame = embed(batch, model=tiny, layers=["blocks.2"], pool="max")
+    frame = embed(
+        batch, model=tiny, layers=["blocks.2"], pool="max", device="cpu", overrides=SIZE_32
+    )
     with torch.inference_mode():
         expected = tiny.blocks[2](tiny.blocks[1](tiny.blocks[0](tiny.bn1(tiny.conv_stem(batch)))))
     np.testing.assert_allclose(np.stack(frame["blocks.2"]), expected.amax(dim=(2, 3)), rtol=1e-5)
+
+
+def test_a_tensor_batch_returns_non_finite_rows_as_failures(tiny: torch.nn.Module) -> None:
+    batch = torch.randn(3, 3, 32, 32)
+    batch[1] = float("nan")
+    frame = embed(batch, model=tiny, layers=["blocks.1", "global_pool"], overrides=SIZE_32)
+    assert frame["image_id"].tolist() == ["0", "2"]
+    failures = frame.attrs["failures"]
+    assert failures["image_id"].tolist() == ["1"]
+    assert failures["error"].tolist() == ["NonFiniteEmbedding"]
+    assert failures["reason"].iloc[0].startswith("NaN or Inf in layer blocks.1")
+
+
+def test_a_tensor_batch_honours_overrides(tiny: torch.nn.Module) -> None:
+    """The same overrides as for files: here the grid's cells (3 x 3, not the default 4 x 4)."""
+    batch = torch.randn(2, 3, 32, 32)
+    frame = embed(
+        batch,
+        model=tiny,
+        layers=["blocks.2"],
+        pool="grid",
+        device="cpu",
+        overrides=[*SIZE_32, "pool_grid=3"],
+    )
+    with torch.inference_mode(), LayerHooks(tiny, ["blocks.2"], "grid", grid=3) as hooks:
+        expected = hooks(batch)["blocks.2"].numpy()
+    np.testing.assert_allclose(np.stack(frame["blocks.2"]), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 32), (2, 1, 32, 32), (2, 3, 48, 48)])
+def test_a_tensor_of_the_wrong_shape_is_refused_naming_the_expected_one(
+    tiny: torch.nn.Module, shape: tuple[int, ...]
+) -> None:
+    with pytest.raises(ValueError, match=re.escape("(N, 3, 32, 32)")):
+        embed(torch.randn(shape), model=tiny, overrides=SIZE_32)
+    # Without overrides, the shape the model's own preprocessing makes: timm's data config.
+    with pytest.raises(ValueError, match=re.escape("(N, 3, 160, 160)")):
+        embed(torch.randn(shape), model=tiny)
+
+
+def test_repeated_paths_are_refused_before_any_work(
+    tmp_path: Path, photos: Path, tiny: torch.nn.Module
+) -> None:
+    paths = sorted(str(p) for p in photos.rglob("*.png"))
+    with pytest.raises(ValueError, match=re.escape(f"{paths[1]!r} more than once")):
+        embed([*paths, paths[1]], model=tiny, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    frame = pd.DataFrame({"path": [paths[0], paths[2], paths[0]], "label": ["a", "b", "a"]})
+    with pytest.raises(ValueError, match=re.escape(f"{paths[0]!r} more than once")):
+        embed(frame, model=tiny, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_frame_with_missing_labels_gives_null_labels(
+    tmp_path: Path, photos: Path, tiny: torch.nn.Module
+) -> None:
+    """None or NaN as a label: the image is a row, its label null in the file (pandas' own
+    missing value in the frame), the other labels strings."""
+    paths = sorted(str(p) for p in photos.rglob("*.png"))[:3]
+    given = pd.DataFrame({"path": paths, "label": ["cat", None, np.nan]}, index=[7, 8, 9])
+    frame = embed(given, model=tiny, output_dir=tmp_path / "out")
+    assert frame["image_id"].tolist() == paths
+    assert frame["label"].iloc[0] == "cat" and frame["label"].isna().tolist() == [False, True, True]
+    stored = pq.read_table(tmp_path / "out/global_pool.parquet").column("label")
+    assert stored.type == pa.string() and stored.to_pylist() == ["cat", None, None]
 
 
 def test_output_dir_keeps_the_parquet_contract(tmp_path: Path, photos: Path) -> None:

@@ -121,13 +121,6 @@ def test_config_errors_are_one_line_exit_2_nothing_written(
     assert not (tmp_path / "out").exists()
 
 
-def test_misspelled_key_fails_at_compose(tmp_path: Path) -> None:
-    done = run_cli("batch_szie=8", cwd=tmp_path)
-    assert done.returncode != 0 and "batch_szie" in done.stderr
-    typed = run_cli("batch_size=eight", cwd=tmp_path)
-    assert typed.returncode != 0 and "batch_size" in typed.stderr
-
-
 def test_layers_command_lists_shapes(tmp_path: Path) -> None:
     done = run_cli(*TINY_MODEL, module="pipeline.layers", cwd=tmp_path)
     assert done.returncode == 0, done.stderr

@@ -9,16 +9,20 @@ import os
 import signal
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from pipeline import extract, store
 from pipeline.errors import ConfigError
+from pipeline.staging import staging_root
 
 from conftest import (
     SMALL,
@@ -227,6 +231,90 @@ def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(tmp_path: Path) -> No
     done = run_cli(*args, cwd=tmp_path, timeout=300)
     assert done.returncode == 0 and "resuming" in done.stdout + done.stderr
     assert layer_rows(out)["image_id"].tolist() == names
+
+
+def _forked_children(pid: int) -> list[int]:
+    """Processes `pid` forked that still run its own program (loader processes), not ones that
+    went on to run another (a subprocess torch starts while it loads)."""
+    try:
+        own = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # it has ended
+        return []
+    children = []
+    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in listing.read_text().split():
+            try:
+                if Path(f"/proc/{child}/cmdline").read_bytes() == own:
+                    children.append(int(child))
+            except OSError:  # it has ended already
+                pass
+    return children
+
+
+@pytest.mark.skipif(
+    not Path(f"/proc/self/task/{os.getpid()}/children").exists(), reason="needs Linux's /proc"
+)
+def test_ctrl_c_as_the_loader_starts_is_one_line_and_exit_130(tmp_path: Path) -> None:
+    """Ctrl-C the moment the first loader process is forked, while the others are still being
+    started: the worst moment, when each process is half set up. Three tries, as it is a race."""
+    root = tmp_path / "images"
+    photos_in(root, 200)
+    args = [*SMALL, "dataset=folder", f"dataset.root={root}", "num_workers=2"]
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}"
+        run = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", *args, f"output_dir={out}"],
+            cwd=tmp_path,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # Ctrl-C reaches the whole group: the loader's workers too
+        )
+        deadline = time.monotonic() + 120
+        while not staging_root(out).exists():  # the model is described; the loader comes next
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.01)
+        while not _forked_children(run.pid):  # no sleep: the first fork is the moment
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+        os.killpg(run.pid, signal.SIGINT)
+        _, stderr = run.communicate(timeout=120)
+        lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+        errors = [line for line in lines if not line.startswith("extract:")]  # progress bar
+        assert run.returncode == 130, (attempt, stderr)
+        assert errors == ["interrupted; rerun the same command to resume"], (attempt, stderr)
+
+
+def test_an_empty_label_cell_is_a_null_label(tmp_path: Path, photos: Path) -> None:
+    """A CSV manifest with an empty label cell: that image is a row with a null label, the
+    others keep theirs as strings; tracked, so the run's picture of the embeddings is drawn
+    with the unlabelled image in it too."""
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text(
+        "path,label\nanimals/chelsea.png,cat\nscenes/rocket.png,\nanimals/coffee.png,7\n"
+    )
+    done = run_cli(
+        *TINY_MODEL[:-1],  # tracked
+        "model.input_size=[3,32,32]",
+        "dataset=csv",
+        f"dataset.path={manifest}",
+        f"dataset.root={photos}",
+        "dataset.label_column=label",
+        "calibration.images=0",
+        f"output_dir={tmp_path}/out",
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "tracking failed" not in done.stdout + done.stderr
+    table = pq.read_table(tmp_path / "out/global_pool.parquet")
+    assert table.column("image_id").to_pylist() == [
+        "animals/chelsea.png",
+        "scenes/rocket.png",
+        "animals/coffee.png",
+    ]
+    assert table.column("label").to_pylist() == ["cat", None, "7"]
+    assert str(table.schema.field("label").type) == "string"
 
 
 def test_a_tracking_server_that_never_answers_costs_a_warning(tmp_path: Path, photos: Path) -> None:

@@ -18,21 +18,23 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from hydra import compose, initialize_config_module
 
-from pipeline.app import typed
+from pipeline.app import check_overrides, typed
 from pipeline.config import PipelineConfig
-from pipeline.data import folder_manifest
+from pipeline.data import folder_manifest, labels, resolve_preprocess
+from pipeline.devices import computing, model_input, place_model, resolve_device, resolve_precision
 from pipeline.errors import ConfigError
 from pipeline.extract import extract_images
-from pipeline.hooks import LayerHooks
+from pipeline.hooks import HookPlan
 from pipeline.models import build_model, weights_provenance
 from pipeline.store import FAILURES_FILE, read_embeddings
+from pipeline.vectors import non_finite_rows
 
 Images = str | os.PathLike | Sequence[str | os.PathLike] | pd.DataFrame | torch.Tensor
+NON_FINITE_HINT = "try precision=fp32, or check the weights"  # as extraction's failure rows say
 
 
 def embed(
@@ -47,17 +49,23 @@ def embed(
     num_workers: int | None = 0,
     overrides: Sequence[str] = (),
 ) -> pd.DataFrame:
-    """Embeddings of `images` at `layers`: a DataFrame with `image_id`, `label` (when known)
-    and one column per layer holding float32 vectors. Images that could not be read are in
-    `frame.attrs["failures"]` (`image_id`, `error`, `reason`), not rows.
+    """Embeddings of `images` at `layers`: a DataFrame with `image_id`, `label` (when known,
+    None where missing) and one column per layer holding float32 vectors. Images that could
+    not be read, and those whose embedding holds a NaN or Inf, are in `frame.attrs["failures"]`
+    (`image_id`, `error`, `reason`), not rows.
 
-    `layers` defaults to the preset's embedding layer (`global_pool` for a module that has
-    one); `overrides` are any other command-line overrides (`model.input_size=[3,160,160]`).
+    `layers` defaults to the config's (a preset's embedding and near-duplicate layers;
+    `global_pool` for a module that has one); `overrides` are any other command-line overrides
+    (`model.input_size=[3,160,160]`), for files and tensors alike. A tensor batch is
+    (N, C, H, W) as the model's preprocessing makes it (`model.input_size`); its ids are the
+    positions, "0", "1", ...
+
+    Raises:
+        ConfigError (a ValueError): a setting or input that cannot work, before any work: an
+            image given twice, a tensor of another shape, an unknown key or preset.
     """
     if isinstance(layers, str):
         layers = [layers]
-    if isinstance(images, torch.Tensor):
-        return _embed_tensor(images, _module(model), layers or _default_layers(model), pool)
     settings = [
         f"pool={pool}",
         f"batch_size={batch_size}",
@@ -68,35 +76,40 @@ def embed(
         *([f"layers=[{','.join(layers)}]"] if layers else []),
         *overrides,
     ]
+    if isinstance(images, torch.Tensor):
+        cfg = _config(settings, model, layers)
+        network = build_model(cfg.model) if isinstance(model, str) else model
+        return _embed_tensor(images, network, cfg)
+    manifest = _manifest(images)
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(output_dir) if output_dir is not None else Path(scratch) / "embeddings"
-        cfg = _config([*settings, f"output_dir={out}"])
-        if not isinstance(model, str):
-            if not layers:
-                cfg.layers = _default_layers(model)
-            cfg.model.name = type(model).__name__
+        cfg = _config([*settings, f"output_dir={out}"], model, layers)
         network = build_model(cfg.model) if isinstance(model, str) else model
         weights = (
             weights_provenance(cfg.model)
             if isinstance(model, str)
             else {"init": "module", "target": f"{type(model).__module__}.{type(model).__name__}"}
         )
-        result = extract_images(network, _manifest(images), cfg, weights)
+        result = extract_images(network, manifest, cfg, weights)
         return _read_back(out, list(result.layers))
 
 
-def _config(overrides: list[str]) -> PipelineConfig:
+def _config(
+    overrides: list[str], model: str | torch.nn.Module, layers: Sequence[str] | None
+) -> PipelineConfig:
+    """The typed config of `overrides`; a module's own name, and its default layers unless
+    `layers` names them."""
+    check_overrides(overrides)  # one line naming the closest key, not Hydra's page
     with initialize_config_module("pipeline.conf", version_base="1.3"):
-        return typed(compose("config", overrides=overrides))
+        cfg = typed(compose("config", overrides=overrides))
+    if not isinstance(model, str):
+        if not layers:
+            cfg.layers = _default_layers(model)
+        cfg.model.name = type(model).__name__
+    return cfg
 
 
-def _module(model: str | torch.nn.Module) -> torch.nn.Module:
-    return build_model(_config([f"model={model}"]).model) if isinstance(model, str) else model
-
-
-def _default_layers(model: str | torch.nn.Module) -> list[str]:
-    if isinstance(model, str):
-        return [_config([f"model={model}"]).model.embedding_layer]
+def _default_layers(model: torch.nn.Module) -> list[str]:
     names = {name for name, _ in model.named_modules()}
     if "global_pool" in names:
         return ["global_pool"]
@@ -115,16 +128,30 @@ def _manifest(images: Images) -> pd.DataFrame:
         if "path" not in images:
             raise ConfigError(f"the DataFrame needs a `path` column; it has {list(images)}")
         paths = [str(p) for p in images["path"]]
+        _refuse_repeats(paths)
         manifest = pd.DataFrame({"image_id": paths, "path": paths})
         if "label" in images:
-            manifest["label"] = images["label"].astype(str).to_numpy()
+            manifest["label"] = labels(images["label"], manifest.index)
         return manifest
     if isinstance(images, str | os.PathLike):
         raise ConfigError(f"{images} is not a folder: pass a folder, a list of paths or a frame")
     paths = [str(p) for p in images]
     if not paths:
         raise ConfigError("no images given")
+    _refuse_repeats(paths)
     return pd.DataFrame({"image_id": paths, "path": paths})
+
+
+def _refuse_repeats(paths: list[str]) -> None:
+    """Each image once: a path is an image's id, and ids are unique (two spellings of one file,
+    `a/./b.jpg` and `a/b.jpg`, are the same image)."""
+    files = pd.Series([os.path.normpath(os.path.abspath(p)) for p in paths])
+    repeated = [p for p, again in zip(paths, files.duplicated(), strict=True) if again]
+    if repeated:
+        raise ConfigError(
+            f"the images include {repeated[0]!r} more than once ({len(repeated)} repeats): "
+            "give each image once"
+        )
 
 
 def _read_back(out: Path, layers: list[str]) -> pd.DataFrame:
@@ -138,17 +165,44 @@ def _read_back(out: Path, layers: list[str]) -> pd.DataFrame:
     return frame
 
 
-def _embed_tensor(
-    batch: torch.Tensor, model: torch.nn.Module, layers: Sequence[str], pool: str
-) -> pd.DataFrame:
-    """A preprocessed batch (N, C, H, W): one forward pass, no files."""
-    model.eval()
-    device = next(model.parameters()).device
-    with torch.inference_mode(), LayerHooks(model, layers, pool) as hooks:
-        hooks.describe(batch[:1].to(device))
-        outputs = hooks(batch.to(device))
-    frame = pd.DataFrame({"image_id": [str(i) for i in range(len(batch))]})
-    for layer, values in outputs.items():
-        frame[layer] = list(values.float().cpu().numpy().astype(np.float32))
-    frame.attrs["failures"] = pd.DataFrame(columns=["image_id", "error", "reason"])
+def _embed_tensor(batch: torch.Tensor, model: torch.nn.Module, cfg: PipelineConfig) -> pd.DataFrame:
+    """A preprocessed batch: forward passes of `cfg.batch_size` images, no files, with the
+    layers, pooling, device and precision the config says, as for files."""
+    m = cfg.model
+    preprocess = resolve_preprocess(model, m.input_size, m.crop_pct, m.interpolation, m.mean, m.std)
+    expected = f"(N, {', '.join(map(str, preprocess.input_size))})"
+    if (
+        batch.ndim != 4
+        or tuple(batch.shape[1:]) != preprocess.input_size
+        or not batch.is_floating_point()
+        or not len(batch)
+    ):
+        raise ConfigError(
+            f"a tensor batch must be float, of shape {expected}, as the model's preprocessing "
+            f"makes it (model.input_size in overrides changes it); got {batch.dtype} "
+            f"{tuple(batch.shape)}"
+        )
+    device = resolve_device(cfg.device)
+    plan = HookPlan(
+        tuple(cfg.layers), cfg.pool, cfg.output_key, cfg.gem_p, cfg.pool_grid, tuple(cfg.scales)
+    )
+    place_model(model, device)
+    with plan.on(model) as hooks, computing(device, resolve_precision(cfg.precision, device)):
+        hooks.describe(model_input(batch[:1], device))
+        parts = [hooks(model_input(images, device)) for images in batch.split(cfg.batch_size)]
+    outputs = {
+        name: torch.cat([part[name] for part in parts]).float().cpu().numpy() for name in hooks.info
+    }
+    bad = non_finite_rows(outputs)
+    kept = [i for i in range(len(batch)) if i not in bad]
+    frame = pd.DataFrame({"image_id": [str(i) for i in kept]})
+    for name, rows in outputs.items():
+        frame[name] = list(rows[kept])
+    frame.attrs["failures"] = pd.DataFrame(
+        [
+            (str(i), "NonFiniteEmbedding", f"NaN or Inf in layer {layer}: {NON_FINITE_HINT}")
+            for i, layer in sorted(bad.items())
+        ],
+        columns=["image_id", "error", "reason"],
+    )
     return frame

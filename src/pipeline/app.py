@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,14 @@ from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from pipeline.config import Engine, PipelineConfig
+from pipeline.config import Engine, PipelineConfig, check_key, validate
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 JOB_ERROR_FILE = ".job_error"  # in a sweep job's folder: the exit code of a user error
+INTERRUPTED = "interrupted; rerun the same command to resume"  # Ctrl-C's one line
 _sweep_dir: Path | None = None  # set in the launching process when a multirun starts
 
 
@@ -56,9 +57,13 @@ def main(
             with tracking.tracked(config.tracking, stage, run_name(stage, config), cfg) as record:
                 record(run(config))
 
-    _check_presets(sys.argv[1:])
+    with user_errors():
+        check_overrides(sys.argv[1:])
     try:
         task()
+    except KeyboardInterrupt:  # outside the job: while Hydra starts or ends it
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(130)
     except SystemExit as exit:
         # Hydra ends a sweep with a failed job as exit 1; a user error in a job means 2 or 3.
         codes = (
@@ -82,22 +87,23 @@ def sleeping_openmp() -> None:
 GROUPS = ("dataset", "model", "tracking", "engine")
 
 
-def _check_presets(arguments: list[str]) -> None:
-    """A preset that does not exist (`model=resnet5`) as one line and exit 2, before Hydra
-    composes anything (Hydra would print a page and exit 1)."""
+def check_overrides(arguments: Sequence[str]) -> None:
+    """Presets that do not exist (`model=resnet5`) and keys that are not in the schema
+    (`batch_szie=4`) as a ConfigError of one line naming the closest, before Hydra composes
+    anything (Hydra would print a page and exit 1). Hydra's own keys and flags pass."""
     conf = Path(__file__).parent / "conf"
     for argument in arguments:
-        group, _, values = argument.partition("=")
-        if group not in GROUPS:
-            continue
-        known = sorted(p.stem for p in (conf / group).glob("*.yaml"))
-        for value in values.split(","):  # a sweep: model=a,b
-            if value not in known:
-                print(
-                    f"error: no {group} preset {value!r}: use one of {', '.join(known)}",
-                    file=sys.stderr,
-                )
-                sys.exit(2)
+        if argument.startswith("-") or "=" not in argument:
+            continue  # a flag (-m, --cfg) or a flag's value
+        key, _, values = argument.lstrip("~+").partition("=")
+        key = key.partition("@")[0]  # key@package
+        if key in GROUPS:
+            known = sorted(p.stem for p in (conf / key).glob("*.yaml"))
+            for value in values.split(","):  # a sweep: model=a,b
+                if value not in known:
+                    raise ConfigError(f"no {key} preset {value!r}: use one of {', '.join(known)}")
+        elif "/" not in key and key.split(".")[0] != "hydra":
+            check_key(key)
 
 
 # Keys that name files or folders: `~` and $VARIABLES in them are expanded, as a shell would.
@@ -125,13 +131,17 @@ PATH_KEYS = (
 
 
 def typed(cfg: DictConfig) -> PipelineConfig:
-    """The composed config, checked against the schema and resolved, as dataclasses."""
+    """The composed config, checked against the schema and resolved, as dataclasses, its values
+    validated (`pipeline.config.validate`)."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), cfg)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        if isinstance(err, ConfigKeyError) and key:
+            check_key(key)  # a key the schema lacks (from a preset file): the closest one named
         message = str(err).splitlines()[0]
-        raise ConfigError(f"config: {message} (key {getattr(err, 'full_key', '?')})") from None
+        raise ConfigError(f"config: {message} (key {key or '?'})") from None
     for key in PATH_KEYS:
         *parents, name = key.split(".")
         node = config
@@ -142,6 +152,7 @@ def typed(cfg: DictConfig) -> PipelineConfig:
     config.visualize.images = [
         os.path.expandvars(os.path.expanduser(p)) for p in config.visualize.images
     ]
+    validate(config)
     return config
 
 
@@ -160,7 +171,7 @@ def user_errors() -> Iterator[None]:
         (job_dir / JOB_ERROR_FILE).write_text(str(err.exit_code))
         raise SweepJobFailed(f"job #{HydraConfig.get().job.num}: {err}") from None
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
 
 
@@ -193,6 +204,8 @@ class SweepRun(Callback):
         tracking.start_sweep(config)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **_: Any) -> None:
+        if not _in_sweep():
+            return  # a single run has no parent run (and MLflow takes seconds to import)
         from pipeline import tracking
 
         tracking.end_sweep_job(config, job_return)

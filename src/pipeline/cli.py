@@ -4,14 +4,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pipeline.app import main, sleeping_openmp
+from pipeline.config import PipelineConfig
 
 
 def extract() -> None:
     sleeping_openmp()  # before torch loads
+    main("extract", _extract)
+
+
+def _extract(cfg: PipelineConfig) -> Any:
+    """The extraction, torch loaded only now that the config is checked: a config error answers
+    in a second, not after torch's four, and Ctrl-C while torch loads is the promised one line."""
     from pipeline.extract import run
 
-    main("extract", run)
+    return run(cfg)
 
 
 def cluster() -> None:

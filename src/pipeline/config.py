@@ -2,17 +2,24 @@
 
 Every app (`python -m pipeline`, `pipeline.cluster`, `.dedup`, `.probe`, `.report`,
 `.visualize`, `.layers`) composes the same tree; the app layer merges it into `PipelineConfig`,
-so a value of the wrong type fails before any model is built or image read. The values live in
-the YAML only; these classes say what may be there.
+so a value of the wrong type fails before any model is built or image read; `validate` then
+checks the ranges the types cannot say, and `check_key` names the closest key to a misspelled
+one. The values live in the YAML only; these classes say what may be there.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import math
+import typing
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 from omegaconf import MISSING
+
+from pipeline.errors import ConfigError
 
 
 class DatasetKind(Enum):
@@ -249,3 +256,76 @@ class PipelineConfig:
     probe: ProbeConfig = MISSING
     report: ReportConfig = MISSING
     visualize: VisualizeConfig = MISSING
+
+
+# --- checks beyond the types --------------------------------------------------------------------
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """The values' ranges, which their types cannot say: a ConfigError whose message is one line
+    naming the key. Run once, when the composed config is typed (`pipeline.app.typed`), so every
+    command and the Python API refuse a bad value before any model is built or image read."""
+    _check_preprocessing(cfg.model)
+    for key in ("batch_size", "save_every", "max_image_pixels", "max_file_bytes"):
+        _at_least(key, getattr(cfg, key), 1)
+    if not 0 <= cfg.max_failure_rate <= 1:
+        raise ConfigError(f"max_failure_rate is a fraction in [0, 1], got {cfg.max_failure_rate}")
+    _at_least("calibration.images", cfg.calibration.images, 0)
+    _at_least("calibration.copies", cfg.calibration.copies, 1)
+
+
+def _at_least(key: str, value: int, least: int) -> None:
+    if value < least:
+        raise ConfigError(f"{key} must be at least {least}, got {value}")
+
+
+def _check_preprocessing(model: ModelConfig) -> None:
+    """The preprocessing overrides; null leaves each to the model's own data config. Images are
+    decoded as RGB, hence 3 channels and 3 values per channel statistic."""
+    size = model.input_size
+    if size is not None and (len(size) != 3 or size[0] != 3 or min(size) < 1):
+        raise ConfigError(
+            f"model.input_size is [3, height, width] (RGB, sizes of at least 1), got {list(size)}"
+        )
+    if model.mean is not None and (
+        len(model.mean) != 3 or not all(math.isfinite(m) for m in model.mean)
+    ):
+        raise ConfigError(f"model.mean is 3 numbers, one per RGB channel, got {list(model.mean)}")
+    if model.std is not None and (
+        len(model.std) != 3 or not all(0 < s < math.inf for s in model.std)
+    ):
+        raise ConfigError(
+            f"model.std is 3 positive numbers, one per RGB channel, got {list(model.std)}"
+        )
+    # timm reads a crop_pct of 0 as "not given" and takes the model's own: refuse it here.
+    if model.crop_pct is not None and not 0 < model.crop_pct <= 1:
+        raise ConfigError(f"model.crop_pct is a fraction in (0, 1], got {model.crop_pct}")
+
+
+def check_key(key: str) -> None:
+    """`key` (dotted: `model.name`) is in the schema, else a ConfigError naming the closest key
+    at the level where it went wrong. Below a node that is not a dataclass (`model.module`,
+    a list) any key may be."""
+    node: Any = PipelineConfig
+    path: list[str] = []
+    for part in key.split("."):
+        fields = _field_types(node)
+        if part not in fields:
+            close = difflib.get_close_matches(part, fields, n=1)
+            if close:
+                hint = f"did you mean {'.'.join([*path, close[0]])}?"
+            elif path:
+                hint = f"{'.'.join(path)} has {', '.join(fields)}"
+            else:
+                hint = "--cfg job lists every key"
+            raise ConfigError(f"no key {key!r} in the config: {hint}")
+        path.append(part)
+        node = fields[part]
+        if not dataclasses.is_dataclass(node):
+            return
+
+
+def _field_types(schema: type) -> dict[str, Any]:
+    """A dataclass's field names and their types, the annotations resolved."""
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}

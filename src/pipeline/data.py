@@ -3,19 +3,23 @@
 A manifest is a DataFrame with one row per image in dataset order: `image_id` (the path relative
 to the dataset root, `/`-separated, always valid UTF-8), `path` (where to read it, exactly as the
 OS names it, so of object dtype: it may not be UTF-8), `error` (why the image cannot be used,
-when listing it already tells; missing otherwise) and, when known, `label`.
+when listing it already tells; missing otherwise) and, when known, `label` (a string, or None
+for an image whose label is missing).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import multiprocessing
 import os
 import re
+import signal
 import stat
+import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -183,21 +187,50 @@ def table_manifest(
             f"({len(duplicated)} repeats): each image may appear once"
         )
     if label_column is not None:
-        manifest["label"] = [
-            label if pd.isna(label) else _utf8_id(str(label), None)[0]
-            for label in table[label_column]
-        ]
+        manifest["label"] = labels(table[label_column], manifest.index)
     return manifest
 
 
+def labels(values: Iterable[Any], index: pd.Index) -> pd.Series:
+    """A manifest's `label` column (on `index`) as the Parquet files hold it: strings, valid
+    UTF-8 (bytes that are not are escaped, as ids are), None where a label is missing (an empty
+    CSV cell, a null, NaN). Of object dtype: pandas would infer `str` and make None a NaN."""
+    return pd.Series(
+        [None if pd.isna(label) else _utf8_id(str(label), None)[0] for label in values],
+        index=index,
+        dtype=object,
+    )
+
+
+PARQUET_MAGIC = b"PAR1"
+
+
 def _read_table(path: Path) -> pd.DataFrame:
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
+    """A manifest file: Parquet (by its suffix or its first bytes), else CSV; anything else is
+    a config error naming the file."""
+    try:
+        with path.open("rb") as file:
+            parquet = path.suffix in (".parquet", ".pq") or file.read(4) == PARQUET_MAGIC
+    except OSError as err:
+        raise ConfigError(f"manifest {path} cannot be read: {err.strerror}") from None
+    if parquet:
+        try:
+            return pd.read_parquet(path)
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            reason = str(err).splitlines()[0]
+            raise ConfigError(
+                f"manifest {path} is not a readable Parquet file ({reason}): check dataset.path"
+            ) from None
     try:
         # Undecodable bytes stay as surrogates: they name files on disk in another encoding.
         return pd.read_csv(path, dtype=object, encoding_errors="surrogateescape")
     except pd.errors.EmptyDataError:
         raise ConfigError(f"manifest {path} is empty: check dataset.path") from None
+    except (pd.errors.ParserError, UnicodeError) as err:
+        reason = str(err).splitlines()[0]
+        raise ConfigError(
+            f"manifest {path} cannot be read as CSV or Parquet ({reason}): check dataset.path"
+        ) from None
 
 
 def _image_id(path: str, root: Path, allow_outside_root: bool) -> str:
@@ -781,7 +814,7 @@ def batch_loader(
         if balanced
         else {"batch_size": batch_size, "shuffle": False}
     )
-    return torch.utils.data.DataLoader(
+    return _Loader(
         dataset,
         **batching,
         num_workers=num_workers,
@@ -793,9 +826,46 @@ def batch_loader(
     )
 
 
+class _Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose processes leave Ctrl-C to the main process, which ends them.
+
+    A terminal's Ctrl-C reaches every process of the group. A loader process that took it as
+    KeyboardInterrupt while half started printed a traceback, and so did the main process when
+    it came in the middle of starting them (torch's iterator, half built, fails in `__del__`).
+    So the loader processes ignore SIGINT, and while they are started the main process holds a
+    Ctrl-C back and raises it once they all run: then the iterator is whole and ends them.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self.num_workers:
+            return super().__iter__()
+        with _interrupts_held():
+            return super().__iter__()
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """A SIGINT arriving inside the block is raised when it ends. Processes forked inside it
+    inherit the handler that holds it, so they cannot be interrupted before they ignore it."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield  # handlers can only be set from the main thread, or one set outside Python
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda number, _frame: held.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        signal.raise_signal(signal.SIGINT)  # as it would have been: KeyboardInterrupt, usually
+
+
 def _start_worker(_worker: int) -> None:
     """One thread per loader process: the processes are the parallelism (torch already sets
-    its own; OpenCV's is set again, for a spawned process imports cv2 afresh)."""
+    its own; OpenCV's is set again, for a spawned process imports cv2 afresh). Ctrl-C is the
+    main process's to handle (see `_Loader`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
 

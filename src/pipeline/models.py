@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
 import importlib.resources
 import logging
 import pickle
@@ -34,6 +35,8 @@ HUB_WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch
 def build_model(model: ModelConfig) -> torch.nn.Module:
     """The configured model in eval mode, on the CPU, with its weights loaded."""
     if model.module is not None:
+        if isinstance(target := model.module.get("_target_"), str):
+            check_importable(target)
         net = instantiate(model.module, _convert_="all")
         if not isinstance(net, torch.nn.Module):
             raise ConfigError(f"model.module built a {type(net).__name__}, not a torch.nn.Module")
@@ -42,6 +45,33 @@ def build_model(model: ModelConfig) -> torch.nn.Module:
     if model.checkpoint is not None:
         load_checkpoint(net, checkpoint_path(model.checkpoint), model.checkpoint_keys)
     return net.eval()
+
+
+def check_importable(target: str) -> None:
+    """What a `_target_` names can be imported, else one line saying what is missing (Hydra's
+    own error is a page). Errors inside the code that is found are left to raise as they are."""
+    parts = target.split(".")
+    if not all(parts):
+        raise ConfigError(f"model.module._target_ {target!r} is not a name like pkg.module.Class")
+    try:
+        found = importlib.import_module(parts[0])
+        for depth, part in enumerate(parts[1:], start=2):
+            if hasattr(found, part):
+                found = getattr(found, part)
+                continue
+            name = ".".join(parts[:depth])
+            try:
+                found = importlib.import_module(name)
+            except ModuleNotFoundError as err:
+                if not f"{name}.".startswith(f"{err.name}."):  # a module it imports is missing
+                    raise
+                raise ConfigError(
+                    f"cannot import {target}: {'.'.join(parts[: depth - 1])} has no {part}"
+                ) from None
+    except ModuleNotFoundError as err:  # the package, or a package it needs
+        raise ConfigError(
+            f"cannot import {target}: is {err.name} installed or on PYTHONPATH?"
+        ) from None
 
 
 def checkpoint_path(checkpoint: str) -> Path:

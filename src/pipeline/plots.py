@@ -25,13 +25,20 @@ def pca_2d(vectors: np.ndarray) -> np.ndarray:
     return centred @ top.T
 
 
-def projection_figure(vectors: np.ndarray, groups: Sequence[str] | None, title: str) -> Figure:
-    """A 2D PCA scatter of the embeddings, one colour per group (label or cluster)."""
+NO_LABEL = "(no label)"
+
+
+def projection_figure(
+    vectors: np.ndarray, groups: Sequence[str | None] | None, title: str
+) -> Figure:
+    """A 2D PCA scatter of the embeddings, one colour per group (label or cluster); images
+    whose label is missing (None) are a group of their own."""
     points = pca_2d(vectors.astype(np.float64))
     figure, axes = plt.subplots(figsize=(7, 6), layout="constrained")
     if groups is None:
         axes.scatter(points[:, 0], points[:, 1], s=12)
     else:
+        groups = [NO_LABEL if g is None else g for g in groups]
         # Cluster numbers in numeric order (-1, 0, 2, 10), labels alphabetically.
         names = sorted(
             set(groups), key=lambda g: (0, int(g), "") if g.lstrip("-").isdigit() else (1, 0, g)

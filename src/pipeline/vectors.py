@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,3 +62,13 @@ def fit_whitening(vectors: np.ndarray, dim: int | None = None, shrinkage: float 
     # A direction no vector varies along (all variances zero) stays zero, not infinite.
     scale = np.divide(1.0, np.sqrt(shrunk), out=np.zeros_like(shrunk), where=shrunk > 0)
     return Whitening(mean.astype(np.float32), (axes * scale).astype(np.float32), shrinkage)
+
+
+def non_finite_rows(layers: Mapping[str, np.ndarray]) -> dict[int, str]:
+    """Rows with a NaN or Inf in any of the layers' (N, D) matrices, each with the first such
+    layer: what must become a failure, never a row that looks fine."""
+    found: dict[int, str] = {}
+    for name, rows in layers.items():
+        for row in np.flatnonzero(~np.isfinite(rows).all(axis=1)):
+            found.setdefault(int(row), name)
+    return found
