@@ -74,7 +74,8 @@ def main() -> None:
         make_images(root, options.images, added)
         rows.append((f"+{added} images ({options.added:.0%})", *run(args, work)))
     first, fixed, update = (r[1] for r in rows)
-    print(f"| run | images through the model | wall s |  ({options.images} images at {options.size}px)")
+    print(f"{options.images} images at {options.size}px:")
+    print("| run | images through the model | wall s |")
     print("|---|---:|---:|")
     for name, seconds, embedded, _ in rows:
         print(f"| {name} | {embedded} | {seconds:.1f} |")

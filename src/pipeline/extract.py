@@ -152,23 +152,8 @@ def layer_schemas(
     }
 
 
-def _check_numbers(cfg: PipelineConfig) -> None:
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size must be at least 1, got {cfg.batch_size}")
-    if cfg.save_every < 1:
-        raise ConfigError(f"save_every must be at least 1, got {cfg.save_every}")
-    if not 0 <= cfg.max_failure_rate <= 1:
-        raise ConfigError(f"max_failure_rate is a fraction in [0, 1], got {cfg.max_failure_rate}")
-    if cfg.calibration.images < 0 or cfg.calibration.copies < 1:
-        raise ConfigError(
-            "calibration.images must be at least 0 and calibration.copies at least 1, got "
-            f"{cfg.calibration.images} and {cfg.calibration.copies}"
-        )
-
-
 def run(cfg: PipelineConfig) -> ExtractResult:
     """Extract every configured layer for every image of the dataset into `cfg.output_dir`."""
-    _check_numbers(cfg)
     torch.manual_seed(cfg.seed)
     manifest = load_manifest(cfg.dataset)
     if skipped := manifest.attrs.get("skipped"):
@@ -250,7 +235,6 @@ def extract_images(
     """The extraction of `manifest`'s images with a model already built (the Python API hands
     its own); `cfg` says which layers, how, and where. Only what is not published yet, as it
     is, gets embedded (`update.py`)."""
-    _check_numbers(cfg)
     session = None
     if cfg.engine.name is Engine.ray:
         if cfg.decode is Decode.gpu or cfg.compile:
