@@ -200,11 +200,8 @@ def broken_layer(path: Path, case: str) -> Path:
         halves.append(embedding_table(schema, ids[6:], labels[6:], vectors[6:]))
     write_parts(path, halves)
     first, second = path / part_name(0), path / part_name(1)
-    if case == "part altered":  # the last value's lowest bit: still a valid file
-        data = bytearray(first.read_bytes())
-        chunk = pq.ParquetFile(first).metadata.row_group(0).column(2)
-        data[chunk.data_page_offset + chunk.total_compressed_size - 4] ^= 1
-        first.write_bytes(bytes(data))
+    if case == "part altered":
+        flip_a_bit(first)
     elif case == "part missing":
         second.unlink()
     elif case == "part added":
@@ -214,3 +211,14 @@ def broken_layer(path: Path, case: str) -> Path:
     elif case == "manifest not JSON":
         (path / MANIFEST_FILE).write_text("{")
     return path
+
+
+def flip_a_bit(part: Path) -> None:
+    """Change a part file after it was written: the lowest bit of its last embedding value
+    (random floats are stored as they are, so the file has the same size and still reads)."""
+    group = pq.ParquetFile(part).metadata.row_group(0)
+    columns = [group.column(i) for i in range(group.num_columns)]
+    chunk = next(c for c in columns if c.path_in_schema.startswith("embedding"))
+    data = bytearray(part.read_bytes())
+    data[chunk.data_page_offset + chunk.total_compressed_size - 4] ^= 1
+    part.write_bytes(bytes(data))
