@@ -190,8 +190,9 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
 
 # --- reading -----------------------------------------------------------------------------------
 
-# What to do about a layer that is not what its writer promised.
-EXTRACT_AGAIN = "extract it again (python -m pipeline with the same overrides)"
+# What to do about a layer that is not what its writer promised. resume=false: a rerun that
+# finds the layer up to date (its manifest says so) would otherwise leave it as it is.
+EXTRACT_AGAIN = "extract it again (python -m pipeline with the same overrides and resume=false)"
 
 
 @dataclass
