@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -379,6 +380,22 @@ def test_images_without_a_label_are_left_out_of_probe_and_cluster_scores(tmp_pat
     assert done.returncode == 0, done.stderr
     metrics = json.loads((tmp_path / "cluster/metrics.json").read_text())
     assert metrics["n_images"] == 12 and metrics["n_clusters"] == 2 and "nmi" in metrics
+
+
+def test_report_takes_partial_metadata_and_refuses_metadata_that_is_not_an_object(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    broken_layer(out / "blocks.1.parquet", "good")  # metadata without pool, depth, ...
+    args = [f"output_dir={out}", "tracking=none", f"report.output_dir={tmp_path / 'report'}"]
+    done = run_cli(*args, module="pipeline.report", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "| blocks.1 | - | 4 | - |" in (tmp_path / "report/report.md").read_text()
+    shutil.rmtree(tmp_path / "report")
+    broken_layer(out / "blocks.2.parquet", "metadata not an object")
+    done = run_cli(*args, module="pipeline.report", cwd=tmp_path)
+    one_line_error(done, 2, BROKEN_LAYERS["metadata not an object"])
+    assert not (tmp_path / "report").exists()
 
 
 def test_a_full_disk_is_one_line_and_the_old_outputs_stay(
