@@ -10,13 +10,23 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import skimage.data
 from hydra import compose, initialize_config_module
 
 from pipeline.app import typed
 from pipeline.config import PipelineConfig
-from pipeline.store import embedding_schema, embedding_table, part_name, write_manifest, write_part
+from pipeline.store import (
+    MANIFEST_FILE,
+    METADATA_KEY,
+    embedding_schema,
+    embedding_table,
+    part_name,
+    write_manifest,
+    write_part,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # A tiny timm model with random weights (fast, offline, a real architecture), untracked.
@@ -132,5 +142,103 @@ def write_layer(
         vectors.shape[1], labels is not None, {"layer": path.stem, **metadata}, sources is not None
     )
     table = embedding_table(schema, ids, labels, vectors.astype(np.float32), sources)
-    write_manifest(path, [write_part(table, path / part_name(0))])
+    return write_parts(path, [table])
+
+
+def write_parts(path: Path, tables: list[pa.Table]) -> Path:
+    """A layer folder of these tables, a part each, with its `_manifest.json`, as the writer
+    publishes it (whatever the tables hold: a test of the readers makes them hostile)."""
+    write_manifest(path, [write_part(table, path / part_name(i)) for i, table in enumerate(tables)])
     return path
+
+
+# The promises of the writer's a layer can break, each made by `broken_layer`, with what
+# the refusal says after the file it names.
+BROKEN_LAYERS = {
+    "part altered": "does not match its SHA-256 in _manifest.json",  # a bit flipped, same size
+    "part missing": "is listed in _manifest.json but missing",
+    "part added": "is not a part _manifest.json lists",
+    "part cut short": "bytes, _manifest.json says",
+    "manifest not JSON": "does not list the layer's parts",
+    "null ids": "has rows without an image_id",
+    "non-string ids": "image_id is int64, not text",
+    "null vectors": "cannot be read",  # pyarrow cannot read a null in a fixed-size list back
+    "rows of mixed length": "not vectors of one length",
+    "parts of different dims": "mixes vectors of 4 values (part-000000.parquet) and of 8",
+    "NaN": "hold NaN or Inf values (image '05.jpg' first)",
+    "Inf": "hold NaN or Inf values (image '05.jpg' first)",
+    "repeated ids": "repeat image id '03.jpg'",
+    "metadata not an object": "'pipeline' metadata is not a JSON object",
+}
+
+
+def _table(
+    ids: pa.Array, vectors: pa.Array, labels: list[str | None], metadata: bytes = b"{}"
+) -> pa.Table:
+    """Rows in any layout, under the pipeline's metadata key: what another writer might make."""
+    table = pa.table(
+        {"image_id": ids, "label": pa.array(labels, pa.string()), "embedding": vectors}
+    )
+    return table.replace_schema_metadata({METADATA_KEY: metadata})
+
+
+def broken_layer(path: Path, case: str) -> Path:
+    """A small layer at `path` (12 images, 4 dims, labels a, b, c, in two parts) that breaks
+    the promise `case` names: one of BROKEN_LAYERS, a labelling case below, or "good"."""
+    vectors = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
+    ids = [f"{i:02d}.jpg" for i in range(12)]
+    labels: list[str | None] = {
+        "labels all null": [None] * 12,
+        "labels of one class, the rest null": ["a"] * 6 + [None] * 6,
+        "labels partly null": ["a", "b", None] * 4,
+    }.get(case, list("abc") * 4)
+    vectors[5, 2] = {"NaN": np.nan, "Inf": -np.inf}.get(case, vectors[5, 2])
+    ids[7] = ids[3] if case == "repeated ids" else ids[7]
+    rows = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 4)
+    if case == "rows of mixed length":  # only another writer makes lists of any length
+        rows = pa.array([v[: 3 if i == 4 else 4].tolist() for i, v in enumerate(vectors)])
+        pq.write_table(_table(pa.array(ids), rows, labels), path)
+        return path
+    tables = {
+        "null ids": _table(pa.array([None, *ids[1:]], pa.string()), rows, labels),
+        "non-string ids": _table(pa.array(range(12)), rows, labels),
+        "null vectors": _table(
+            pa.array(ids), pa.array([None, *rows[1:].to_pylist()], rows.type), labels
+        ),
+        "metadata not an object": _table(pa.array(ids), rows, labels, b'["a", "list"]'),
+    }
+    if case in tables:
+        return write_parts(path, [tables[case]])
+    schema = embedding_schema(4, True, {"layer": path.stem, "dim": 4})
+    if case == "no rows":
+        return write_parts(path, [embedding_table(schema, [], [], vectors[:0])])
+    halves = [embedding_table(schema, ids[:6], labels[:6], vectors[:6])]
+    if case == "parts of different dims":
+        wide = embedding_schema(8, True, {"layer": path.stem, "dim": 8})
+        halves.append(embedding_table(wide, ids[6:], labels[6:], np.tile(vectors[6:], 2)))
+    else:
+        halves.append(embedding_table(schema, ids[6:], labels[6:], vectors[6:]))
+    write_parts(path, halves)
+    first, second = path / part_name(0), path / part_name(1)
+    if case == "part altered":
+        flip_a_bit(first)
+    elif case == "part missing":
+        second.unlink()
+    elif case == "part added":
+        (path / part_name(2)).write_bytes(second.read_bytes())
+    elif case == "part cut short":
+        second.write_bytes(second.read_bytes()[:-1])
+    elif case == "manifest not JSON":
+        (path / MANIFEST_FILE).write_text("{")
+    return path
+
+
+def flip_a_bit(part: Path) -> None:
+    """Change a part file after it was written: the lowest bit of its last embedding value
+    (random floats are stored as they are, so the file has the same size and still reads)."""
+    group = pq.ParquetFile(part).metadata.row_group(0)
+    columns = [group.column(i) for i in range(group.num_columns)]
+    chunk = next(c for c in columns if c.path_in_schema.startswith("embedding"))
+    data = bytearray(part.read_bytes())
+    data[chunk.data_page_offset + chunk.total_compressed_size - 4] ^= 1
+    part.write_bytes(bytes(data))

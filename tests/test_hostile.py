@@ -5,7 +5,9 @@ and that nothing hangs (each run under a timeout)."""
 from __future__ import annotations
 
 import errno
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,14 +27,18 @@ from pipeline.errors import ConfigError
 from pipeline.staging import staging_root
 
 from conftest import (
+    BROKEN_LAYERS,
     SMALL,
     TINY_MODEL,
+    broken_layer,
     composed,
+    flip_a_bit,
     one_line_error,
     photos_in,
     run_cli,
     start_until_chunks,
     write_image,
+    write_layer,
 )
 
 pytestmark = pytest.mark.slow
@@ -338,34 +344,134 @@ def test_a_tracking_server_that_never_answers_costs_a_warning(tmp_path: Path, ph
 
 
 def _layer_file(tmp_path: Path, name: str) -> Path:
-    from conftest import write_layer
-
     if name == "one row":
         return write_layer(tmp_path / "one.parquet", np.ones((1, 4)), ["a"], None)
-    if name == "NaN":
-        return write_layer(tmp_path / "nan.parquet", np.full((3, 4), np.nan), list("abc"), None)
     if name == "not Parquet":
         (tmp_path / "text.parquet").write_text("hello")
         return tmp_path / "text.parquet"
-    pd.DataFrame({"x": [1, 2]}).to_parquet(tmp_path / "foreign.parquet")
-    return tmp_path / "foreign.parquet"
+    if name == "foreign":
+        pd.DataFrame({"x": [1, 2]}).to_parquet(tmp_path / "foreign.parquet")
+        return tmp_path / "foreign.parquet"
+    if name in ("calibration copies altered", "truth missing"):  # the layer itself is good
+        layer = broken_layer(tmp_path / "layer.parquet", "good")
+        if name == "calibration copies altered":  # dedup.threshold=auto reads them too
+            ids = [f"{i:02d}.jpg" for i in range(12)]
+            copies = write_layer(
+                store.calibration_path(layer),
+                np.random.default_rng(1).normal(size=(12, 4)),
+                [f"{i}#copy0" for i in ids],
+                None,
+                sources=ids,
+            )
+            flip_a_bit(copies / "part-000000.parquet")
+        return layer
+    return broken_layer(tmp_path / "layer.parquet", name)
 
 
-@pytest.mark.parametrize(
-    ("case", "message"),
-    [
-        ("one row", "clustering needs 2 or more"),
-        ("NaN", "NaN or Inf"),
-        ("not Parquet", "is not a Parquet file"),
-        ("foreign", "was not written by this pipeline"),
+# Reading checks what writing promised, in every stage (`pipeline.inputs.read_layer`, whose
+# own tests take every case): each kind of case through cluster, and through dedup and probe
+# those the issues found there (tracebacks, or exit 0).
+DOWNSTREAM = [
+    ("cluster", "one row", "clustering needs 2 or more"),
+    ("cluster", "NaN", "NaN or Inf"),
+    ("cluster", "not Parquet", "is not a Parquet file"),
+    ("cluster", "foreign", "was not written by this pipeline"),
+    *[
+        ("cluster", case, message)
+        for case, message in BROKEN_LAYERS.items()
+        if case not in ("NaN", "Inf", "part added", "manifest not JSON")  # as NaN, part missing
     ],
-)
+    *[
+        ("dedup", case, BROKEN_LAYERS[case])
+        for case in (
+            "part altered",
+            "null ids",
+            "null vectors",
+            "parts of different dims",
+            "metadata not an object",  # dedup wrote its files, then crashed
+        )
+    ],
+    ("dedup", "calibration copies altered", BROKEN_LAYERS["part altered"]),
+    ("dedup", "truth missing", "dedup.truth"),  # it wrote its files first
+    *[
+        ("probe", case, BROKEN_LAYERS[case])
+        for case in (
+            "NaN",  # exit 0 with an accuracy of NaN
+            "repeated ids",  # exit 0
+            "non-string ids",
+            "rows of mixed length",
+            "parts of different dims",
+            "metadata not an object",  # probe wrote probe.json, then crashed
+        )
+    ],
+    ("probe", "no rows", "hold no images"),
+    ("probe", "labels all null", "has no labels to probe"),
+    ("probe", "labels of one class, the rest null", "dataset.labels_from_folders=true or"),
+]
+
+
+@pytest.mark.parametrize(("stage", "case", "message"), DOWNSTREAM)
 def test_downstream_bad_embeddings_are_one_line_exit_2(
-    tmp_path: Path, case: str, message: str
+    tmp_path: Path, stage: str, case: str, message: str
 ) -> None:
     layer = _layer_file(tmp_path, case)
-    done = run_cli(f"embeddings={layer}", "tracking=none", module="pipeline.cluster", cwd=tmp_path)
+    overrides = {
+        "dedup": ["dedup.threshold=0.9"],
+        "calibration copies altered": ["dedup.threshold=auto"],
+        "truth missing": ["dedup.threshold=0.9", f"dedup.truth={tmp_path}/missing.csv"],
+    }
+    done = run_cli(
+        f"embeddings={layer}",
+        "tracking=none",
+        f"{stage}.output_dir={tmp_path / 'result'}",
+        *overrides.get(case, overrides.get(stage, [])),
+        module=f"pipeline.{stage}",
+        cwd=tmp_path,
+    )
     one_line_error(done, 2, message)
+    assert not (tmp_path / "result").exists()  # checked before anything is written
+
+
+def test_verify_false_reads_a_changed_part_of_the_same_size(tmp_path: Path) -> None:
+    layer = broken_layer(tmp_path / "layer.parquet", "part altered")
+    args = [f"embeddings={layer}", "tracking=none", f"cluster.output_dir={tmp_path / 'out'}"]
+    done = run_cli(*args, "verify=false", module="pipeline.cluster", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "out/metrics.json").read_text())["n_images"] == 12
+
+
+def test_images_without_a_label_are_left_out_of_probe_and_cluster_scores(tmp_path: Path) -> None:
+    layer = broken_layer(tmp_path / "layer.parquet", "labels partly null")
+    args = [f"embeddings={layer}", "tracking=none"]
+    done = run_cli(
+        *args, f"probe.output_dir={tmp_path / 'probe'}", module="pipeline.probe", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert "left out 4 of 12 images: they have no label" in done.stdout + done.stderr
+    scores = json.loads((tmp_path / "probe/probe.json").read_text())
+    assert scores["n_images"] == 8 and scores["n_classes"] == 2
+    done = run_cli(
+        *args, f"cluster.output_dir={tmp_path / 'cluster'}", module="pipeline.cluster", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "cluster/metrics.json").read_text())
+    assert metrics["n_images"] == 12 and metrics["n_clusters"] == 2 and "nmi" in metrics
+
+
+def test_report_takes_partial_metadata_and_refuses_metadata_that_is_not_an_object(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    broken_layer(out / "blocks.1.parquet", "good")  # metadata without pool, depth, ...
+    args = [f"output_dir={out}", "tracking=none", f"report.output_dir={tmp_path / 'report'}"]
+    done = run_cli(*args, module="pipeline.report", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "| blocks.1 | - | 4 | - |" in (tmp_path / "report/report.md").read_text()
+    shutil.rmtree(tmp_path / "report")
+    broken_layer(out / "blocks.2.parquet", "metadata not an object")
+    done = run_cli(*args, module="pipeline.report", cwd=tmp_path)
+    one_line_error(done, 2, BROKEN_LAYERS["metadata not an object"])
+    assert not (tmp_path / "report").exists()
 
 
 def test_a_full_disk_is_one_line_and_the_old_outputs_stay(

@@ -24,14 +24,9 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, s
 from pipeline import plots
 from pipeline.config import ClusterMethod, PipelineConfig
 from pipeline.errors import ConfigError
+from pipeline.inputs import read_layer
 from pipeline.results import StageResult, write_headline
-from pipeline.store import (
-    Embeddings,
-    embeddings_input,
-    existing_embeddings,
-    images_root,
-    read_embeddings,
-)
+from pipeline.store import Embeddings, embeddings_input, existing_embeddings, images_root
 from pipeline.vectors import normalise
 
 log = logging.getLogger(__name__)
@@ -80,10 +75,10 @@ def sample_rows(n: int, limit: int, seed: int) -> np.ndarray:
 
 
 def cluster_metrics(
-    vectors: np.ndarray, assignments: np.ndarray, labels: list[str] | None, seed: int = 0
+    vectors: np.ndarray, assignments: np.ndarray, labels: list[str | None] | None, seed: int = 0
 ) -> dict:
     """Silhouette (cosine; on a random sample of SILHOUETTE_SAMPLE images beyond that), and
-    agreement with the labels when there are labels."""
+    agreement with the labels over the images that have one (a label may be null)."""
     sizes = pd.Series(assignments).value_counts().sort_index()
     metrics: dict = {
         "n_images": len(assignments),
@@ -96,9 +91,11 @@ def cluster_metrics(
         with sklearn.config_context(working_memory=SILHOUETTE_MIB):
             silhouette = silhouette_score(vectors[rows], assignments[rows], metric="cosine")
         metrics["silhouette"] = float(silhouette)
-    if labels is not None:
-        metrics["nmi"] = float(normalized_mutual_info_score(labels, assignments))
-        metrics["ari"] = float(adjusted_rand_score(labels, assignments))
+    labelled = [i for i, label in enumerate(labels or []) if label is not None]
+    if labelled:
+        known = [labels[i] for i in labelled]
+        metrics["nmi"] = float(normalized_mutual_info_score(known, assignments[labelled]))
+        metrics["ari"] = float(adjusted_rand_score(known, assignments[labelled]))
     return metrics
 
 
@@ -115,7 +112,7 @@ def contact_sheet(
                 [
                     (
                         images_root / embeddings.ids[i],
-                        embeddings.labels[i] if embeddings.labels else "",
+                        (embeddings.labels[i] or "") if embeddings.labels else "",
                     )
                     for i in members
                 ],
@@ -126,21 +123,21 @@ def contact_sheet(
 
 def run(cfg: PipelineConfig) -> StageResult:
     source = existing_embeddings(cfg.embeddings)
-    embeddings = read_embeddings(source)
+    embeddings = read_layer(source, cfg.verify)
+    inputs = [embeddings_input(source, embeddings.metadata)]
     if len(embeddings.ids) < 2:
         raise ConfigError(
             f"embeddings {source} hold {len(embeddings.ids)} image(s): clustering needs 2 or more"
         )
-    if not np.isfinite(embeddings.vectors).all():
-        raise ConfigError(
-            f"embeddings {source} hold NaN or Inf values: extract again (precision=fp32)"
-        )
     params = cfg.cluster
-    k = (
-        params.k
-        if params.k is not None
-        else (len(set(embeddings.labels)) if embeddings.labels else None)
-    )
+    known = [label for label in embeddings.labels or [] if label is not None]
+    if embeddings.labels and len(known) < len(embeddings.labels):
+        log.info(
+            "%d of %d images have no label: k and the scores against labels count the others",
+            len(embeddings.labels) - len(known),
+            len(embeddings.labels),
+        )
+    k = params.k if params.k is not None else (len(set(known)) or None)
     assignments = cluster_vectors(
         embeddings.vectors, params.method, k, params.pca_dim, params.min_cluster_size, params.seed
     )
@@ -188,7 +185,7 @@ def run(cfg: PipelineConfig) -> StageResult:
         output_dir=out,
         metrics=metrics,
         artifacts=artifacts,
-        inputs=[embeddings_input(source, embeddings.metadata)],
+        inputs=inputs,
         summary=summary,
     )
 

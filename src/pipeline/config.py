@@ -251,6 +251,7 @@ class PipelineConfig:
     layer: str = MISSING
     embeddings: str = MISSING
     images_root: str | None = MISSING
+    verify: bool = MISSING
     cluster: ClusterConfig = MISSING
     dedup: DedupConfig = MISSING
     probe: ProbeConfig = MISSING

@@ -31,6 +31,7 @@ from pipeline import neighbours, plots
 from pipeline.calibration import Calibration, average_precision, calibrate
 from pipeline.config import DedupConfig, PipelineConfig
 from pipeline.errors import ConfigError
+from pipeline.inputs import read_layer
 from pipeline.results import StageResult, write_headline
 from pipeline.store import (
     Embeddings,
@@ -38,7 +39,6 @@ from pipeline.store import (
     embeddings_input,
     existing_embeddings,
     images_root,
-    read_embeddings,
 )
 from pipeline.vectors import Whitening, fit_whitening, normalise
 
@@ -165,9 +165,12 @@ class Copies:
     images: int  # how many images they were made from
 
 
-def calibration_copies(source: Path, embeddings: Embeddings, required: bool) -> Copies | None:
-    """The copies the extraction embedded beside these embeddings; a ConfigError when they
-    are `required` (threshold=auto) and missing, or when they belong to another extraction."""
+def calibration_copies(
+    source: Path, embeddings: Embeddings, required: bool, verify: bool = True
+) -> Copies | None:
+    """The copies the extraction embedded beside these embeddings (read and checked as the
+    layer is); a ConfigError when they are `required` (threshold=auto) and missing, or when
+    they belong to another extraction."""
     path = calibration_path(source)
     if not path.is_dir():
         if required:
@@ -177,7 +180,7 @@ def calibration_copies(source: Path, embeddings: Embeddings, required: bool) -> 
                 "threshold, e.g. dedup.threshold=0.8"
             )
         return None
-    copies = read_embeddings(path)
+    copies = read_layer(path, verify)
     rows = {image_id: i for i, image_id in enumerate(embeddings.ids)}
     stale = copies.metadata.get("config_hash") != embeddings.metadata.get("config_hash") or any(
         s not in rows for s in copies.sources
@@ -241,17 +244,23 @@ def run(cfg: PipelineConfig) -> StageResult:
     threshold = fixed_threshold(params.threshold)
     _check_params(params)
     source = existing_embeddings(cfg.embeddings)
-    embeddings = read_embeddings(source)
+    embeddings = read_layer(source, cfg.verify)
+    inputs = [embeddings_input(source, embeddings.metadata)]
     ids, n = embeddings.ids, len(embeddings.ids)
     if n == 0:
         raise ConfigError(f"embeddings {source} hold no images: nothing to compare")
-    if len(set(ids)) != n:
-        raise ConfigError(f"embeddings {source} repeat image ids: each image may appear once")
-    if not np.isfinite(embeddings.vectors).all():
-        raise ConfigError(
-            f"embeddings {source} hold NaN or Inf values: extract again (precision=fp32)"
+    copies = calibration_copies(source, embeddings, threshold is None, cfg.verify)
+    recorded = embeddings.metadata.get("dataset")
+    truth = params.truth or (recorded.get("truth") if isinstance(recorded, dict) else None)
+    codes = (  # read before anything is written: a truth that is named must be there
+        truth_codes(
+            truth_groups(
+                Path(truth).expanduser(), params.truth_id_column, params.truth_group_column, ids
+            )
         )
-    copies = calibration_copies(source, embeddings, required=threshold is None)
+        if truth is not None
+        else None
+    )
     unit, copies_unit, whitening = postprocess(embeddings.vectors, copies, params, cfg.seed)
     calibration = (
         calibrate(unit, copies_unit, copies.sources, params.k, params.target_precision)
@@ -317,13 +326,7 @@ def run(cfg: PipelineConfig) -> StageResult:
         exact = exact_duplicates(ids, root)
         exact.to_parquet(out / "exact_duplicates.parquet", index=False)
         metrics["exact_duplicates"] = len(exact)
-    truth = params.truth or embeddings.metadata.get("dataset", {}).get("truth")
-    if truth is not None:
-        codes = truth_codes(
-            truth_groups(
-                Path(truth).expanduser(), params.truth_id_column, params.truth_group_column, ids
-            )
-        )
+    if codes is not None:
         hits = shares_group(codes, candidates["a"].to_numpy(), candidates["b"].to_numpy())
         n_true = count_true_pairs(codes)
         metrics.update(
@@ -365,7 +368,7 @@ def run(cfg: PipelineConfig) -> StageResult:
         metrics={k: v for k, v in metrics.items() if isinstance(v, float | int)},
         artifacts=artifacts,
         tags={"search": found.summary()},
-        inputs=[embeddings_input(source, embeddings.metadata)],
+        inputs=inputs,
         summary=summary,
     )
 

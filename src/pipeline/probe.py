@@ -19,10 +19,13 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError
+from pipeline.inputs import read_layer
 from pipeline.results import StageResult, write_headline
-from pipeline.store import embeddings_input, existing_embeddings, read_embeddings
+from pipeline.store import embeddings_input, existing_embeddings
 
 log = logging.getLogger(__name__)
+# What to set for labels, in every message about too few of them.
+LABEL_KEYS = "dataset.labels_from_folders=true or dataset.label_column"
 
 
 def probe_scores(
@@ -37,8 +40,9 @@ def probe_scores(
     classes, counts = np.unique(labels, return_counts=True)
     if len(classes) < 2 or counts.min() < 2:
         raise ConfigError(
-            "a probe needs at least 2 labels with 2 images each; these embeddings "
-            f"have {len(classes)} labels, the rarest with {counts.min()} image(s)"
+            "a probe needs at least 2 labels with 2 images each; these embeddings have "
+            f"{len(classes)} label(s), the rarest with {counts.min(initial=len(labels))} "
+            f"image(s): extract with more labelled images ({LABEL_KEYS})"
         )
     splits = StratifiedKFold(
         n_splits=int(min(folds, counts.min())), shuffle=True, random_state=seed
@@ -60,14 +64,24 @@ def probe_scores(
 
 def run(cfg: PipelineConfig) -> StageResult:
     source = existing_embeddings(cfg.embeddings)
-    embeddings = read_embeddings(source)
-    if embeddings.labels is None:
+    embeddings = read_layer(source, cfg.verify)
+    inputs = [embeddings_input(source, embeddings.metadata)]
+    if not embeddings.ids:
+        raise ConfigError(f"embeddings {source} hold no images: nothing to probe")
+    labelled = [i for i, label in enumerate(embeddings.labels or []) if label is not None]
+    if not labelled:
         raise ConfigError(
-            f"{source} has no labels to probe: extract from a dataset with a "
-            "label column (dataset.label_column, dataset.labels_from_folders)"
+            f"{source} has no labels to probe: extract from a dataset with labels ({LABEL_KEYS})"
         )
+    if len(labelled) < len(embeddings.ids):
+        log.info(
+            "left out %d of %d images: they have no label",
+            len(embeddings.ids) - len(labelled),
+            len(embeddings.ids),
+        )
+    labels = [embeddings.labels[i] for i in labelled]
     p = cfg.probe
-    scores = probe_scores(embeddings.vectors, embeddings.labels, p.folds, p.c, p.max_iter, p.seed)
+    scores = probe_scores(embeddings.vectors[labelled], labels, p.folds, p.c, p.max_iter, p.seed)
     out = Path(p.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps(scores, indent=2) + "\n")
@@ -82,7 +96,7 @@ def run(cfg: PipelineConfig) -> StageResult:
         output_dir=out,
         metrics=scores,
         artifacts=[out / "probe.json"],
-        inputs=[embeddings_input(source, embeddings.metadata)],
+        inputs=inputs,
         summary=summary,
     )
 

@@ -52,7 +52,7 @@ def pooling(metadata: dict) -> str:
         for key, value in metadata.get("pool_params", {}).items()
     )
     scales = metadata.get("scales", [1.0])
-    text = f"{metadata['pool']} {params}".strip()
+    text = f"{metadata.get('pool', '-')} {params}".strip()
     return text + (f" @ {','.join(f'{s:g}' for s in scales)}" if len(scales) > 1 else "")
 
 
@@ -85,10 +85,10 @@ def layer_table(cfg: PipelineConfig) -> tuple[pd.DataFrame, list[str]]:
         metadata = read_metadata(file)
         relative = file.relative_to(folder).with_suffix("")  # where each stage put its results
         row = {
-            "layer": metadata["layer"],
+            "layer": metadata.get("layer", file.stem),  # a layer written elsewhere: its name
             "folder": relative.parent.as_posix() if relative.parent != Path() else "-",
             "depth": metadata.get("depth", math.inf),
-            "dim": metadata["dim"],
+            "dim": metadata.get("dim"),
             "pool": pooling(metadata),
         }
         for column, (key, name, fields) in METRICS.items():

@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,10 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
 
 # --- reading -----------------------------------------------------------------------------------
 
+# What to do about a layer that is not what its writer promised. resume=false: a rerun that
+# finds the layer up to date (its manifest says so) would otherwise leave it as it is.
+EXTRACT_AGAIN = "extract it again (python -m pipeline with the same overrides and resume=false)"
+
 
 @dataclass
 class Embeddings:
@@ -235,37 +240,111 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             f"{path} was not written by this pipeline (no '{METADATA_KEY.decode()}' metadata): "
             "point embeddings= at a layer folder that `python -m pipeline` wrote"
         )
-    return json.loads(schema.metadata[METADATA_KEY])
+    try:
+        metadata = json.loads(schema.metadata[METADATA_KEY])
+    except ValueError:
+        metadata = None
+    if not isinstance(metadata, dict):
+        raise ConfigError(
+            f"{path}: its '{METADATA_KEY.decode()}' metadata is not a JSON object: point "
+            "embeddings= at a layer folder that `python -m pipeline` wrote"
+        )
+    return metadata
 
 
 def read_embeddings(path: str | Path, rows: Sequence[int] | None = None) -> Embeddings:
     """Read a layer's embeddings whole, or only the given rows. The vectors are one writable
-    float32 matrix, filled a record batch at a time: no second copy of a large layer."""
+    float32 matrix, filled a record batch at a time: no second copy of a large layer. What does
+    not fit the contract (an id that is null or not text; a vector that is null, not floats, or
+    of another length than the other parts') is a ConfigError naming the part that holds it."""
     dataset = _dataset(path)
     metadata = read_metadata(path)
-    if "embedding" not in dataset.schema.names or "image_id" not in dataset.schema.names:
-        raise ConfigError(f"{path} has no image_id and embedding columns")
-    dim = dataset.schema.field("embedding").type.list_size
+    dim = _vector_dim(path, dataset)
     columns = [c for c in ("image_id", "label", "source_id") if c in dataset.schema.names]
-    if rows is None:
-        batches = dataset.to_batches()
-        vectors = np.empty((dataset.count_rows(), dim), np.float32)
-    else:
-        batches = dataset.take(pa.array(rows, pa.int64())).to_batches()
-        vectors = np.empty((len(rows), dim), np.float32)
+    count = dataset.count_rows() if rows is None else len(rows)
+    vectors = np.empty((count, dim), np.float32)
     ids: list[str] = []
     extra: dict[str, list[str]] = {"label": [], "source_id": []}
-    for batch in batches:
+    for file, batch in _batches(path, dataset, [*columns, "embedding"], rows):
+        if batch.column("image_id").null_count:
+            raise ConfigError(f"{file} has rows without an image_id (null): {EXTRACT_AGAIN}")
+        embedding = batch.column("embedding")
+        values = embedding.flatten()
+        if embedding.null_count or values.null_count:
+            raise ConfigError(f"{file} has null vectors or null values in them: {EXTRACT_AGAIN}")
         start = len(ids)
         ids += batch.column("image_id").to_pylist()
         for column in extra:
             if column in columns:
                 extra[column] += batch.column(column).to_pylist()
-        values = batch.column("embedding").flatten().to_numpy(zero_copy_only=False)
-        vectors[start : len(ids)] = values.reshape(-1, dim)
+        vectors[start : len(ids)] = values.to_numpy(zero_copy_only=False).reshape(-1, dim)
     labels = extra["label"] if "label" in columns else None
     sources = extra["source_id"] if "source_id" in columns else None
     return Embeddings(ids, labels, vectors, metadata, sources)
+
+
+def _vector_dim(path: str | Path, dataset: ds.Dataset) -> int:
+    """The vectors' length, the same in every part's schema; a ConfigError naming the first
+    part whose columns differ from the others', or whose ids are not text or vectors not of
+    the contract's type (fixed-size lists of floats: rows of mixed length are not)."""
+    dims: dict[int, str] = {}
+    columns = set(dataset.schema.names)
+    if not {"image_id", "embedding"} <= columns:
+        raise ConfigError(f"{path} has no image_id and embedding columns")
+    for fragment in dataset.get_fragments():
+        with _readable(fragment.path):
+            schema, file = fragment.physical_schema, fragment.path
+        if set(schema.names) != columns:
+            raise ConfigError(
+                f"{file} has columns {sorted(schema.names)}, the layer's first part "
+                f"{sorted(columns)}: parts of two extractions; {EXTRACT_AGAIN}"
+            )
+        ids, vectors = schema.field("image_id").type, schema.field("embedding").type
+        ids = ids.value_type if pa.types.is_dictionary(ids) else ids
+        if not (pa.types.is_string(ids) or pa.types.is_large_string(ids)):
+            raise ConfigError(
+                f"{file}: image_id is {ids}, not text (the images' paths): {EXTRACT_AGAIN}"
+            )
+        if not (pa.types.is_fixed_size_list(vectors) and pa.types.is_floating(vectors.value_type)):
+            raise ConfigError(
+                f"{file}: embedding is {vectors}, not vectors of one length (a fixed-size list "
+                f"of floats): {EXTRACT_AGAIN}"
+            )
+        dims.setdefault(vectors.list_size, file)
+    if len(dims) > 1:
+        (a, first), (b, other) = list(dims.items())[:2]
+        raise ConfigError(
+            f"{path} mixes vectors of {a} values ({Path(first).name}) and of {b} "
+            f"({Path(other).name}): parts of two extractions; {EXTRACT_AGAIN}"
+        )
+    return next(iter(dims))
+
+
+def _batches(
+    path: str | Path, dataset: ds.Dataset, columns: list[str], rows: Sequence[int] | None
+) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """The record batches in dataset order, each with the file it comes from (for `rows`, the
+    layer's path). Each part is read as it is, so a check can name the one that is wrong."""
+    if rows is not None:
+        with _readable(str(path)):
+            taken = dataset.take(pa.array(rows, pa.int64()), columns=columns)
+        yield from ((str(path), batch) for batch in taken.to_batches())
+        return
+    for fragment in dataset.get_fragments():
+        with _readable(fragment.path):
+            for batch in fragment.to_batches(columns=columns):
+                yield fragment.path, batch
+
+
+@contextmanager
+def _readable(file: str) -> Iterator[None]:
+    """Arrow's error for a part it cannot read (cut short, garbled, or a null vector in a
+    fixed-size column, which pyarrow cannot read back) as a ConfigError naming the part."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{file} cannot be read ({reason}): {EXTRACT_AGAIN}") from None
 
 
 def embeddings_input(path: Path, metadata: dict[str, Any]) -> DatasetRef:
