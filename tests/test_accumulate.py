@@ -16,9 +16,18 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.inputs import read_layer
 from pipeline.store import read_metadata
 
-from conftest import SMALL, one_line_error, photos_in, run_cli, start_until_chunks, write_image
+from conftest import (
+    SMALL,
+    flip_a_bit,
+    one_line_error,
+    photos_in,
+    run_cli,
+    start_until_chunks,
+    write_image,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -174,3 +183,17 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_published_part_altered_since_is_embedded_again_not_reused(tmp_path: Path) -> None:
+    root, out = tmp_path / "images", tmp_path / "out"
+    photos_in(root, 12)
+    args = folder_args(root, out)
+    logged(run_cli(*args, cwd=tmp_path))
+    want = pd.read_parquet(out / "global_pool.parquet")
+    flip_a_bit(out / "global_pool.parquet/part-000000.parquet")
+    again = logged(run_cli(*args, cwd=tmp_path))
+    assert "does not match" in again or "SHA-256" in again, again
+    assert "embedding 12 of 12 images" in again
+    read_layer(out / "global_pool.parquet")  # whole again, as its manifest says
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "global_pool.parquet"), want)

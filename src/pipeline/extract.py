@@ -187,7 +187,7 @@ def up_to_date(
     info = {}
     for name in dict.fromkeys(cfg.layers):
         folder = layer_path(output_dir, name)
-        previous = update.published(folder, values)
+        previous = update.published(folder, values, cfg.verify)
         if (
             previous is None
             or previous.outcomes.keys != keys
@@ -297,7 +297,9 @@ def extract_images(
         started = time.perf_counter()
         with Staging(output_dir, key, list(info)) as staging:
             done = staging.resume(cfg.resume)
-            plan = Plan.make(manifest, output_dir, list(info), values, staging, done, cfg.resume)
+            plan = Plan.make(
+                manifest, output_dir, list(info), values, staging, done, cfg.resume, cfg.verify
+            )
             if done:
                 log.info(
                     "resuming: %d images were staged by an earlier run of this command "

@@ -24,7 +24,8 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline import ledger
-from pipeline.errors import TooManyFailures
+from pipeline.errors import ConfigError, TooManyFailures
+from pipeline.inputs import check_parts
 from pipeline.publish import Source, assemble, link_tree, publish
 from pipeline.staging import Chunk, Staging
 from pipeline.store import CALIBRATION_DIR, FileRecord, layer_path, read_manifest
@@ -81,19 +82,22 @@ class Published:
         return tuple(FileRecord(**p) for p in self.manifest["parts"])
 
 
-def published(folder: Path, values: str) -> Published | None:
+def published(folder: Path, values: str, verify: bool) -> Published | None:
     """The layer published in `folder`, if its rows can be reused: made with the same
-    `values` key, with a ledger, and every part there at the size its manifest says."""
+    `values` key, with a ledger, and its parts as its manifest lists them (names and sizes;
+    SHA-256 too with `verify`, as the downstream stages check them)."""
     manifest = read_manifest(folder)
     if manifest is None or manifest.get("values") != values:
         return None
     images = ledger.read(folder)
-    parts = [FileRecord(**p) for p in manifest["parts"]]
-    if images is None or not all(
-        (folder / p.name).is_file() and (folder / p.name).stat().st_size == p.bytes for p in parts
-    ):
-        log.warning("%s does not match its manifest: embedding its images again", folder)
+    if images is None:
         return None
+    try:
+        check_parts(folder, verify)
+    except ConfigError as err:
+        log.warning("%s: embedding its images again", err)
+        return None
+    parts = [FileRecord(**p) for p in manifest["parts"]]
     return Published(folder, manifest, Outcomes.of(images, parts))
 
 
@@ -118,11 +122,12 @@ class Plan:
         staging: Staging,
         chunks: Sequence[Chunk],
         reuse: bool,
+        verify: bool = True,
     ) -> Plan:
         keys = ledger.keys(manifest)
         ordered = [keys[i] for i in manifest["image_id"]]
         previous = {
-            name: published(layer_path(output_dir, name), values) if reuse else None
+            name: published(layer_path(output_dir, name), values, verify) if reuse else None
             for name in layers
         }
         # A chunk's failures are failures in every layer, so its parts all hold the same rows.
