@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import timm
 import torch
 from tqdm import tqdm
@@ -197,6 +198,11 @@ def up_to_date(
         if copies_stale(previous, calibration_spec(cfg), values, set(keys)):
             return None
         info[name] = layer_info(read_metadata(folder))
+    failed = pq.read_table(output_dir / FAILURES_FILE, columns=["image_id"]).column(0)
+    judge_failures(
+        len(keys), len(set(failed.to_pylist()) & set(keys)), len(keys), cfg.max_failure_rate,
+        output_dir / FAILURES_FILE, before=True,
+    )  # fmt: skip
     log.info("up to date: all %d images of %s are in %s", len(keys), ", ".join(info), output_dir)
     metadata = read_metadata(layer_path(output_dir, next(iter(info))))
     result = _result(
@@ -258,24 +264,8 @@ def extract_images(
     place_model(model, device)
     manifest = ledger.with_identity(manifest, cfg.dataset.identity)
     labels = manifest["label"].tolist() if "label" in manifest else None
-    metadata = {
-        "model": cfg.model.name,
-        "weights": weights,
-        "dataset": {
-            "name": cfg.dataset.name,
-            "kind": cfg.dataset.kind.value,
-            "root": str(Path(cfg.dataset.root or ".").expanduser().resolve()),
-            "truth": str(Path(t).expanduser().resolve()) if (t := cfg.dataset.truth) else None,
-        },
-        "preprocess": {**preprocess.as_dict(), "decode": decode.value},
-        "config_hash": config_hash(cfg),
-        "engine": cfg.engine.name.value,
-        "device": placement.device if session else device.type,
-        "precision": precision.value,
-        "compile": cfg.compile,
-        "scales": list(cfg.scales),
-        "versions": versions(),
-    }
+    device_name = placement.device if session else device.type
+    metadata = extraction_metadata(cfg, weights, preprocess, decode, device_name, precision)
     values = values_key(metadata["config_hash"], weights)
     hook_plan = HookPlan(
         tuple(cfg.layers), cfg.pool, cfg.output_key, cfg.gem_p, cfg.pool_grid, tuple(cfg.scales)
@@ -315,16 +305,7 @@ def extract_images(
                 staging, schemas, plan, rows, done, cfg.max_failure_rate, (judged, failed)
             )
             if plan.work:
-                work = manifest.iloc[plan.work]
-                dataset_cls = JpegDataset if decode is Decode.gpu else ImageDataset
-                dataset = dataset_cls(
-                    work["path"].tolist(),
-                    build_transform(preprocess),
-                    cfg.max_image_pixels,
-                    errors=work["error"].tolist() if "error" in work else None,
-                    min_side=preprocess.min_side,
-                    max_file_bytes=cfg.max_file_bytes,
-                )
+                dataset = _work_dataset(manifest.iloc[plan.work], cfg, preprocess, decode)
                 if session is not None:
                     model_plan = ModelPlan(
                         dataclasses.replace(hook_plan, layers=tuple(info)),
@@ -385,6 +366,50 @@ def extract_images(
         result.tags.update(session.tags())
         session.close()
     return result
+
+
+def extraction_metadata(
+    cfg: PipelineConfig,
+    weights: dict[str, Any],
+    preprocess: Preprocess,
+    decode: Decode,
+    device: str,
+    precision: Precision,
+) -> dict[str, Any]:
+    """What every part's schema metadata says of the run that wrote it."""
+    return {
+        "model": cfg.model.name,
+        "weights": weights,
+        "dataset": {
+            "name": cfg.dataset.name,
+            "kind": cfg.dataset.kind.value,
+            "root": str(Path(cfg.dataset.root or ".").expanduser().resolve()),
+            "truth": str(Path(t).expanduser().resolve()) if (t := cfg.dataset.truth) else None,
+        },
+        "preprocess": {**preprocess.as_dict(), "decode": decode.value},
+        "config_hash": config_hash(cfg),
+        "engine": cfg.engine.name.value,
+        "device": device,
+        "precision": precision.value,
+        "compile": cfg.compile,
+        "scales": list(cfg.scales),
+        "versions": versions(),
+    }
+
+
+def _work_dataset(
+    work: pd.DataFrame, cfg: PipelineConfig, preprocess: Preprocess, decode: Decode
+) -> ImageDataset:
+    """The images to embed, as the loader reads them (JPEG bytes for the GPU's decoder)."""
+    dataset_cls = JpegDataset if decode is Decode.gpu else ImageDataset
+    return dataset_cls(
+        work["path"].tolist(),
+        build_transform(preprocess),
+        cfg.max_image_pixels,
+        errors=work["error"].tolist() if "error" in work else None,
+        min_side=preprocess.min_side,
+        max_file_bytes=cfg.max_file_bytes,
+    )
 
 
 def values_key(config: str, weights: dict[str, Any]) -> str:
