@@ -6,6 +6,7 @@ failure-rate guard, and a killed run's orphaned loader processes never hold its 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -102,6 +103,14 @@ def test_a_grown_folder_embeds_only_what_is_new_and_matches_a_fresh_run(tmp_path
     for name in kept:  # reused rows: the very same values
         assert np.array_equal(after.loc[name, "embedding"], before.loc[name, "embedding"])
     assert not np.array_equal(after.loc[names[20], "embedding"], before.loc[names[20], "embedding"])
+    # The downstream stages read the whole updated layer.
+    dedup = run_cli(
+        *folder_args(root, out), "layer=global_pool", "dedup.threshold=0.9",
+        module="pipeline.dedup", cwd=tmp_path,
+    )  # fmt: skip
+    assert dedup.returncode == 0, dedup.stderr
+    metrics = next((tmp_path / "outputs/dedup").rglob("metrics.json"))
+    assert json.loads(metrics.read_text())["n_images"] == 63
 
 
 def test_a_rerun_of_a_run_that_failed_too_often_fails_again(tmp_path: Path) -> None:
