@@ -12,9 +12,8 @@ import cv2
 import numpy as np
 import pytest
 import skimage.data
-from hydra import compose, initialize_config_module
 
-from pipeline.app import typed
+from pipeline.app import compose_config
 from pipeline.config import PipelineConfig
 from pipeline.store import embedding_schema, embedding_table, part_name, write_manifest, write_part
 
@@ -114,8 +113,7 @@ def start_until_chunks(
 
 def composed(*overrides: str) -> PipelineConfig:
     """The typed config `python -m pipeline.<stage> overrides...` would run with, in-process."""
-    with initialize_config_module("pipeline.conf", version_base="1.3"):
-        return typed(compose("config", overrides=list(overrides)))
+    return compose_config(overrides)
 
 
 def write_layer(
