@@ -13,6 +13,7 @@ code. Tracking (and MLflow) is imported only here, when a stage runs as a comman
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import sys
@@ -116,27 +117,46 @@ def compose_config(overrides: Sequence[str] = (), config: str = "config") -> Pip
 GROUPS = ("dataset", "model", "tracking", "engine")
 
 
-def configs_folder() -> Traversable:
-    """The folder of CONFIG_PATH, to list its presets: a package's through importlib.resources
-    (which reads an installed or zipped package alike)."""
+def config_folders(arguments: Sequence[str]) -> list[Traversable]:
+    """The folders a command's presets come from: the user's `--config-dir` (`-cd`), which
+    Hydra searches first, then CONFIG_PATH's (a package's through importlib.resources, which
+    reads an installed or zipped package alike)."""
+    users = [
+        Path(v) for flag, v in itertools.pairwise(arguments) if flag in ("--config-dir", "-cd")
+    ]
+    users += [
+        Path(a.removeprefix("--config-dir=")) for a in arguments if a.startswith("--config-dir=")
+    ]
     if CONFIG_PATH.startswith("pkg://"):
-        return resources.files(CONFIG_PATH.removeprefix("pkg://"))
-    return Path(CONFIG_PATH)
+        return [*users, resources.files(CONFIG_PATH.removeprefix("pkg://"))]
+    return [*users, Path(CONFIG_PATH)]
+
+
+def presets(folders: Sequence[Traversable], group: str) -> list[str]:
+    """The names `group=<name>` can take: the YAML files in `group/` of any of the folders."""
+    return sorted(
+        {
+            file.name.removesuffix(".yaml")
+            for folder in folders
+            if (folder / group).is_dir()
+            for file in (folder / group).iterdir()
+            if file.name.endswith(".yaml")
+        }
+    )
 
 
 def check_overrides(arguments: Sequence[str]) -> None:
     """Presets that do not exist (`model=resnet5`) and keys that are not in the schema
     (`batch_szie=4`) as a ConfigError of one line naming the closest, before Hydra composes
     anything (Hydra would print a page and exit 1). Hydra's own keys and flags pass."""
-    conf = configs_folder()
+    folders = config_folders(arguments)
     for argument in arguments:
         if argument.startswith("-") or "=" not in argument:
             continue  # a flag (-m, --cfg) or a flag's value
         key, _, values = argument.lstrip("~+").partition("=")
         key = key.partition("@")[0]  # key@package
         if key in GROUPS:
-            files = (p.name for p in (conf / key).iterdir())
-            known = sorted(f.removesuffix(".yaml") for f in files if f.endswith(".yaml"))
+            known = presets(folders, key)
             for value in values.split(","):  # a sweep: model=a,b
                 if value not in known:
                     raise ConfigError(f"no {key} preset {value!r}: use one of {', '.join(known)}")
