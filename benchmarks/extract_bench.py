@@ -32,9 +32,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
-from hydra import compose, initialize_config_module
 
-from pipeline.app import typed
+from pipeline.app import compose_config
 from pipeline.data import Batch, build_transform, decode_image, load_manifest, resolve_preprocess
 from pipeline.devices import (
     computing,
@@ -150,8 +149,7 @@ def main() -> None:
     parser.add_argument("--early-layer", default="blocks.1")
     parser.add_argument("--repeats", type=int, default=3, help="best of N timed rounds")
     args, overrides = parser.parse_known_args()
-    with initialize_config_module("pipeline.conf", version_base="1.3"):
-        cfg = typed(compose("config", overrides=overrides))
+    cfg = compose_config(overrides)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     model = place_model(build_model(cfg.model), device)

@@ -38,11 +38,10 @@ import matplotlib.cbook
 import numpy as np
 import pandas as pd
 import skimage.data
-from hydra import compose, initialize_config_module
 from sklearn.datasets import load_sample_images
 
 from pipeline import dedup, extract
-from pipeline.app import typed
+from pipeline.app import compose_config
 from pipeline.augment import copies_of, near_duplicate
 from pipeline.calibration import average_precision, calibrate
 from pipeline.config import PipelineConfig
@@ -193,8 +192,7 @@ QUICK_SETUPS = (Setup("default", None), Setup("default", "global_pool", NO_WHITE
 
 def config(*overrides: str, app: str = "config") -> PipelineConfig:
     """The typed config `python -m pipeline[.<stage>] overrides...` runs with."""
-    with initialize_config_module("pipeline.conf", version_base="1.3"):
-        return typed(compose(app, overrides=list(overrides)))
+    return compose_config(overrides, app)
 
 
 def set_overrides(root: Path, out: Path) -> tuple[str, ...]:

@@ -33,10 +33,9 @@ import numpy as np
 import ray
 import skimage.data
 import torch
-from hydra import compose, initialize_config_module
 from sklearn.datasets import load_sample_images
 
-from pipeline.app import typed
+from pipeline.app import compose_config
 from pipeline.config import DatasetKind, Engine, EngineConfig, PipelineConfig
 from pipeline.data import ImageDataset, build_transform, resolve_preprocess
 from pipeline.devices import available_cores, resolve_device, reusing_freed_memory
@@ -125,10 +124,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="200 images: a smoke run")
     args, overrides = parser.parse_known_args()
     count = 200 if args.quick else args.images
-    with initialize_config_module("pipeline.conf", version_base="1.3"):
-        own_model = any(o.startswith("model") for o in overrides)
-        base = ["tracking=none", *([] if own_model else TINY_MODEL)]
-        cfg = typed(compose("config", overrides=[*base, *overrides]))
+    own_model = any(o.startswith("model") for o in overrides)
+    base = ["tracking=none", *([] if own_model else TINY_MODEL)]
+    cfg = compose_config([*base, *overrides])
     work = Path(tempfile.mkdtemp(prefix="ray_bench-"))
     try:
         root = work / "images"

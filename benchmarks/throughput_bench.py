@@ -56,10 +56,9 @@ import numpy as np
 import psutil
 import skimage.data
 import torch
-from hydra import compose, initialize_config_module
 from sklearn.datasets import load_sample_images
 
-from pipeline.app import sleeping_openmp, typed
+from pipeline.app import compose_config, sleeping_openmp
 from pipeline.config import Decode, PipelineConfig
 from pipeline.data import (
     ImageDataset,
@@ -477,8 +476,7 @@ def main() -> None:
         args.images, args.large_images = 64, 16
         args.model_images, args.decode_images = 64, 16
     overrides = DEFAULTS + overrides
-    with initialize_config_module("pipeline.conf", version_base="1.3"):
-        cfg = typed(compose("config", overrides=overrides))
+    cfg = compose_config(overrides)
     device = resolve_device(cfg.device)
     model = place_model(build_model(cfg.model), device)
     m = cfg.model

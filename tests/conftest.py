@@ -14,9 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import skimage.data
-from hydra import compose, initialize_config_module
 
-from pipeline.app import typed
+from pipeline.app import compose_config
 from pipeline.config import PipelineConfig
 from pipeline.store import (
     MANIFEST_FILE,
@@ -124,8 +123,7 @@ def start_until_chunks(
 
 def composed(*overrides: str) -> PipelineConfig:
     """The typed config `python -m pipeline.<stage> overrides...` would run with, in-process."""
-    with initialize_config_module("pipeline.conf", version_base="1.3"):
-        return typed(compose("config", overrides=list(overrides)))
+    return compose_config(overrides)
 
 
 def write_layer(

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.app import check_overrides
 from pipeline.errors import ConfigError
 
 from conftest import composed, run_cli, write_image
@@ -77,3 +78,21 @@ def test_a_key_the_schema_lacks_is_named_with_the_closest_when_typed() -> None:
     the Python side, a key written into a YAML file): the same one line, in-process."""
     with pytest.raises(ConfigError, match=r"^no key 'model.nmae' in the config: did you mean"):
         composed("+model.nmae=resnet")
+
+
+def test_a_users_config_dir_adds_presets(tmp_path: Path) -> None:
+    """`--config-dir my_conf` (README): `my_conf/model/mine.yaml` is `model=mine`, for the
+    check before Hydra as for Hydra, written in each of Hydra's spellings of the flag."""
+    mine = tmp_path / "my_conf/model/mine.yaml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("defaults:\n  - timm\n  - _self_\nname: test_efficientnet\npretrained: false\n")
+    my_conf = str(mine.parents[1])
+    for flag in (["--config-dir", my_conf], ["-cd", my_conf], [f"--config-dir={my_conf}"]):
+        check_overrides([*flag, "model=mine", "dataset=demo"])
+    with pytest.raises(ConfigError, match=r"^no model preset 'mine': use one of convnext_tiny"):
+        check_overrides(["model=mine"])
+    shown = run_cli("--config-dir", "my_conf", "model=mine", "--cfg", "job", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert (
+        "name: test_efficientnet" in shown.stdout and "embedding_layer: global_pool" in shown.stdout
+    )

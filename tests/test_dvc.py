@@ -193,7 +193,7 @@ def test_params_yaml_is_dvcs_composition_of_the_config(tmp_path: Path) -> None:
     from dvc.utils.hydra import compose_and_dump
 
     composed = tmp_path / "params.yaml"
-    compose_and_dump(composed, str(SRC / "pipeline/conf"), None, "dvc_params", "", [])
+    compose_and_dump(composed, str(REPO / "conf"), None, "dvc_params", "", [])
     assert yaml.safe_load(composed.read_text()) == yaml.safe_load(
         (REPO / "params.yaml").read_text()
     ), "params.yaml is stale: regenerate it with `dvc exp run` or as the README says"

@@ -1,11 +1,14 @@
-"""Installed without `-e`: a wheel of the project in a fresh virtual environment, run from a
-folder that is not the clone. The configs must come from inside the package, and the console
-scripts must be there. (The environment borrows this one's dependencies through a .pth file,
-so the test builds and installs only the project itself.)"""
+"""Installed as a user installs it, in a fresh virtual environment run from a folder that is not
+the clone. A wheel: the configs must come from inside the package (`pipeline.conf`, which
+pyproject.toml maps to the top-level conf/), and the console scripts must be there. An editable
+install: the code and the configs are the clone's, edits included, and DVC's composition still
+finds the config's resolvers. (Each environment borrows this one's dependencies through a .pth
+file, so the tests build and install only the project itself.)"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -13,12 +16,55 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
+from setuptools import find_namespace_packages
+from setuptools.config.pyprojecttoml import read_configuration
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
+# A preset of a tiny timm model with random weights (fast, offline), as a user would write one.
+TINY_PRESET = "defaults:\n  - timm\n  - _self_\nname: test_efficientnet\npretrained: false\n"
 
 
+def fresh_venv(path: Path) -> tuple[Path, str]:
+    """A virtual environment without the project, borrowing this one's dependencies: its
+    python and its site-packages folder."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    python = path / "bin/python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    Path(site, "borrowed_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python, site
+
+
+def pip_install(python: Path, *args: str) -> None:
+    """Into the environment of `python`. Without PYTHONPATH: a checkout's src/ there holds the
+    egg-info its wheel build leaves, which pip would take for the project already installed."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", *args],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
+
+
+def test_the_listed_packages_are_those_of_the_tree() -> None:
+    """pyproject.toml lists the packages (find cannot name conf/ `pipeline.conf`): a package
+    added under src/ or a config group added to conf/ must be listed, or the wheel lacks it."""
+    listed = read_configuration(REPO / "pyproject.toml")["tool"]["setuptools"]["packages"]
+    in_tree = [
+        *find_namespace_packages(REPO / "src"),
+        "pipeline.conf",
+        *(f"pipeline.conf.{group}" for group in find_namespace_packages(REPO / "conf")),
+    ]
+    assert sorted(listed) == sorted(in_tree)
+
+
+@pytest.mark.slow
 def test_a_wheel_runs_from_anywhere(tmp_path: Path, photos: Path) -> None:
     wheels = tmp_path / "dist"
     subprocess.run(
@@ -39,30 +85,8 @@ def test_a_wheel_runs_from_anywhere(tmp_path: Path, photos: Path) -> None:
     )
     [wheel] = wheels.glob("pipeline-*.whl")
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    python = venv / "bin/python"
-    site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    Path(site, "borrowed_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            str(python),
-            "install",
-            "-q",
-            "--no-deps",
-            str(wheel),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    python, site = fresh_venv(venv)
+    pip_install(python, str(wheel))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
@@ -105,3 +129,59 @@ def test_a_wheel_runs_from_anywhere(tmp_path: Path, photos: Path) -> None:
         timeout=600,
     )
     assert listed.returncode == 0 and "layer4" in listed.stdout, listed.stderr
+
+
+@pytest.mark.slow
+def test_an_editable_install_runs_the_clones_code_and_configs(tmp_path: Path) -> None:
+    """With package-dir mapping `pipeline.conf` to conf/, setuptools makes `pip install -e` an
+    import hook instead of a path on sys.path; what a hook cannot do (be listed, as Hydra lists
+    its plugins: Hydra issue #2359, pypa/setuptools#3548) is checked here."""
+    clone = tmp_path / "clone"  # a copy, so the install's build files stay out of this checkout
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for folder in ("src", "conf"):
+        shutil.copytree(REPO / folder, clone / folder, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, clone / name)
+    python, _ = fresh_venv(tmp_path / "venv")
+    pip_install(python, "--no-build-isolation", "-e", str(clone))
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "my_conf/tracking").mkdir(parents=True)
+    (elsewhere / "my_conf/tracking/quiet.yaml").write_text("backend: none\n")
+    (clone / "conf/model/mine.yaml").write_text(TINY_PRESET)  # an edit after the install
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            args, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600
+        )
+
+    imported = "import pipeline, pipeline.conf; print(pipeline.__file__, pipeline.conf.__file__)"
+    where = run(str(python), "-c", imported)
+    assert where.stdout.split() == [
+        str(clone / "src/pipeline/__init__.py"),
+        str(clone / "conf/__init__.py"),
+    ], where.stderr
+    # The clone's new preset and the user's own --config-dir, in one command.
+    listed = run(
+        str(tmp_path / "venv/bin/pipeline-layers"),
+        "--config-dir",
+        "my_conf",
+        "model=mine",
+        "tracking=quiet",
+    )
+    assert listed.returncode == 0 and "global_pool" in listed.stdout, listed.stderr
+    # DVC's composition of params.yaml resolves the config's own interpolations only where
+    # Hydra's plugin scan lists hydra_plugins/pipeline_resolvers (pyproject.toml's note).
+    composed = tmp_path / "params.yaml"
+    dumped = run(
+        str(python),
+        "-c",
+        "import sys; from dvc.utils.hydra import compose_and_dump; "
+        "compose_and_dump(sys.argv[1], sys.argv[2], None, 'dvc_params', '', [])",
+        str(composed),
+        str(clone / "conf"),
+    )
+    assert dumped.returncode == 0, dumped.stderr
+    assert yaml.safe_load(composed.read_text()) == yaml.safe_load(
+        (REPO / "params.yaml").read_text()
+    )

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from hydra import compose, initialize_config_module
 
-from pipeline.app import check_overrides, typed
+from pipeline.app import check_overrides, compose_config
 from pipeline.config import PipelineConfig
 from pipeline.data import folder_manifest, labels, resolve_preprocess
 from pipeline.devices import computing, model_input, place_model, resolve_device, resolve_precision
@@ -100,8 +99,7 @@ def _config(
     """The typed config of `overrides`; a module's own name, and its default layers unless
     `layers` names them."""
     check_overrides(overrides)  # one line naming the closest key, not Hydra's page
-    with initialize_config_module("pipeline.conf", version_base="1.3"):
-        cfg = typed(compose("config", overrides=overrides))
+    cfg = compose_config(overrides)
     if not isinstance(model, str):
         if not layers:
             cfg.layers = _default_layers(model)

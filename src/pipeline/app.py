@@ -13,14 +13,17 @@ code. Tracking (and MLflow) is imported only here, when a stage runs as a comman
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
+from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import CompactHydraException
@@ -32,10 +35,25 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from pipeline.config import Engine, PipelineConfig, check_key, validate
 from pipeline.errors import ConfigError
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable  # Python 3.11+; only named in annotations
+
 log = logging.getLogger(__name__)
 JOB_ERROR_FILE = ".job_error"  # in a sweep job's folder: the exit code of a user error
 INTERRUPTED = "interrupted; rerun the same command to resume"  # Ctrl-C's one line
 _sweep_dir: Path | None = None  # set in the launching process when a multirun starts
+
+# Where Hydra reads the configs. In a source tree (src/ on PYTHONPATH, or an editable install)
+# it is the clone's top-level conf/, read as files: a clone runs its own configs even where the
+# environment has another checkout installed, or none. Installed from a wheel, it is the package
+# `pipeline.conf` (pyproject.toml ships conf/ under that name), found through the import system.
+_TREE = Path(__file__).resolve().parents[2]  # the clone, when this file is src/pipeline/app.py
+CONFIG_PATH = (
+    str(_TREE / "conf")
+    if Path(__file__).resolve().parent == _TREE / "src" / "pipeline"
+    and (_TREE / "conf" / "config.yaml").is_file()
+    else "pkg://pipeline.conf"
+)
 
 
 def main(
@@ -45,7 +63,7 @@ def main(
     commands that only print; `config` names the stage's own top config in conf/ when its
     defaults differ (it builds on config.yaml)."""
 
-    @hydra.main(version_base="1.3", config_path="conf", config_name=config)
+    @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config)
     def task(cfg: DictConfig) -> None:
         with user_errors():
             config = typed(cfg)
@@ -84,21 +102,61 @@ def sleeping_openmp() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def compose_config(overrides: Sequence[str] = (), config: str = "config") -> PipelineConfig:
+    """The typed config `python -m pipeline[.<stage>] overrides...` runs with (`config` names
+    the stage's top config), composed in this process from the same configs."""
+    configs = (
+        initialize_config_module(CONFIG_PATH.removeprefix("pkg://"), version_base="1.3")
+        if CONFIG_PATH.startswith("pkg://")
+        else initialize_config_dir(CONFIG_PATH, version_base="1.3")
+    )
+    with configs:
+        return typed(compose(config, overrides=list(overrides)))
+
+
 GROUPS = ("dataset", "model", "tracking", "engine")
+
+
+def config_folders(arguments: Sequence[str]) -> list[Traversable]:
+    """The folders a command's presets come from: the user's `--config-dir` (`-cd`), which
+    Hydra searches first, then CONFIG_PATH's (a package's through importlib.resources, which
+    reads an installed or zipped package alike)."""
+    users = [
+        Path(v) for flag, v in itertools.pairwise(arguments) if flag in ("--config-dir", "-cd")
+    ]
+    users += [
+        Path(a.removeprefix("--config-dir=")) for a in arguments if a.startswith("--config-dir=")
+    ]
+    if CONFIG_PATH.startswith("pkg://"):
+        return [*users, resources.files(CONFIG_PATH.removeprefix("pkg://"))]
+    return [*users, Path(CONFIG_PATH)]
+
+
+def presets(folders: Sequence[Traversable], group: str) -> list[str]:
+    """The names `group=<name>` can take: the YAML files in `group/` of any of the folders."""
+    return sorted(
+        {
+            file.name.removesuffix(".yaml")
+            for folder in folders
+            if (folder / group).is_dir()
+            for file in (folder / group).iterdir()
+            if file.name.endswith(".yaml")
+        }
+    )
 
 
 def check_overrides(arguments: Sequence[str]) -> None:
     """Presets that do not exist (`model=resnet5`) and keys that are not in the schema
     (`batch_szie=4`) as a ConfigError of one line naming the closest, before Hydra composes
     anything (Hydra would print a page and exit 1). Hydra's own keys and flags pass."""
-    conf = Path(__file__).parent / "conf"
+    folders = config_folders(arguments)
     for argument in arguments:
         if argument.startswith("-") or "=" not in argument:
             continue  # a flag (-m, --cfg) or a flag's value
         key, _, values = argument.lstrip("~+").partition("=")
         key = key.partition("@")[0]  # key@package
         if key in GROUPS:
-            known = sorted(p.stem for p in (conf / key).glob("*.yaml"))
+            known = presets(folders, key)
             for value in values.split(","):  # a sweep: model=a,b
                 if value not in known:
                     raise ConfigError(f"no {key} preset {value!r}: use one of {', '.join(known)}")

@@ -1,4 +1,4 @@
-"""Typed schemas of the pipeline's one config tree (`src/pipeline/conf/config.yaml`).
+"""Typed schemas of the pipeline's one config tree (`conf/config.yaml`).
 
 Every app (`python -m pipeline`, `pipeline.cluster`, `.dedup`, `.probe`, `.report`,
 `.visualize`, `.layers`) composes the same tree; the app layer merges it into `PipelineConfig`,

@@ -1,1 +1,0 @@
-"""The pipeline's Hydra configs, shipped inside the package: config.yaml and its groups."""
