@@ -221,7 +221,10 @@ def test_a_grown_set_reuses_its_rows_and_parts_and_drops_what_left(tmp_path: Pat
     with Staging(out, "k", LAYERS) as run:
         plan = Plan.make(grown, out, LAYERS, "v1", run, [], reuse=True)
     assert [grown["image_id"].iloc[p] for p in plan.work] == ["img06", "img10", "img11"]
-    assert plan.counts == {"new": 2, "changed": 1, "removed": 1, "reused": 8}
+    assert plan.counts == {"new": 2, "changed": 1, "removed": 1, "reused": 8, "missing": 0}
+    with Staging(out, "k2", [*LAYERS, "head"]) as run:  # a layer the others lack
+        plan = Plan.make(grown, out, [*LAYERS, "head"], "v1", run, [], reuse=True)
+    assert plan.counts["missing"] == 8 and "(8 for layers that lack them)" in plan.describe()
     stage(out, grown, scale=10.0)
     frame = pd.read_parquet(out / "pool.parquet")
     assert frame["image_id"].tolist() == grown["image_id"].tolist()

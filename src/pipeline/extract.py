@@ -219,8 +219,8 @@ def up_to_date(
         ),
         metadata,
     )
-    result.metrics.update({"images.new": 0, "images.changed": 0, "images.removed": 0})
-    result.metrics["images.reused"] = len(manifest)
+    counts = {"new": 0, "changed": 0, "removed": 0, "reused": len(manifest), "missing": 0}
+    result.metrics.update({f"images.{k}": v for k, v in counts.items()})
     return result
 
 

@@ -150,19 +150,23 @@ class Plan:
             if layer is not None:
                 known.update(layer.outcomes.keys)
         current = set(ids)
-        new = sum(1 for i in ids if i not in known)
+        work = [(ids[p], self.keys[p]) for p in self.work]
+        new = sum(1 for i, _ in work if i not in known)
+        changed = sum(1 for i, k in work if i in known and known[i] != k)
         return {
             "new": new,
-            "changed": len(self.work) - new,
+            "changed": changed,
             "removed": sum(1 for i in known if i not in current),
             "reused": len(ids) - len(self.work),
+            "missing": len(self.work) - new - changed,  # as they were, but not in every layer
         }
 
     def describe(self) -> str:
         c = self.counts
+        missing = f" ({c['missing']} for layers that lack them)" if c["missing"] else ""
         return (
             f"{c['new']} new, {c['changed']} changed, {c['removed']} removed, {c['reused']} "
-            f"reused: embedding {len(self.work)} of {len(self.keys)} images"
+            f"reused: embedding {len(self.work)} of {len(self.keys)} images{missing}"
         )
 
     def unchanged(self, layer: str) -> set[str]:
