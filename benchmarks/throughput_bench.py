@@ -87,7 +87,7 @@ from pipeline.models import build_model
 DEFAULTS = ["model=resnet18", "model.pretrained=false"]
 SIZES = {"500x375": (500, 375, 0.0), "3000x4000": (3000, 4000, 3.0)}  # width, height, grain
 DISTINCT_LARGE = 24  # encoded large photos; the rest are hard links to them (bytes on disk)
-CLI_RATE = re.compile(r"(\d+) embedded, (\d+) failed in [\d.]+ s \(([\d.]+) images/s\)")
+CLI_RATE = re.compile(r"\((\d+) images run through the model in [\d.]+ s, ([\d.]+) images/s\)")
 
 
 # --- images --------------------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def cli_part(root: Path, layer: str, out: Path, overrides: list[str]) -> tuple[P
     match = CLI_RATE.search(done.stdout + done.stderr)
     if done.returncode or match is None:
         raise SystemExit(f"the CLI failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    images, rate = int(match[1]) + int(match[2]), float(match[3])
+    images, rate = int(match[1]), float(match[2])
     return Part(rate, share, images / rate), Part(images / seconds, share, seconds)
 
 

@@ -62,25 +62,20 @@ def test_a_layer_sweep_keeps_the_other_layers_and_their_calibration_copies(
         assert done.returncode == 0, done.stderr
 
 
-def test_a_finished_command_does_nothing_again(tmp_path: Path) -> None:
-    root, out = tmp_path / "images", tmp_path / "out"
-    photos_in(root, 20)
-    args = folder_args(root, out, "layers=[blocks.1,global_pool]", "calibration.images=3")
-    logged(run_cli(*args, cwd=tmp_path))
-    files = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")}
-    again = logged(run_cli(*args, cwd=tmp_path))
-    assert "up to date: all 20 images of blocks.1, global_pool" in again
-    assert "loader:" not in again and "extract:" not in again  # no model, no loader
-    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")} == files
-
-
-def test_a_grown_folder_embeds_only_what_is_new_and_matches_a_fresh_run(tmp_path: Path) -> None:
-    """Images added (at the end and in the middle), one rewritten, one removed: only those
-    are embedded; every other row keeps its bytes, and the layer equals a fresh run's."""
+def test_a_rerun_does_only_what_is_new_and_matches_a_fresh_run(tmp_path: Path) -> None:
+    """The finished command again does nothing. Then images added (at the end and in the
+    middle), one rewritten, one removed: only those are embedded; every other row keeps its
+    bytes, the layer equals a fresh run's, and dedup reads the whole updated layer."""
     root, out = tmp_path / "images", tmp_path / "out"
     names = photos_in(root, 60)
     args = ["batch_size=8", "save_every=16", "num_workers=2", "layers=[blocks.2,global_pool]"]
     logged(run_cli(*folder_args(root, out, *args), cwd=tmp_path))
+    # The same command again: nothing to do, no model built, not a file touched.
+    files = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")}
+    again = logged(run_cli(*folder_args(root, out, *args), cwd=tmp_path))
+    assert "up to date: all 60 images of blocks.2, global_pool" in again
+    assert "loader:" not in again and "extract:" not in again
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")} == files
     before = pq.read_table(out / "global_pool.parquet").to_pandas().set_index("image_id")
     photos_in(root, 3, start=5000)  # 5000.jpg ... sort after the others
     write_image(root / "0007b.jpg", np.full((40, 48, 3), 90, np.uint8))  # one in the middle
