@@ -227,6 +227,7 @@ def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(tmp_path: Path) -> No
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # Ctrl-C reaches the whole group: the loader's worker too
+        preexec_fn=as_a_terminal_job,
     )
     os.killpg(run.pid, signal.SIGINT)  # as Ctrl-C does: the whole foreground group
     _, stderr = run.communicate(timeout=120)
@@ -237,6 +238,13 @@ def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(tmp_path: Path) -> No
     done = run_cli(*args, cwd=tmp_path, timeout=300)
     assert done.returncode == 0 and "resuming" in done.stdout + done.stderr
     assert layer_rows(out)["image_id"].tolist() == names
+
+
+def as_a_terminal_job() -> None:
+    """Ctrl-C's default action in the child, as a terminal's foreground job has it: a shell
+    that started the tests in the background (`pytest &`) leaves SIGINT ignored, and Python
+    then never turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _forked_children(pid: int) -> list[int]:
@@ -280,6 +288,7 @@ def test_ctrl_c_as_the_loader_starts_is_one_line_and_exit_130(tmp_path: Path) ->
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,  # Ctrl-C reaches the whole group: the loader's workers too
+            preexec_fn=as_a_terminal_job,
         )
         deadline = time.monotonic() + 120
         while not staging_root(out).exists():  # the model is described; the loader comes next

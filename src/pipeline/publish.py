@@ -86,7 +86,6 @@ class Source:
 
     folder: Path
     parts: tuple[FileRecord, ...]
-    linkable: bool = True  # False for parts whose schema is not the new layer's
 
 
 def assemble(
@@ -123,7 +122,7 @@ def assemble(
     while position < total:
         s, p, o = int(source[position]), int(part[position]), int(offset[position])
         length = sources[s].parts[p].rows
-        if o == 0 and sources[s].linkable and _whole(rows_from, position, length):
+        if o == 0 and _whole(rows_from, position, length):
             flush()
             record = sources[s].parts[p]
             name = part_name(len(records))
