@@ -164,6 +164,7 @@ def run(cfg: PipelineConfig) -> ExtractResult:
             ", ".join(f"{ext}: {n}" for ext, n in sorted(skipped.items())),
         )
     weights = weights_provenance(cfg.model)
+    manifest = ledger.with_identity(manifest, cfg.dataset.identity)  # one stat an image, once
     if (ready := up_to_date(cfg, manifest, weights)) is not None:
         return ready
     model = build_model(cfg.model)
@@ -182,7 +183,6 @@ def up_to_date(
         return None
     started = time.perf_counter()
     output_dir = Path(cfg.output_dir).expanduser()
-    manifest = ledger.with_identity(manifest, cfg.dataset.identity)
     values = values_key(config_hash(cfg), weights)
     keys = ledger.keys(manifest)
     info = {}
@@ -262,7 +262,8 @@ def extract_images(
     m = cfg.model
     preprocess = resolve_preprocess(model, m.input_size, m.crop_pct, m.interpolation, m.mean, m.std)
     place_model(model, device)
-    manifest = ledger.with_identity(manifest, cfg.dataset.identity)
+    if "size" not in manifest:  # the Python API hands a bare manifest
+        manifest = ledger.with_identity(manifest, cfg.dataset.identity)
     labels = manifest["label"].tolist() if "label" in manifest else None
     device_name = placement.device if session else device.type
     metadata = extraction_metadata(cfg, weights, preprocess, decode, device_name, precision)
