@@ -439,11 +439,15 @@ def _result(
     written = next(iter(outputs.values())).rows
     failures = images - written
     rate = processed / seconds if seconds else 0.0
+    this_run = (
+        f"{processed} images run through the model in {seconds:.1f} s, {rate:.1f} images/s"
+        if processed
+        else f"nothing new to embed, {seconds:.1f} s"
+    )
     summary = (
         f"{written} embedded, {failures} failed"
         + (f", see {output_dir / FAILURES_FILE}" if failures else "")
-        + f" ({processed} images run through the model in {seconds:.1f} s, {rate:.1f} images/s)"
-        + f" -> {output_dir}"
+        + f" ({this_run}) -> {output_dir}"
     )
     log.info("%s", summary)
     last = list(info)[-1]
