@@ -81,6 +81,10 @@ class Published:
     def parts(self) -> tuple[FileRecord, ...]:
         return tuple(FileRecord(**p) for p in self.manifest["parts"])
 
+    def holds_exactly(self, keys: dict[str, str]) -> bool:
+        """Whether the layer was published for exactly these images (`ledger.keys`), in order."""
+        return list(self.outcomes.keys.items()) == list(keys.items())
+
 
 def published(folder: Path, values: str, verify: bool) -> Published | None:
     """The layer published in `folder`, if its rows can be reused: made with the same
@@ -208,9 +212,9 @@ class Plan:
         previous = self.layers[layer]
         if previous is None or self.work or copies_stale:
             return True
-        old = previous.outcomes.keys
-        ids = self.manifest["image_id"].tolist()
-        return list(old) != ids or any(old[i] != k for i, k in zip(ids, self.keys, strict=True))
+        return not previous.holds_exactly(
+            dict(zip(self.manifest["image_id"], self.keys, strict=True))
+        )
 
     def assemble(
         self,
