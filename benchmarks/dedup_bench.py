@@ -1,5 +1,5 @@
 """Near-duplicate search at scale, side by side: time, peak memory and recall of each method of
-pipeline.neighbours, and of imagededup's CNN.find_duplicates on encodings of the same size.
+pipeline.search.neighbours, and of imagededup's CNN.find_duplicates on encodings of the same size.
 
     python benchmarks/dedup_bench.py [--sizes 50000,200000,1000000] [--methods auto,exact,...]
     python benchmarks/dedup_bench.py --quick          # a few seconds: N=3,000, all methods
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import neighbours
+from pipeline.search import neighbours
 
 METHODS = ("auto", "exact", "ivf", "hnsw", "exact-cuda", "imagededup")
 # Exact on the CPU grows as N^2 (254 s at 200k on the busy 2-core machine): above this it is

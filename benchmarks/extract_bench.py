@@ -34,8 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.app import compose_config
-from pipeline.data import Batch, build_transform, decode_image, load_manifest, resolve_preprocess
-from pipeline.devices import (
+from pipeline.extraction.devices import (
     computing,
     model_input,
     place_model,
@@ -43,12 +42,21 @@ from pipeline.devices import (
     resolve_precision,
     reusing_freed_memory,
 )
-from pipeline.extract import ChunkWriter, _extract, _forward, chunk_rows, layer_schemas
-from pipeline.hooks import LayerHooks
-from pipeline.models import build_model
-from pipeline.staging import Staging
-from pipeline.store import embedding_schema, embedding_table
-from pipeline.update import Plan, publish_changes
+from pipeline.extraction.forward import forward
+from pipeline.extraction.hooks import LayerHooks
+from pipeline.extraction.loop import embed_batches
+from pipeline.extraction.models import build_model
+from pipeline.extraction.writer import ChunkWriter, chunk_rows, layer_schemas
+from pipeline.images.data import (
+    Batch,
+    build_transform,
+    decode_image,
+    load_manifest,
+    resolve_preprocess,
+)
+from pipeline.storage.contract import embedding_schema, embedding_table
+from pipeline.storage.staging import Staging
+from pipeline.storage.update import Plan, publish_changes
 
 
 def batches_of(cfg, model, images: int) -> list[torch.Tensor]:
@@ -90,7 +98,7 @@ def ours(model, batches, device, layer, out_dir, cfg, **_) -> None:
                 Batch(list(range(start, start + len(x))), x, [])
                 for start, x in zip(starts, batches, strict=False)
             ]
-            _extract((_forward(hooks, batch, device) for batch in loader), writer)
+            embed_batches((forward(hooks, batch, device) for batch in loader), writer)
             publish_changes(
                 plan, staging, writer.chunks, schemas, rows, "bench", {"images": 0}, print
             )

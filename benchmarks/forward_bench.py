@@ -1,7 +1,7 @@
 """The model's forward pass as the pipeline runs it, against the same pass without each of its
 settings, side by side in one process on the same batch: the default layout with glibc's
-default malloc, channels-last (`pipeline.devices.place_model` / `model_input`), and channels-last
-with freed memory kept for the next batch (`pipeline.devices.keep_freed_memory`). Each variant
+default malloc, channels-last (`devices.place_model` / `model_input`), and channels-last
+with freed memory kept for the next batch (`devices.keep_freed_memory`). Each variant
 runs --repeats rounds after a warm-up round, in turn, and its best round counts; the outputs are
 compared as 1 - cosine similarity per row (the largest).
 
@@ -21,7 +21,7 @@ import time
 import timm
 import torch
 
-from pipeline.devices import give_back_freed_memory, keep_freed_memory
+from pipeline.extraction.devices import give_back_freed_memory, keep_freed_memory
 
 MODELS = [
     "efficientnet_lite0",

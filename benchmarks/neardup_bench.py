@@ -8,7 +8,7 @@ and matplotlib: each photo gives several crops (half to two thirds of each side,
 places, overlapping), the originals. The hard negatives are the other crops of the same photo
 (same colours, texture and subject), and crops of the two views of a stereo pair (one
 scene, two photos). No two crops of a scene overlap by more than MAX_IOU, so none is a
-crop-copy of another. Some originals get copies made by `pipeline.augment`
+crop-copy of another. Some originals get copies made by `pipeline.images.augment`
 (crop, straighten or screenshot border; brightness/contrast or blur; rescale 0.4-0.9; JPEG
 quality 20-60; mirrored with --flip); an original and its copies are one true group.
 
@@ -18,7 +18,7 @@ with the default `dedup.threshold=auto`; the table has the dedup stage's average
 its candidate pairs (true pairs it never lists count as missed), and precision, recall and F1 at
 the calibrated threshold. imagededup's PHash and dHash run on the same images: similarity
 1 - Hamming distance / 64 over all pairs, their threshold calibrated the same way on the same
-kind of copies (`pipeline.calibration` on the hashes as +-1 vectors, whose dot product is a
+kind of copies (`pipeline.search.calibration` on the hashes as +-1 vectors, whose dot product is a
 monotone function of the Hamming distance), and at imagededup's own default (distance <= 10).
 `best F1` is the F1 at the best threshold in hindsight, for reference.
 """
@@ -42,12 +42,13 @@ from sklearn.datasets import load_sample_images
 
 from pipeline import dedup, extract
 from pipeline.app import compose_config
-from pipeline.augment import copies_of, near_duplicate
-from pipeline.calibration import average_precision, calibrate
 from pipeline.config import PipelineConfig
-from pipeline.data import decode_image
+from pipeline.extraction.copies import calibration_sample
+from pipeline.images.augment import copies_of, near_duplicate
+from pipeline.images.data import decode_image
 from pipeline.report import pooling
-from pipeline.store import read_metadata
+from pipeline.search.calibration import average_precision, calibrate
+from pipeline.storage.contract import read_metadata
 
 SKIMAGE_PHOTOS = (
     "astronaut",
@@ -263,7 +264,7 @@ def hash_rows(root: Path, manifest: pd.DataFrame) -> list[dict[str, Any]]:
 
     defaults = config("tracking=none")
     images = [decode_image((root / p).read_bytes()) for p in manifest["path"]]
-    sample = extract.calibration_sample(len(images), defaults.calibration.images, defaults.seed)
+    sample = calibration_sample(len(images), defaults.calibration.images, defaults.seed)
     made = [
         copies_of(images[i], defaults.calibration.copies, defaults.seed, defaults.calibration.flip)
         for i in sample

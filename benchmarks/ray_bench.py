@@ -37,12 +37,12 @@ from sklearn.datasets import load_sample_images
 
 from pipeline.app import compose_config
 from pipeline.config import DatasetKind, Engine, EngineConfig, PipelineConfig
-from pipeline.data import ImageDataset, build_transform, resolve_preprocess
-from pipeline.devices import available_cores, resolve_device, reusing_freed_memory
 from pipeline.extract import run
-from pipeline.hooks import LayerHooks
-from pipeline.models import build_model
-from pipeline.store import embedding_schema, embedding_table, write_part
+from pipeline.extraction.devices import available_cores, resolve_device, reusing_freed_memory
+from pipeline.extraction.hooks import LayerHooks
+from pipeline.extraction.models import build_model
+from pipeline.images.data import ImageDataset, build_transform, resolve_preprocess
+from pipeline.storage.contract import embedding_schema, embedding_table, write_part
 
 TINY_MODEL = [  # unless the overrides name a model
     "model=timm",

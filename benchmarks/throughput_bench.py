@@ -60,15 +60,7 @@ from sklearn.datasets import load_sample_images
 
 from pipeline.app import compose_config, sleeping_openmp
 from pipeline.config import Decode, PipelineConfig
-from pipeline.data import (
-    ImageDataset,
-    Preprocess,
-    _start_worker,
-    build_transform,
-    collate,
-    resolve_preprocess,
-)
-from pipeline.devices import (
+from pipeline.extraction.devices import (
     available_cores,
     computing,
     model_input,
@@ -79,10 +71,19 @@ from pipeline.devices import (
     reusing_freed_memory,
     torch_threads,
 )
-from pipeline.extract import ForwardInWorker, _batches, extraction_plan
-from pipeline.gpu_decode import JpegDataset
-from pipeline.hooks import LayerHooks
-from pipeline.models import build_model
+from pipeline.extraction.engines.local import extraction_plan, loader_batches
+from pipeline.extraction.forward import ForwardInWorker
+from pipeline.extraction.hooks import LayerHooks
+from pipeline.extraction.models import build_model
+from pipeline.images.data import (
+    ImageDataset,
+    Preprocess,
+    _start_worker,
+    build_transform,
+    collate,
+    resolve_preprocess,
+)
+from pipeline.images.gpu_decode import JpegDataset
 
 DEFAULTS = ["model=resnet18", "model.pretrained=false"]
 SIZES = {"500x375": (500, 375, 0.0), "3000x4000": (3000, 4000, 3.0)}  # width, height, grain
@@ -201,7 +202,7 @@ def decode_part(paths: list[str], preprocess: Preprocess, batch_size: int, full:
 def loader_part(
     paths: list[str], cfg: PipelineConfig, preprocess: Preprocess, device: torch.device
 ) -> tuple[Part, str]:
-    """The CLI's loader as the CLI builds it (extract._batches), with the CLI's plan."""
+    """The CLI's loader as the CLI builds it (`loader_batches`), with the CLI's plan."""
     decode = resolve_decode(cfg.decode, device)
     plan = extraction_plan(cfg, len(paths), device, decode)
     gpu = decode is Decode.gpu
@@ -211,7 +212,7 @@ def loader_part(
     with torch_threads(plan.main_threads):
         part = timed(
             len(paths),
-            lambda: drain(iter(_batches(dataset, cfg.batch_size, plan, preprocess, device))),
+            lambda: drain(iter(loader_batches(dataset, cfg.batch_size, plan, preprocess, device))),
         )
     return part, plan.describe()
 

@@ -1,4 +1,4 @@
-"""What the stages' input check costs (`pipeline.inputs.read_layer`): the manifest check with and
+"""What the stages' input check costs (`storage.inputs.read_layer`): the manifest check with and
 without the SHA-256 of every part (`verify=false`), beside the read itself.
 
     python benchmarks/verify_bench.py [--rows 1000000] [--dim 1280] [--dir /big/disk]
@@ -23,8 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.inputs import check_parts, read_layer
-from pipeline.store import embedding_schema, embedding_table, part_name, write_manifest, write_part
+from pipeline.storage.contract import (
+    embedding_schema,
+    embedding_table,
+    part_name,
+    write_manifest,
+    write_part,
+)
+from pipeline.storage.inputs import check_parts, read_layer
 
 PART_ROWS = 2048
 

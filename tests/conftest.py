@@ -17,7 +17,7 @@ import skimage.data
 
 from pipeline.app import compose_config
 from pipeline.config import PipelineConfig
-from pipeline.store import (
+from pipeline.storage.contract import (
     MANIFEST_FILE,
     METADATA_KEY,
     embedding_schema,
@@ -105,7 +105,7 @@ def start_until_chunks(
 ) -> subprocess.Popen:
     """`python -m pipeline args...` started in the background, returned once it has staged
     `chunks` chunks of `out` (so a test can kill it, or start a second run, mid-way)."""
-    from pipeline.staging import staging_root
+    from pipeline.storage.staging import staging_root
 
     run = subprocess.Popen(
         [sys.executable, "-m", "pipeline", *args],

@@ -17,8 +17,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.inputs import read_layer
-from pipeline.store import read_metadata
+from pipeline.storage.contract import read_metadata
+from pipeline.storage.inputs import read_layer
 
 from conftest import (
     SMALL,

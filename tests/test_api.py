@@ -16,9 +16,10 @@ import pytest
 import timm
 import torch
 
-from pipeline import LayerHooks, devices, embed
+from pipeline import LayerHooks, embed
 from pipeline.errors import ConfigError
-from pipeline.store import read_metadata
+from pipeline.extraction import devices
+from pipeline.storage.contract import read_metadata
 
 from conftest import run_cli
 
@@ -64,7 +65,7 @@ def test_the_model_in_the_loader_processes_gives_the_main_process_rows(
     paths = sorted(str(p) for p in photos.rglob("*.png"))
     images = [*paths, str(photos / "missing-1.png"), str(photos / "missing-2.png")]
     layers = ["blocks.1", "global_pool"]
-    with caplog.at_level(logging.INFO, logger="pipeline.extract"):
+    with caplog.at_level(logging.INFO, logger="pipeline"):
         in_workers = embed(images, model=tiny, layers=layers, batch_size=2, num_workers=None)
     assert "each decoding its batches and running the model" in caplog.text
     here = embed(images, model=tiny, layers=layers, batch_size=2, num_workers=0)

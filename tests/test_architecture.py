@@ -1,5 +1,5 @@
-"""The shape DESIGN.md promises, checked: stages import neither MLflow nor each other, and an
-extraction writes each embedding byte once."""
+"""The shape DESIGN.md promises, checked: imports go down the layers (no cycle, no upward or
+sideways import), stages import no MLflow, and an extraction writes each embedding byte once."""
 
 from __future__ import annotations
 
@@ -10,18 +10,51 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import extract, store
+from pipeline import extract
+from pipeline.storage import contract as store
 
 from conftest import REPO, TINY_MODEL, composed
 
 PACKAGE = REPO / "src/pipeline"
 STAGES = ["extract", "cluster", "dedup", "probe", "report", "visualize", "layers"]
-FORBIDDEN = {"mlflow", "pipeline.tracking", "pipeline.app"}
+# Bottom to top: a module imports only from its own unit or from units of lower rank. Units of
+# one rank are independent: images, storage and search know nothing of each other, and no
+# command imports another.
+UNITS: dict[str, tuple[int, list[str]]] = {
+    "base": (0, ["pipeline.errors", "pipeline.config", "pipeline.results", "pipeline.plots"]),
+    "images": (1, ["pipeline.images"]),
+    "storage": (1, ["pipeline.storage"]),
+    "search": (1, ["pipeline.search"]),
+    "extraction": (2, ["pipeline.extraction"]),
+    **{stage: (3, [f"pipeline.{stage}"]) for stage in STAGES},
+    "entry": (
+        4,
+        [
+            "pipeline",
+            "pipeline.__main__",
+            "pipeline.app",
+            "pipeline.cli",
+            "pipeline.api",
+            "pipeline.tracking",
+        ],
+    ),
+}
 
 
-def module_imports(path: Path) -> set[str]:
-    """Modules a file imports anywhere but in its `if __name__ == "__main__":` block, which is
-    the command's entry and may reach for the app layer."""
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def module_imports(path: Path, known: set[str] | None = None) -> set[str]:
+    """Modules a file imports anywhere (functions and TYPE_CHECKING blocks too) but in its
+    `if __name__ == "__main__":` block, which is the command's entry and may reach for the app
+    layer. `from a import b` counts as importing `a.b` where that is a module, else `a`."""
+    known = known if known is not None else set(modules())
     tree = ast.parse(path.read_text())
     body = [
         n for n in tree.body if not (isinstance(n, ast.If) and "__name__" in ast.unparse(n.test))
@@ -31,17 +64,97 @@ def module_imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module)
-            if node.module == "pipeline":
-                found |= {f"pipeline.{a.name}" for a in node.names}
+            submodules = {f"{node.module}.{a.name}" for a in node.names} & known
+            found |= submodules or {node.module}
     return found
 
 
+def unit_of(module: str) -> str:
+    """The unit a module belongs to: the one naming it or its closest package."""
+    matches = [
+        (len(prefix), unit)
+        for unit, (_, prefixes) in UNITS.items()
+        for prefix in prefixes
+        if module == prefix or (module.startswith(prefix + ".") and prefix != "pipeline")
+    ]
+    assert matches, f"{module} is in no unit: place it in UNITS"
+    return max(matches)[1]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """pipeline's modules and the pipeline modules each imports."""
+    found = modules()
+    return {
+        name: {m for m in module_imports(path, set(found)) if m in found}
+        for name, path in found.items()
+    }
+
+
+def violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import against the units' order, and every cycle, in words."""
+    wrong = []
+    for source, targets in graph.items():
+        here = unit_of(source)
+        for target in sorted(targets):
+            there = unit_of(target)
+            if there != here and UNITS[there][0] >= UNITS[here][0]:
+                wrong.append(f"{source} ({here}) imports {target} ({there})")
+    wrong += [" -> ".join(cycle) for cycle in cycles(graph)]
+    return wrong
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle through each module that is on one (depth-first, colouring)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                found.append([*path[path.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return found
+
+
+def test_imports_go_down_the_layers_and_close_no_cycle() -> None:
+    found = violations(import_graph())
+    assert not found, "\n".join(found)
+
+
+def test_the_layer_check_finds_an_upward_import_a_sibling_import_and_a_cycle() -> None:
+    graph = import_graph()
+    graph["pipeline.storage.ledger"] = graph["pipeline.storage.ledger"] | {"pipeline.extract"}
+    graph["pipeline.search.vectors"] = graph["pipeline.search.vectors"] | {"pipeline.images.data"}
+    graph["pipeline.dedup"] = graph["pipeline.dedup"] | {"pipeline.cluster"}
+    graph["pipeline.extraction.hooks"] |= {"pipeline.extraction.loop"}  # loop needs the hooks
+    found = violations(graph)
+    assert "pipeline.storage.ledger (storage) imports pipeline.extract (extract)" in found
+    assert "pipeline.search.vectors (search) imports pipeline.images.data (images)" in found
+    assert "pipeline.dedup (dedup) imports pipeline.cluster (cluster)" in found
+    assert any(
+        " -> " in v and v.startswith("pipeline.extraction.") and v.endswith(v.split(" -> ")[0])
+        for v in found
+    ), found
+
+
+def test_every_module_sits_in_a_unit() -> None:
+    assert {name: unit_of(name) for name in modules()}
+
+
 @pytest.mark.parametrize("stage", STAGES)
-def test_a_stage_imports_neither_mlflow_nor_another_stage(stage: str) -> None:
+def test_a_stage_imports_neither_mlflow_nor_the_app(stage: str) -> None:
     imported = module_imports(PACKAGE / f"{stage}.py")
-    others = {f"pipeline.{s}" for s in STAGES if s != stage}
-    assert not imported & (FORBIDDEN | others), imported & (FORBIDDEN | others)
+    assert not imported & {"pipeline.tracking", "pipeline.app"}
     assert not any(m.split(".")[0] == "mlflow" for m in imported)
 
 

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from pipeline.calibration import (
+from pipeline.search.calibration import (
     average_precision,
     calibrate,
     copy_scores,
     nearest,
     threshold_at_precision,
 )
-from pipeline.vectors import normalise
+from pipeline.search.vectors import normalise
 
 
 def test_threshold_is_the_lowest_similarity_meeting_the_target() -> None:
@@ -100,7 +100,7 @@ def test_without_presuming_duplicates_the_threshold_would_leave_the_copies() -> 
 def test_nearest_reads_in_blocks_and_finds_the_exact_neighbours(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from pipeline import calibration
+    from pipeline.search import calibration
 
     monkeypatch.setattr(calibration, "BLOCK_BYTES", 12 * 7 * 5)  # blocks of 5 rows
     rng = np.random.default_rng(4)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.store import read_metadata
+from pipeline.storage.contract import read_metadata
 
 from conftest import TINY_MODEL, run_cli, write_image
 

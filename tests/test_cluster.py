@@ -16,8 +16,8 @@ from pipeline import cluster
 from pipeline.cluster import cluster_metrics, cluster_vectors, contact_sheet
 from pipeline.config import ClusterMethod
 from pipeline.errors import ConfigError
-from pipeline.store import Embeddings
-from pipeline.vectors import normalise
+from pipeline.search.vectors import normalise
+from pipeline.storage.contract import Embeddings
 
 from conftest import composed, run_cli, write_layer
 

@@ -13,8 +13,9 @@ import timm
 import torch
 from PIL import Image
 
-from pipeline import demo
-from pipeline.data import (
+from pipeline.errors import ConfigError
+from pipeline.images import demo
+from pipeline.images.data import (
     ImageError,
     build_transform,
     decode_image,
@@ -22,7 +23,6 @@ from pipeline.data import (
     resolve_preprocess,
     table_manifest,
 )
-from pipeline.errors import ConfigError
 
 from conftest import write_image
 

@@ -18,8 +18,9 @@ import timm
 import torch
 from PIL import Image
 
-from pipeline import data
-from pipeline.data import (
+from pipeline.errors import ConfigError
+from pipeline.images import data
+from pipeline.images.data import (
     ImageDataset,
     ImageError,
     Preprocess,
@@ -29,7 +30,6 @@ from pipeline.data import (
     read_image_file,
     table_manifest,
 )
-from pipeline.errors import ConfigError
 
 PHOTO = cv2.resize(skimage.data.astronaut(), (500, 375), interpolation=cv2.INTER_AREA)
 IMAGENET = Preprocess(

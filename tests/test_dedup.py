@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import dedup, neighbours
+from pipeline import dedup
 from pipeline.dedup import (
     count_true_pairs,
     pair_scores,
@@ -20,8 +20,9 @@ from pipeline.dedup import (
     truth_codes,
 )
 from pipeline.errors import ConfigError
-from pipeline.store import calibration_path
-from pipeline.vectors import normalise
+from pipeline.search import neighbours
+from pipeline.search.vectors import normalise
+from pipeline.storage.contract import calibration_path
 
 from conftest import composed, run_cli, write_image, write_layer
 

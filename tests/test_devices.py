@@ -12,11 +12,12 @@ import cv2
 import pytest
 import torch
 
-from pipeline import devices, gpu_decode
 from pipeline.config import Decode
-from pipeline.data import balanced_batches, batch_loader
-from pipeline.devices import plan_loader, resolve_decode, torch_threads
 from pipeline.errors import ConfigError
+from pipeline.extraction import devices
+from pipeline.extraction.devices import plan_loader, resolve_decode, torch_threads
+from pipeline.images import gpu_decode
+from pipeline.images.data import balanced_batches, batch_loader
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
 
@@ -146,7 +147,7 @@ def test_omp_num_threads_set_by_the_user_is_torchs_thread_count(
 
 _FAULTS = """
 import json, resource, torch
-from pipeline import devices
+from pipeline.extraction import devices
 
 def faults():  # minor page faults while a 64 MiB tensor is made, written and freed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -16,20 +16,22 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from pipeline import extract, gpu_decode
+from pipeline import extract
 from pipeline.config import Decode
-from pipeline.data import (
+from pipeline.extraction.devices import plan_loader
+from pipeline.extraction.engines.local import loader_batches
+from pipeline.extraction.hooks import LayerHooks
+from pipeline.extraction.models import build_model
+from pipeline.images import gpu_decode
+from pipeline.images.data import (
     ImageDataset,
     Preprocess,
     build_transform,
     read_header,
     resolve_preprocess,
 )
-from pipeline.devices import plan_loader
-from pipeline.gpu_decode import DeviceDecoder, DeviceTransform, JpegDataset, _groups
-from pipeline.hooks import LayerHooks
-from pipeline.models import build_model
-from pipeline.store import read_metadata
+from pipeline.images.gpu_decode import DeviceDecoder, DeviceTransform, JpegDataset, _groups
+from pipeline.storage.contract import read_metadata
 
 from conftest import composed, run_cli
 
@@ -153,7 +155,7 @@ def _batches(folder: Path, decode: Decode, workers: int) -> tuple[list[str], lis
         paths, build_transform(IMAGENET), min_side=IMAGENET.min_side
     )
     plan = plan_loader(workers, batches=3, device=CPU)
-    return paths, list(extract._batches(dataset, 5, plan, IMAGENET, CPU))
+    return paths, list(loader_batches(dataset, 5, plan, IMAGENET, CPU))
 
 
 def _by_name(paths: list[str], batches: list) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -199,7 +201,7 @@ def _inputs(
         paths, build_transform(preprocess), min_side=preprocess.min_side if reduced else None
     )
     plan = plan_loader(0, batches=1, device=CPU)
-    (batch,) = extract._batches(dataset, len(paths), plan, preprocess, CPU)
+    (batch,) = loader_batches(dataset, len(paths), plan, preprocess, CPU)
     assert batch.indices == list(range(len(paths)))
     return batch.images
 

@@ -11,7 +11,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from pipeline.config import Pool
 from pipeline.errors import ConfigError
-from pipeline.hooks import LOGITS, LayerHooks, list_layers, pool_output, resolve_layers
+from pipeline.extraction.hooks import LOGITS, LayerHooks, list_layers, pool_output, resolve_layers
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import extract, store
+from pipeline import extract
 from pipeline.errors import ConfigError
-from pipeline.staging import staging_root
+from pipeline.storage import contract as store
+from pipeline.storage.staging import staging_root
 
 from conftest import (
     BROKEN_LAYERS,
@@ -381,7 +382,7 @@ def _layer_file(tmp_path: Path, name: str) -> Path:
     return broken_layer(tmp_path / "layer.parquet", name)
 
 
-# Reading checks what writing promised, in every stage (`pipeline.inputs.read_layer`, whose
+# Reading checks what writing promised, in every stage (`pipeline.storage.inputs.read_layer`, whose
 # own tests take every case): the cases the issues found, each through the stage it was found in
 # (tracebacks, or exit 0).
 DOWNSTREAM = [

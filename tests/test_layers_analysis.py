@@ -14,9 +14,9 @@ import torchvision
 from PIL import Image
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from pipeline.data import Preprocess, build_transform, decode_image
+from pipeline.images.data import Preprocess, build_transform, decode_image
 from pipeline.probe import probe_scores
-from pipeline.store import read_embeddings
+from pipeline.storage.contract import read_embeddings
 from pipeline.visualize import as_maps, strongest_channels
 
 from conftest import TINY_MODEL, run_cli

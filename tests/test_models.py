@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from pipeline.config import KeyMatch, ModelConfig
 from pipeline.errors import ConfigError
-from pipeline.models import build_model, load_checkpoint
+from pipeline.extraction.models import build_model, load_checkpoint
 
 from conftest import composed
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.store import read_metadata
+from pipeline.storage.contract import read_metadata
 
 from conftest import REPO, TINY_MODEL, run_cli
 

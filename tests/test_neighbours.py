@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import neighbours
-from pipeline.neighbours import exact_cpu, exact_torch, groups, hnsw, ivf, search
+from pipeline.search import neighbours
+from pipeline.search.neighbours import exact_cpu, exact_torch, groups, hnsw, ivf, search
 
 
 def unit(x: np.ndarray) -> np.ndarray:

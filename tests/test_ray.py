@@ -21,7 +21,8 @@ import torch
 from test_reliability import bad_and_good_files, many_images
 
 from pipeline.config import Engine, EngineConfig, Pool, Precision
-from pipeline.data import (
+from pipeline.extraction.hooks import HookPlan, LayerHooks
+from pipeline.images.data import (
     ImageDataset,
     batch_loader,
     build_transform,
@@ -29,15 +30,14 @@ from pipeline.data import (
     folder_manifest,
     resolve_preprocess,
 )
-from pipeline.hooks import HookPlan, LayerHooks
-from pipeline.staging import staging_root
-from pipeline.store import METADATA_KEY
+from pipeline.storage.contract import METADATA_KEY
+from pipeline.storage.staging import staging_root
 
 from conftest import TINY_MODEL, run_cli
 
 ray = pytest.importorskip("ray")
-from pipeline.engines import ray as ray_engine  # noqa: E402
-from pipeline.engines.ray import ModelPlan, Placement, RaySession  # noqa: E402
+from pipeline.extraction.engines import ray as ray_engine  # noqa: E402
+from pipeline.extraction.engines.ray import ModelPlan, Placement, RaySession  # noqa: E402
 
 LAYERS = ["blocks.2", "global_pool"]
 ARGS = [
@@ -201,16 +201,15 @@ def test_plan_hands_on_the_local_batches_in_order_with_their_failures(
             for batch in loader
         ]
     assert len(batches) == len(expected) == -(-(len(paths) - start) // size)
-    for (indices, outputs, failures), (want_indices, want_outputs, want_failures) in zip(
-        batches, expected, strict=True
-    ):
+    for got, (want_indices, want_outputs, want_failures) in zip(batches, expected, strict=True):
+        indices, outputs, failures = got.indices, got.on_host(), got.failures
         assert indices == want_indices and failures == want_failures
         for name in LAYERS:
             if want_outputs is None:
                 assert outputs[name].shape[0] == 0
             else:
                 np.testing.assert_allclose(outputs[name], want_outputs[name].numpy(), atol=1e-6)
-    assert sum(len(f) for _, _, f in batches) == 5
+    assert sum(len(b.failures) for b in batches) == 5
 
 
 @pytest.mark.slow

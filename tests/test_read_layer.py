@@ -15,10 +15,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import inputs
 from pipeline.errors import ConfigError
-from pipeline.inputs import read_layer
-from pipeline.store import MANIFEST_FILE, METADATA_KEY
+from pipeline.storage import inputs
+from pipeline.storage.contract import MANIFEST_FILE, METADATA_KEY
+from pipeline.storage.inputs import read_layer
 
 from conftest import BROKEN_LAYERS, broken_layer, write_layer, write_parts
 

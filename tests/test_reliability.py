@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.data import (
+from pipeline.images.data import (
     ImageDataset,
     ImageError,
     Preprocess,
@@ -26,7 +26,7 @@ from pipeline.data import (
     decode_image,
     table_manifest,
 )
-from pipeline.staging import staging_root
+from pipeline.storage.staging import staging_root
 
 from conftest import TINY_MODEL, run_cli, start_until_chunks, write_image
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline import extract
-from pipeline.store import read_metadata
+from pipeline.storage.contract import read_metadata
 
 from conftest import REPO, TINY_MODEL, composed, run_cli
 

@@ -20,11 +20,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import ledger, publish, staging, store
 from pipeline.errors import OutputBusy
-from pipeline.publish import LayerOutput, published_outputs
-from pipeline.staging import Staging, staging_root
-from pipeline.store import (
+from pipeline.storage import contract as store
+from pipeline.storage import ledger, publish, staging
+from pipeline.storage.contract import (
     MANIFEST_FILE,
     embedding_schema,
     embedding_table,
@@ -32,7 +31,9 @@ from pipeline.store import (
     read_metadata,
     write_part,
 )
-from pipeline.update import Plan, publish_changes
+from pipeline.storage.publish import LayerOutput, published_outputs
+from pipeline.storage.staging import Staging, staging_root
+from pipeline.storage.update import Plan, publish_changes
 
 LAYERS = ["blocks.1", "pool"]
 DIMS = {"blocks.1": 3, "pool": 5}

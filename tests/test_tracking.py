@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.store import read_manifest, read_metadata
+from pipeline.storage.contract import read_manifest, read_metadata
 
 from conftest import TINY_MODEL, run_cli
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.vectors import fit_whitening, normalise
+from pipeline.search.vectors import fit_whitening, normalise
 
 # Variance 8/3 along x, 2/3 along y, no covariance: the principal axes are x and y.
 CROSS = np.array([[2.0, 0.0], [-2.0, 0.0], [0.0, 1.0], [0.0, -1.0]])

@@ -16,7 +16,7 @@ def __getattr__(name: str) -> object:
 
         return embed
     if name == "LayerHooks":
-        from pipeline.hooks import LayerHooks
+        from pipeline.extraction.hooks import LayerHooks
 
         return LayerHooks
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -8,7 +8,7 @@ batch already preprocessed; the model a preset name (as `model=` on the command 
 `torch.nn.Module`. Files go through the same loader, hooks, checks and write path as
 `python -m pipeline`; with `output_dir` the Parquet contract is kept there, otherwise it is
 written to a temporary folder and read back. For hooks on your own loop, use
-`pipeline.hooks.LayerHooks`, the context manager underneath.
+`pipeline.extraction.hooks.LayerHooks`, the context manager underneath.
 """
 
 from __future__ import annotations
@@ -23,14 +23,20 @@ import torch
 
 from pipeline.app import check_overrides, compose_config
 from pipeline.config import PipelineConfig
-from pipeline.data import folder_manifest, labels, resolve_preprocess
-from pipeline.devices import computing, model_input, place_model, resolve_device, resolve_precision
 from pipeline.errors import ConfigError
 from pipeline.extract import extract_images
-from pipeline.hooks import HookPlan
-from pipeline.models import build_model, weights_provenance
-from pipeline.store import FAILURES_FILE, read_embeddings
-from pipeline.vectors import non_finite_rows
+from pipeline.extraction.devices import (
+    computing,
+    model_input,
+    place_model,
+    resolve_device,
+    resolve_precision,
+)
+from pipeline.extraction.hooks import HookPlan
+from pipeline.extraction.models import build_model, weights_provenance
+from pipeline.images.data import folder_manifest, labels, resolve_preprocess
+from pipeline.search.vectors import non_finite_rows
+from pipeline.storage.contract import FAILURES_FILE, read_embeddings
 
 Images = str | os.PathLike | Sequence[str | os.PathLike] | pd.DataFrame | torch.Tensor
 NON_FINITE_HINT = "try precision=fp32, or check the weights"  # as extraction's failure rows say

@@ -24,10 +24,10 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, s
 from pipeline import plots
 from pipeline.config import ClusterMethod, PipelineConfig
 from pipeline.errors import ConfigError
-from pipeline.inputs import read_layer
 from pipeline.results import StageResult, write_headline
-from pipeline.store import Embeddings, embeddings_input, existing_embeddings, images_root
-from pipeline.vectors import normalise
+from pipeline.search.vectors import normalise
+from pipeline.storage.contract import Embeddings, embeddings_input, existing_embeddings, images_root
+from pipeline.storage.inputs import read_layer
 
 log = logging.getLogger(__name__)
 # Beyond these sizes a number or picture is computed on a random sample: silhouette costs

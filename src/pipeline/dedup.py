@@ -5,7 +5,7 @@ embeddings and the extraction's calibration copies); each image's k nearest neig
 pair at or above the threshold found by `neighbours.search`: exactly (on a GPU when there is one, by
 blocked matrix products on the CPU for smaller sets) or approximately for large sets, its recall
 measured and reported. The threshold is fixed, or (`dedup.threshold=auto`) calibrated on the copies
-(`pipeline.calibration`). Writes `pairs.parquet` (`image_a`, `image_b`, `similarity`: pairs at or
+(`search.calibration`). Writes `pairs.parquet` (`image_a`, `image_b`, `similarity`: pairs at or
 above the threshold), `groups.parquet` (`image_id`, `group`: connected components of those pairs),
 `exact_duplicates.parquet` (files with the same bytes), `metrics.json` (the threshold; average
 precision, precision, recall and F1 over pairs when the true groups are known; the calibration's
@@ -27,20 +27,21 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from pipeline import neighbours, plots
-from pipeline.calibration import Calibration, average_precision, calibrate
+from pipeline import plots
 from pipeline.config import DedupConfig, PipelineConfig
 from pipeline.errors import ConfigError
-from pipeline.inputs import read_layer
 from pipeline.results import StageResult, write_headline
-from pipeline.store import (
+from pipeline.search import neighbours
+from pipeline.search.calibration import Calibration, average_precision, calibrate
+from pipeline.search.vectors import Whitening, fit_whitening, normalise
+from pipeline.storage.contract import (
     Embeddings,
     calibration_path,
     embeddings_input,
     existing_embeddings,
     images_root,
 )
-from pipeline.vectors import Whitening, fit_whitening, normalise
+from pipeline.storage.inputs import read_layer
 
 log = logging.getLogger(__name__)
 BLOCK_BYTES = 64 * 2**20  # similarity rows computed at once: bounds memory at any N

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from pipeline.config import PipelineConfig
-from pipeline.data import resolve_preprocess
-from pipeline.hooks import list_layers
-from pipeline.models import build_model
+from pipeline.extraction.hooks import list_layers
+from pipeline.extraction.models import build_model
+from pipeline.images.data import resolve_preprocess
 from pipeline.results import StageResult
 
 

@@ -19,9 +19,9 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError
-from pipeline.inputs import read_layer
 from pipeline.results import StageResult, write_headline
-from pipeline.store import embeddings_input, existing_embeddings
+from pipeline.storage.contract import embeddings_input, existing_embeddings
+from pipeline.storage.inputs import read_layer
 
 log = logging.getLogger(__name__)
 # What to set for labels, in every message about too few of them.

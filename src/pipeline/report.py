@@ -24,7 +24,7 @@ from pipeline import plots
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError
 from pipeline.results import HEADLINE, StageResult
-from pipeline.store import CALIBRATION_DIR, read_metadata
+from pipeline.storage.contract import CALIBRATION_DIR, read_metadata
 
 log = logging.getLogger(__name__)
 # metric column -> (stage folder key, file, keys in the file: the first one there is shown)

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import TrackingConfig
 from pipeline.results import DatasetRef, StageResult
-from pipeline.staging import Lock
+from pipeline.storage.staging import Lock
 
 log = logging.getLogger(__name__)
 

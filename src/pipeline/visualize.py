@@ -19,11 +19,11 @@ import torch
 
 from pipeline import plots
 from pipeline.config import PipelineConfig, Pool
-from pipeline.data import build_transform, decode_image, resolve_preprocess
-from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError
-from pipeline.hooks import LayerHooks
-from pipeline.models import build_model
+from pipeline.extraction.devices import resolve_device
+from pipeline.extraction.hooks import LayerHooks
+from pipeline.extraction.models import build_model
+from pipeline.images.data import build_transform, decode_image, resolve_preprocess
 from pipeline.results import StageResult
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def run(cfg: PipelineConfig) -> StageResult:
     if missing:
         raise ConfigError(
             f"image {missing[0]} does not exist: check visualize.image= (the default is a "
-            "demo photo: python -m pipeline.demo builds them)"
+            "demo photo: python -m pipeline.images.demo builds them)"
         )
     batch = torch.stack([transform(image=decode_image(p.read_bytes()))["image"] for p in paths])
     mean, std = np.array(preprocess.mean), np.array(preprocess.std)

@@ -1,6 +1,6 @@
 """The similarity threshold of near-duplicate detection, chosen on the user's own images.
 
-The extraction embeds copies of a sample of the images (`pipeline.augment`: cropped, turned or
+The extraction embeds copies of a sample of the images (`images.augment`: cropped, turned or
 framed, recoloured or blurred, rescaled, saved as low-quality JPEG). Here each copy's
 similarity to the image it was made from is a positive: a pair the detector should find. Its
 similarities to its `k` nearest other images in the set are negatives: pairs it would find

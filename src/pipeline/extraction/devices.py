@@ -67,7 +67,7 @@ def resolve_decode(decode: Decode, device: torch.device) -> Decode:
         if decode is Decode.gpu:
             raise ConfigError(f"decode=gpu needs a CUDA device, and this run is on {device}")
         return Decode.cpu
-    from pipeline.gpu_decode import decoder_problem  # torchvision, only for this choice
+    from pipeline.images.gpu_decode import decoder_problem  # torchvision, only for this choice
 
     problem = decoder_problem(device)
     if problem is None:

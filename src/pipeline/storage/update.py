@@ -23,12 +23,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline import ledger
 from pipeline.errors import ConfigError, TooManyFailures
-from pipeline.inputs import check_parts
-from pipeline.publish import Source, assemble, link_tree, publish
-from pipeline.staging import Chunk, Staging
-from pipeline.store import CALIBRATION_DIR, FileRecord, layer_path, read_manifest
+from pipeline.storage import ledger
+from pipeline.storage.contract import CALIBRATION_DIR, FileRecord, layer_path, read_manifest
+from pipeline.storage.inputs import check_parts
+from pipeline.storage.publish import Source, assemble, link_tree, publish
+from pipeline.storage.staging import Chunk, Staging
 
 log = logging.getLogger(__name__)
 MIN_IMAGES_FOR_FAILURE_RATE = 100  # judge the failure rate on no fewer images

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import OutputBusy
-from pipeline.store import FileRecord, layer_path, part_name, write_json, write_part
+from pipeline.storage.contract import FileRecord, layer_path, part_name, write_json, write_part
 
 log = logging.getLogger(__name__)
 TRASH_PREFIX = ".trash-"

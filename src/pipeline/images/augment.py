@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline.data import Transform, decode_image
+from pipeline.images.data import Transform, decode_image
 
 JPEG_QUALITY = (20, 60)
 RESCALE = (0.4, 0.9)

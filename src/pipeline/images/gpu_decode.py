@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline.data import Batch, ImageDataset, Preprocess, failure, read_header, stack
+from pipeline.images.data import Batch, ImageDataset, Preprocess, failure, read_header, stack
 
 # Pixels decoded at once: the decoded images of a batch of phone photos (12 MP, 36 MB each)
 # would otherwise all sit on the GPU together before they are resized.

@@ -35,9 +35,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipeline import ledger
-from pipeline.staging import discard, publish_lock, recover, staging_root
-from pipeline.store import (
+from pipeline.storage import ledger
+from pipeline.storage.contract import (
     FAILURES_FILE,
     MANIFEST_FILE,
     FileRecord,
@@ -49,6 +48,7 @@ from pipeline.store import (
     write_manifest,
     write_part,
 )
+from pipeline.storage.staging import discard, publish_lock, recover, staging_root
 
 log = logging.getLogger(__name__)
 RENAME_EXCHANGE = 2  # linux/fs.h

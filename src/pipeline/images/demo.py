@@ -1,7 +1,7 @@
 """The offline demo data set: real photos that ship inside scikit-image and scikit-learn, each with
 planted near-duplicates, so that clustering and duplicate detection have known answers.
 
-    python -m pipeline.demo [ROOT]        # ROOT defaults to outputs/data/demo
+    python -m pipeline.images.demo [ROOT]        # ROOT defaults to outputs/data/demo
 
 Each photo becomes a group: the original (lossless PNG) and five altered copies (crop, mirror,
 heavy JPEG, colour jitter, half size). `manifest.csv` lists `path`, `label` (the photo's name),

@@ -63,7 +63,7 @@ def load_manifest(dataset: DatasetConfig) -> pd.DataFrame:
             allow_outside_root=dataset.allow_outside_root,
         )
     if dataset.kind is DatasetKind.demo:
-        from pipeline import demo  # only the demo needs scikit-image and scikit-learn
+        from pipeline.images import demo  # only the demo needs scikit-image and scikit-learn
 
         demo.ensure(Path(dataset.root))
     return table_manifest(
@@ -808,7 +808,7 @@ def batch_loader(
     balanced: bool = False,
 ) -> torch.utils.data.DataLoader:
     """`dataset` in order, in batches, from `num_workers` single-threaded processes (see
-    `pipeline.devices.plan_loader`); `balanced`: see `balanced_batches`."""
+    `pipeline.extraction.devices.plan_loader`); `balanced`: see `balanced_batches`."""
     batching: dict[str, Any] = (
         {"batch_sampler": balanced_batches(len(dataset), batch_size, num_workers)}
         if balanced

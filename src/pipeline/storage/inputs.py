@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.store import (
+from pipeline.storage.contract import (
     EXTRACT_AGAIN,
     MANIFEST_FILE,
     Embeddings,

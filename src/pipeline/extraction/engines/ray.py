@@ -3,7 +3,7 @@
     positions 0..n-1 of the images still to do, in blocks of whole batches
       -> map_batches(decode_batch), CPU tasks    the local engine's own ImageDataset, per row
       -> map_batches(_Model), an actor pool      model and LayerHooks built once per actor
-      -> iter_batches, in dataset order          -> the local engine's ChunkWriter and Staging
+      -> iter_batches, in dataset order          -> Forwarded batches, to the one loop
 
 Row order: Ray Data's order-preserving execution (`preserve_order`), not an index column sorted
 on write. Sorting needs the whole output before the first part can be written; in order, this
@@ -22,19 +22,18 @@ small next to decoding them (~1-2 ms an image at ImageNet sizes).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
-from pipeline.config import EngineConfig, Precision
-from pipeline.data import ImageDataset
-from pipeline.devices import (
+from pipeline.config import Decode, EngineConfig, PipelineConfig, Precision
+from pipeline.errors import ConfigError
+from pipeline.extraction.devices import (
     computing,
     keep_freed_memory,
     model_input,
@@ -42,23 +41,20 @@ from pipeline.devices import (
     resolve_device,
     resolve_precision,
 )
-from pipeline.errors import ConfigError
-from pipeline.hooks import HookPlan
+from pipeline.extraction.forward import Forwarded
+from pipeline.extraction.hooks import HookPlan, LayerHooks
+from pipeline.images.data import ImageDataset, Preprocess
 
 try:
     import ray
 except ModuleNotFoundError:
     raise ConfigError("engine=ray needs Ray: pip install 'pipeline[ray]'") from None
 
-if TYPE_CHECKING:
-    from pipeline.extract import ChunkWriter
-
 EMBEDDING_PREFIX = "embedding:"  # a layer's pooled outputs, as a column of the model's blocks
 log = logging.getLogger(__name__)
 DECODE_MEMORY = 2**30
 BLOCK_IMAGES = 256
 BLOCK_BYTES = 16 * 2**20
-Batches = Iterator[tuple[list[int], dict[str, np.ndarray], list[tuple[int, str, str]]]]
 
 
 @dataclass(frozen=True)
@@ -77,6 +73,42 @@ class ModelPlan:
     hooks: HookPlan
     input_size: tuple[int, int, int]
     placement: Placement
+
+
+class RayEngine:
+    """The Ray engine for one extraction: this process only describes the layers and writes
+    the parts (on its CPU); the actors decode and compute."""
+
+    name = "ray"
+
+    def __init__(self, cfg: PipelineConfig, model: torch.nn.Module) -> None:
+        if cfg.decode is Decode.gpu or cfg.compile:
+            raise ConfigError(
+                "decode=gpu and compile=true are the local engine's: the Ray engine decodes "
+                "in its CPU tasks and runs the model as it is (engine=local, or leave them)"
+            )
+        self.batch_size = cfg.batch_size
+        self.session = RaySession(cfg.engine, model)  # ships the model before any hook is on it
+        self.placement = self.session.placement(cfg.device, cfg.precision)
+        self.device, self.decode = torch.device("cpu"), Decode.cpu
+        self.precision, self.device_name = self.placement.precision, self.placement.device
+
+    def batches(
+        self,
+        hooks: LayerHooks,
+        hook_plan: HookPlan,
+        dataset: ImageDataset,
+        preprocess: Preprocess,
+    ) -> Iterator[Forwarded]:
+        layers = dataclasses.replace(hook_plan, layers=tuple(hooks.info))  # patterns resolved
+        plan = ModelPlan(layers, preprocess.input_size, self.placement)
+        return self.session.batches(dataset, 0, plan, self.batch_size)
+
+    def tags(self) -> dict[str, str]:
+        return self.session.tags()
+
+    def close(self) -> None:
+        self.session.close()
 
 
 class RaySession:
@@ -145,29 +177,11 @@ class RaySession:
             tags["ray.dashboard"] = self.dashboard
         return tags
 
-    def extract(
-        self,
-        writer: ChunkWriter,
-        images: ImageDataset,
-        start: int,
-        plan: ModelPlan,
-        batch_size: int,
-    ) -> None:
-        """Hand every batch of `images` (the manifest's images from `start` on, as the local
-        engine reads them) to `writer` in dataset order, then stage the last chunk."""
-        with tqdm(
-            total=len(writer.ids), initial=start, unit="img", desc="extract", mininterval=1.0
-        ) as progress:
-            for indices, outputs, failures in self.batches(images, start, plan, batch_size):
-                writer.add(indices, outputs, failures)
-                progress.update(len(indices) + len(failures))
-        writer.save()
-
     def batches(
         self, images: ImageDataset, start: int, plan: ModelPlan, batch_size: int
-    ) -> Batches:
-        """(indices, pooled outputs, failures) per batch, in dataset order: what the local
-        loop hands to `ChunkWriter.add`; indices count from `start`, like the manifest's."""
+    ) -> Iterator[Forwarded]:
+        """Each batch of `images` through the model, in dataset order, as the local engine
+        yields them; indices count from `start`, like the manifest's."""
         context = ray.data.DataContext.get_current()  # this process's, for its plans
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False
@@ -229,7 +243,7 @@ class RaySession:
                 outputs = {
                     name: batch[EMBEDDING_PREFIX + name][part][ok] for name in plan.hooks.layers
                 }
-                yield index[ok].tolist(), outputs, failures
+                yield Forwarded(index[ok].tolist(), failures, outputs)
         if expected != len(images):
             raise RuntimeError(f"Ray returned {expected} of {len(images)} images")
 
