@@ -24,7 +24,9 @@ import numpy as np
 import skimage.data
 from sklearn.datasets import load_sample_images
 
-from pipeline.images.data import Preprocess, build_transform, decode_image, read_header
+from pipeline.images.decode import decode_image
+from pipeline.images.formats import read_header
+from pipeline.images.preprocess import Preprocess, build_transform
 
 PREPROCESS = Preprocess(
     (3, 224, 224), 0.875, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

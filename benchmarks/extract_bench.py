@@ -47,13 +47,10 @@ from pipeline.extraction.hooks import LayerHooks
 from pipeline.extraction.loop import embed_batches
 from pipeline.extraction.models import build_model
 from pipeline.extraction.writer import ChunkWriter, chunk_rows, layer_schemas
-from pipeline.images.data import (
-    Batch,
-    build_transform,
-    decode_image,
-    load_manifest,
-    resolve_preprocess,
-)
+from pipeline.images.decode import decode_image
+from pipeline.images.loader import Batch
+from pipeline.images.manifest import build_demo_if_missing, load_manifest
+from pipeline.images.preprocess import build_transform, resolve_preprocess
 from pipeline.storage.contract import embedding_schema, embedding_table
 from pipeline.storage.staging import Staging
 from pipeline.storage.update import Plan, publish_changes
@@ -65,6 +62,7 @@ def batches_of(cfg, model, images: int) -> list[torch.Tensor]:
     transform = build_transform(
         resolve_preprocess(model, m.input_size, m.crop_pct, m.interpolation, m.mean, m.std)
     )
+    build_demo_if_missing(cfg.dataset)
     paths = load_manifest(cfg.dataset)["path"].tolist()
     decoded = [transform(image=decode_image(Path(p).read_bytes()))["image"] for p in paths]
     tensors = [decoded[i % len(decoded)] for i in range(images)]

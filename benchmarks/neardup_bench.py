@@ -45,7 +45,7 @@ from pipeline.app import compose_config
 from pipeline.config import PipelineConfig
 from pipeline.extraction.copies import calibration_sample
 from pipeline.images.augment import copies_of, near_duplicate
-from pipeline.images.data import decode_image
+from pipeline.images.decode import decode_image
 from pipeline.report import pooling
 from pipeline.search.calibration import average_precision, calibrate
 from pipeline.storage.contract import read_metadata

@@ -41,7 +41,8 @@ from pipeline.extract import run
 from pipeline.extraction.devices import available_cores, resolve_device, reusing_freed_memory
 from pipeline.extraction.hooks import LayerHooks
 from pipeline.extraction.models import build_model
-from pipeline.images.data import ImageDataset, build_transform, resolve_preprocess
+from pipeline.images.loader import ImageDataset
+from pipeline.images.preprocess import build_transform, resolve_preprocess
 from pipeline.storage.contract import embedding_schema, embedding_table, write_part
 
 TINY_MODEL = [  # unless the overrides name a model

@@ -75,15 +75,9 @@ from pipeline.extraction.engines.local import extraction_plan, loader_batches
 from pipeline.extraction.forward import ForwardInWorker
 from pipeline.extraction.hooks import LayerHooks
 from pipeline.extraction.models import build_model
-from pipeline.images.data import (
-    ImageDataset,
-    Preprocess,
-    _start_worker,
-    build_transform,
-    collate,
-    resolve_preprocess,
-)
 from pipeline.images.gpu_decode import JpegDataset
+from pipeline.images.loader import ImageDataset, _start_worker, collate
+from pipeline.images.preprocess import Preprocess, build_transform, resolve_preprocess
 
 DEFAULTS = ["model=resnet18", "model.pretrained=false"]
 SIZES = {"500x375": (500, 375, 0.0), "3000x4000": (3000, 4000, 3.0)}  # width, height, grain

@@ -4,6 +4,7 @@ sideways import), stages import no MLflow, and an extraction writes each embeddi
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,12 +135,12 @@ def test_imports_go_down_the_layers_and_close_no_cycle() -> None:
 def test_the_layer_check_finds_an_upward_import_a_sibling_import_and_a_cycle() -> None:
     graph = import_graph()
     graph["pipeline.storage.ledger"] = graph["pipeline.storage.ledger"] | {"pipeline.extract"}
-    graph["pipeline.search.vectors"] = graph["pipeline.search.vectors"] | {"pipeline.images.data"}
+    graph["pipeline.search.vectors"] = graph["pipeline.search.vectors"] | {"pipeline.images.decode"}
     graph["pipeline.dedup"] = graph["pipeline.dedup"] | {"pipeline.cluster"}
     graph["pipeline.extraction.hooks"] |= {"pipeline.extraction.loop"}  # loop needs the hooks
     found = violations(graph)
     assert "pipeline.storage.ledger (storage) imports pipeline.extract (extract)" in found
-    assert "pipeline.search.vectors (search) imports pipeline.images.data (images)" in found
+    assert "pipeline.search.vectors (search) imports pipeline.images.decode (images)" in found
     assert "pipeline.dedup (dedup) imports pipeline.cluster (cluster)" in found
     assert any(
         " -> " in v and v.startswith("pipeline.extraction.") and v.endswith(v.split(" -> ")[0])
@@ -167,6 +168,34 @@ def test_importing_every_stage_loads_no_mlflow() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_importing_the_package_leaves_opencv_and_matplotlib_as_they_were() -> None:
+    """A notebook keeps its own settings: importing the stages, the API and the images modules
+    sets no OpenCV thread count and picks no matplotlib backend. A stage's figure picks Agg
+    then, where nothing chose a backend, and keeps one that was chosen."""
+    images = sorted(m for m in modules() if m.startswith("pipeline.images."))
+    code = (
+        "import cv2, matplotlib\n"
+        "cv2.setNumThreads(3)\n"
+        + "".join(f"import {m}\n" for m in [*(f"pipeline.{s}" for s in STAGES), *images])
+        + "import pipeline.api\n"
+        "print(cv2.getNumThreads(), matplotlib.get_backend(auto_select=False))\n"
+        "from pipeline import plots\n"
+        "plots.subplots()\n"
+        "print(matplotlib.get_backend())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert done.stdout.lower().split() == ["3", "none", "agg"]
+    chosen = "import matplotlib\nmatplotlib.use('svg')\nfrom pipeline import plots\n"
+    chosen += "plots.subplots()\nprint(matplotlib.get_backend())\n"
+    done = subprocess.run(
+        [sys.executable, "-c", chosen], capture_output=True, text=True, check=True, env=env
+    )
+    assert done.stdout.strip() == "svg"
 
 
 def _written_bytes() -> int:

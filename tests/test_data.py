@@ -15,16 +15,17 @@ from PIL import Image
 
 from pipeline.errors import ConfigError
 from pipeline.images import demo
-from pipeline.images.data import (
-    ImageError,
-    build_transform,
-    decode_image,
+from pipeline.images.decode import decode_image
+from pipeline.images.formats import ImageError
+from pipeline.images.manifest import (
+    build_demo_if_missing,
     folder_manifest,
-    resolve_preprocess,
+    load_manifest,
     table_manifest,
 )
+from pipeline.images.preprocess import build_transform, resolve_preprocess
 
-from conftest import write_image
+from conftest import composed, write_image
 
 
 def _encode(ext: str, image: np.ndarray) -> bytes:
@@ -128,6 +129,32 @@ def test_demo_set_is_deterministic_with_planted_groups(tmp_path: Path) -> None:
         assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
     image = decode_image((tmp_path / "a" / first["path"].iloc[1]).read_bytes())
     assert image.ndim == 3
+
+
+def test_the_demo_set_is_built_by_its_own_call_and_reading_it_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = composed(f"paths.data={tmp_path}").dataset
+    root = tmp_path / "demo"
+    with pytest.raises(ConfigError, match=f"python -m pipeline.images.demo {root}"):
+        load_manifest(dataset)
+    assert not root.exists()
+    built: list[Path] = []
+
+    def build(folder: Path) -> None:  # one image, not the twenty photos
+        built.append(folder)
+        write_image(folder / "images" / "a.png", np.zeros((4, 4, 3), np.uint8))
+        pd.DataFrame({"path": ["images/a.png"], "label": ["a"]}).to_csv(
+            folder / "manifest.csv", index=False
+        )
+
+    monkeypatch.setattr(demo, "build", build)
+    build_demo_if_missing(dataset)
+    build_demo_if_missing(dataset)  # complete: left as it is
+    assert built == [root]
+    assert load_manifest(dataset)["image_id"].tolist() == ["images/a.png"]
+    build_demo_if_missing(composed("dataset=folder", f"dataset.root={root}").dataset)
+    assert built == [root]  # another kind of dataset: nothing built
 
 
 def test_write_image_helper_roundtrip(tmp_path: Path) -> None:

@@ -19,17 +19,13 @@ import torch
 from PIL import Image
 
 from pipeline.errors import ConfigError
-from pipeline.images import data
-from pipeline.images.data import (
-    ImageDataset,
-    ImageError,
-    Preprocess,
-    build_transform,
-    decode_image,
-    folder_manifest,
-    read_image_file,
-    table_manifest,
-)
+from pipeline.images import decode
+from pipeline.images import manifest as manifests
+from pipeline.images.decode import decode_image
+from pipeline.images.formats import ImageError, read_image_file
+from pipeline.images.loader import ImageDataset
+from pipeline.images.manifest import folder_manifest, table_manifest
+from pipeline.images.preprocess import Preprocess, build_transform
 
 PHOTO = cv2.resize(skimage.data.astronaut(), (500, 375), interpolation=cv2.INTER_AREA)
 IMAGENET = Preprocess(
@@ -102,7 +98,7 @@ def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_: object) -> None:
         raise AssertionError("cv2.imdecode was called")
 
-    monkeypatch.setattr(data.cv2, "imdecode", refuse)
+    monkeypatch.setattr(decode.cv2, "imdecode", refuse)
 
 
 def _hdr(width: int, height: int) -> bytes:
@@ -262,7 +258,7 @@ def test_a_folder_that_cannot_be_listed_is_a_failure_row(
             raise PermissionError(13, "Permission denied")  # root in a container ignores chmod
         return scandir(path)
 
-    monkeypatch.setattr(data.os, "scandir", no_private)
+    monkeypatch.setattr(manifests.os, "scandir", no_private)
     manifest = folder_manifest(root, [".png"], labels_from_folders=False)
     assert manifest["image_id"].tolist() == ["private", "y.png"]
     assert manifest["error"][0] == "cannot list this folder: Permission denied"

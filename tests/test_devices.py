@@ -17,7 +17,7 @@ from pipeline.errors import ConfigError
 from pipeline.extraction import devices
 from pipeline.extraction.devices import plan_loader, resolve_decode, torch_threads
 from pipeline.images import gpu_decode
-from pipeline.images.data import balanced_batches, batch_loader
+from pipeline.images.loader import balanced_batches, batch_loader
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
 
@@ -128,6 +128,19 @@ def test_loader_processes_are_single_threaded() -> None:
     try:
         loader = batch_loader(_Settings(), list, 1, 2, False, 2)
         seen = [sample for batch in loader for sample in batch]
+    finally:
+        cv2.setNumThreads(1)
+    assert seen == [(1, 1)] * 2
+
+
+def test_the_loader_gives_the_callers_opencv_threads_back() -> None:
+    """One OpenCV thread while the loader processes are forked (no pool across the fork), then
+    the caller's own setting again: a notebook keeps it."""
+    cv2.setNumThreads(3)
+    try:
+        loader = batch_loader(_Settings(), list, 1, 2, False, 2)
+        seen = [sample for batch in loader for sample in batch]
+        assert cv2.getNumThreads() == 3
     finally:
         cv2.setNumThreads(1)
     assert seen == [(1, 1)] * 2

@@ -19,18 +19,15 @@ from sklearn.datasets import load_sample_images
 from pipeline import extract
 from pipeline.config import Decode
 from pipeline.extraction.devices import plan_loader
+from pipeline.extraction.engines import local
 from pipeline.extraction.engines.local import loader_batches
 from pipeline.extraction.hooks import LayerHooks
 from pipeline.extraction.models import build_model
 from pipeline.images import gpu_decode
-from pipeline.images.data import (
-    ImageDataset,
-    Preprocess,
-    build_transform,
-    read_header,
-    resolve_preprocess,
-)
+from pipeline.images.formats import read_header
 from pipeline.images.gpu_decode import DeviceDecoder, DeviceTransform, JpegDataset, _groups
+from pipeline.images.loader import ImageDataset
+from pipeline.images.preprocess import Preprocess, build_transform, resolve_preprocess
 from pipeline.storage.contract import read_metadata
 
 from conftest import composed, run_cli
@@ -299,7 +296,7 @@ def test_decode_gpu_through_the_extraction_on_the_cpu(
         "tracking=none",
     ]
     extract.run(composed(*args, f"output_dir={tmp_path}/cpu"))
-    monkeypatch.setattr(extract, "resolve_decode", lambda decode, device: Decode.gpu)
+    monkeypatch.setattr(local, "resolve_decode", lambda decode, device: Decode.gpu)
     extract.run(composed(*args, "decode=gpu", f"output_dir={tmp_path}/gpu"))
     frames = {d: pd.read_parquet(tmp_path / d / "global_pool.parquet") for d in ("cpu", "gpu")}
     assert frames["gpu"]["image_id"].tolist() == frames["cpu"]["image_id"].tolist()

@@ -14,7 +14,8 @@ import torchvision
 from PIL import Image
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from pipeline.images.data import Preprocess, build_transform, decode_image
+from pipeline.images.decode import decode_image
+from pipeline.images.preprocess import Preprocess, build_transform
 from pipeline.probe import probe_scores
 from pipeline.storage.contract import read_embeddings
 from pipeline.visualize import as_maps, strongest_channels

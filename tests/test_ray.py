@@ -22,14 +22,9 @@ from test_reliability import bad_and_good_files, many_images
 
 from pipeline.config import Engine, EngineConfig, Pool, Precision
 from pipeline.extraction.hooks import HookPlan, LayerHooks
-from pipeline.images.data import (
-    ImageDataset,
-    batch_loader,
-    build_transform,
-    collate,
-    folder_manifest,
-    resolve_preprocess,
-)
+from pipeline.images.loader import ImageDataset, batch_loader, collate
+from pipeline.images.manifest import folder_manifest
+from pipeline.images.preprocess import build_transform, resolve_preprocess
 from pipeline.storage.contract import METADATA_KEY
 from pipeline.storage.staging import staging_root
 

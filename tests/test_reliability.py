@@ -18,14 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.images.data import (
-    ImageDataset,
-    ImageError,
-    Preprocess,
-    build_transform,
-    decode_image,
-    table_manifest,
-)
+from pipeline.images.decode import decode_image
+from pipeline.images.formats import ImageError
+from pipeline.images.loader import ImageDataset
+from pipeline.images.manifest import table_manifest
+from pipeline.images.preprocess import Preprocess, build_transform
 from pipeline.storage.staging import staging_root
 
 from conftest import TINY_MODEL, run_cli, start_until_chunks, write_image

@@ -34,7 +34,8 @@ from pipeline.extraction.devices import (
 )
 from pipeline.extraction.hooks import HookPlan
 from pipeline.extraction.models import build_model, weights_provenance
-from pipeline.images.data import folder_manifest, labels, resolve_preprocess
+from pipeline.images.manifest import folder_manifest, labels
+from pipeline.images.preprocess import resolve_preprocess
 from pipeline.search.vectors import non_finite_rows
 from pipeline.storage.contract import FAILURES_FILE, read_embeddings
 

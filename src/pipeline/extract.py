@@ -39,14 +39,11 @@ from pipeline.extraction.provenance import (
     values_key,
 )
 from pipeline.extraction.writer import ChunkWriter, chunk_rows, layer_schemas
-from pipeline.images.data import (
-    ImageDataset,
-    Preprocess,
-    build_transform,
-    load_manifest,
-    resolve_preprocess,
-)
+from pipeline.images.decode import opencv_threads
 from pipeline.images.gpu_decode import JpegDataset
+from pipeline.images.loader import ImageDataset
+from pipeline.images.manifest import build_demo_if_missing, load_manifest
+from pipeline.images.preprocess import Preprocess, build_transform, resolve_preprocess
 from pipeline.results import DatasetRef, StageResult
 from pipeline.storage import ledger, update
 from pipeline.storage.contract import FAILURES_FILE, layer_path, read_metadata
@@ -70,6 +67,7 @@ class ExtractResult(StageResult):
 def run(cfg: PipelineConfig) -> ExtractResult:
     """Extract every configured layer for every image of the dataset into `cfg.output_dir`."""
     torch.manual_seed(cfg.seed)
+    build_demo_if_missing(cfg.dataset)  # dataset=demo: the first run writes the demo images
     manifest = load_manifest(cfg.dataset)
     if skipped := manifest.attrs.get("skipped"):
         log.info(
@@ -134,7 +132,10 @@ def extract_images(
     is, gets embedded (`storage.update`)."""
     engine = start_engine(cfg, model)
     try:
-        return _extract(engine, model, manifest, cfg, weights)
+        # One OpenCV thread in this process, as in the loader's: decoding's parallelism is
+        # those processes, and OpenCV's thread pool would not survive the fork that starts them.
+        with opencv_threads(1):
+            return _extract(engine, model, manifest, cfg, weights)
     finally:
         engine.close()
 

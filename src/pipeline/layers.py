@@ -11,7 +11,7 @@ import torch
 from pipeline.config import PipelineConfig
 from pipeline.extraction.hooks import list_layers
 from pipeline.extraction.models import build_model
-from pipeline.images.data import resolve_preprocess
+from pipeline.images.preprocess import resolve_preprocess
 from pipeline.results import StageResult
 
 

@@ -1,19 +1,41 @@
-"""Pictures for people: what a stage's numbers look like. Matplotlib with the Agg backend, so
-they render on machines with no display."""
+"""Pictures for people: what a stage's numbers look like. Matplotlib with the Agg backend
+where nothing else chose one, so they render on machines with no display; chosen when a figure
+is made (`subplots`), not at import, so a notebook that imports the package keeps its own."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import matplotlib
-
-matplotlib.use("Agg")
-
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+
+
+def headless() -> None:
+    """Agg for pyplot's figures, unless a backend was chosen (`matplotlib.use`, MPLBACKEND,
+    a matplotlibrc, a notebook's `%matplotlib inline`): the stages save PNG files and never
+    open a window, on a machine with a display too. Nothing to do once a backend is chosen."""
+    if _backend_chosen() is None:
+        matplotlib.use("Agg")
+
+
+def _backend_chosen() -> str | None:
+    """The backend chosen so far, None while matplotlib would still pick one on first use
+    (asked without making it pick)."""
+    try:
+        return matplotlib.get_backend(auto_select=False)
+    except TypeError:  # matplotlib < 3.10 has no auto_select
+        return matplotlib.rcParams._get_backend_or_none()
+
+
+def subplots(*args: Any, **kwargs: Any) -> tuple[Figure, Any]:
+    """pyplot's `subplots`, headless (see `headless`): what every figure here is made with."""
+    headless()
+    return plt.subplots(*args, **kwargs)
 
 
 def pca_2d(vectors: np.ndarray) -> np.ndarray:
@@ -34,7 +56,7 @@ def projection_figure(
     """A 2D PCA scatter of the embeddings, one colour per group (label or cluster); images
     whose label is missing (None) are a group of their own."""
     points = pca_2d(vectors.astype(np.float64))
-    figure, axes = plt.subplots(figsize=(7, 6), layout="constrained")
+    figure, axes = subplots(figsize=(7, 6), layout="constrained")
     if groups is None:
         axes.scatter(points[:, 0], points[:, 1], s=12)
     else:
@@ -59,7 +81,7 @@ def projection_figure(
 def pr_figure(curve: Sequence, threshold: float, title: str) -> Figure:
     """Precision, recall and F1 over similarity thresholds, the chosen threshold marked: the
     picture a person reads to see why the threshold is where it is."""
-    figure, axes = plt.subplots(figsize=(6, 4), layout="constrained")
+    figure, axes = subplots(figsize=(6, 4), layout="constrained")
     for column in ("precision", "recall", "f1"):
         axes.plot(curve["threshold"], curve[column], label=column)
     axes.axvline(threshold, color="grey", linestyle="--", label=f"threshold {threshold}")
@@ -80,7 +102,7 @@ def thumbnail(path: Path, size: int = 96) -> np.ndarray | None:
 def image_grid(rows: Sequence[tuple[str, Sequence[tuple[Path, str]]]], title: str) -> Figure:
     """One row per (row title, [(image path, caption), ...]); unreadable images left blank."""
     columns = max(len(images) for _, images in rows)
-    figure, axes = plt.subplots(
+    figure, axes = subplots(
         len(rows),
         columns,
         squeeze=False,

@@ -17,7 +17,6 @@ import logging
 import math
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pandas as pd
 
 from pipeline import plots
@@ -136,7 +135,7 @@ def figure(table: pd.DataFrame, title: str, note: str) -> plots.Figure:
     """Each metric against layer depth, layers in model order; `note` says how the metrics
     were measured."""
     columns = ["dim", *METRICS]
-    fig, axes = plt.subplots(
+    fig, axes = plots.subplots(
         1, len(columns), figsize=(3.2 * len(columns), 3.4), layout="constrained"
     )
     names = [

@@ -13,7 +13,6 @@ import logging
 import math
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -23,7 +22,8 @@ from pipeline.errors import ConfigError
 from pipeline.extraction.devices import resolve_device
 from pipeline.extraction.hooks import LayerHooks
 from pipeline.extraction.models import build_model
-from pipeline.images.data import build_transform, decode_image, resolve_preprocess
+from pipeline.images.decode import decode_image
+from pipeline.images.preprocess import build_transform, resolve_preprocess
 from pipeline.results import StageResult
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def feature_figure(
 ) -> plots.Figure:
     columns = math.ceil(math.sqrt(len(channels) + 1))
     rows = math.ceil((len(channels) + 1) / columns)
-    figure, axes = plt.subplots(
+    figure, axes = plots.subplots(
         rows,
         columns,
         figsize=(1.8 * columns, 1.9 * rows + 0.4),

@@ -18,7 +18,8 @@ from pipeline.config import CalibrationConfig, PipelineConfig
 from pipeline.extraction.devices import model_input, plan_loader
 from pipeline.extraction.hooks import LayerHooks
 from pipeline.images import augment
-from pipeline.images.data import Preprocess, build_transform, image_loader
+from pipeline.images.loader import image_loader
+from pipeline.images.preprocess import Preprocess, build_transform
 from pipeline.storage.contract import (
     embedding_table,
     layer_path,

@@ -12,7 +12,7 @@ import torch
 from pipeline.config import Precision
 from pipeline.extraction.devices import computing, model_input
 from pipeline.extraction.hooks import LayerHooks
-from pipeline.images.data import Batch, collate
+from pipeline.images.loader import Batch, collate
 
 
 @dataclass

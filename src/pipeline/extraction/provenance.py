@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-from importlib.metadata import PackageNotFoundError, version
 from dataclasses import asdict
 from enum import Enum
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 
 from pipeline.config import Decode, PipelineConfig, Pool, Precision
 from pipeline.extraction.hooks import LayerInfo
-from pipeline.images.data import Preprocess
+from pipeline.images.preprocess import Preprocess
 
 # Keys that decide the embedding values of a layer; the rest say where or how fast a run goes,
 # or which layers (a layer's rows do not depend on which others are captured beside it).

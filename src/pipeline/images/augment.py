@@ -16,7 +16,8 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline.images.data import Transform, decode_image
+from pipeline.images.decode import decode_image
+from pipeline.images.preprocess import Transform
 
 JPEG_QUALITY = (20, 60)
 RESCALE = (0.4, 0.9)

@@ -2,7 +2,7 @@
 
 The loader's processes only read the files and check their headers (`JpegDataset`); the main
 process decodes each batch's JPEGs with torchvision's `decode_jpeg` (nvJPEG on CUDA) and
-transforms them there as `data.build_transform` does with OpenCV (`DeviceTransform`):
+transforms them there as `preprocess.build_transform` does with OpenCV (`DeviceTransform`):
 resize the short side, centre-crop, normalise. What the device decoder would not render as
 OpenCV does (other formats; CMYK, 12-bit, arithmetic-coded or EXIF-rotated JPEGs) is decoded
 on the CPU in the loader as before, and a JPEG the device decoder refuses falls back to the
@@ -26,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline.images.data import Batch, ImageDataset, Preprocess, failure, read_header, stack
+from pipeline.images.decode import failure
+from pipeline.images.formats import read_header
+from pipeline.images.loader import Batch, ImageDataset, stack
+from pipeline.images.preprocess import Preprocess
 
 # Pixels decoded at once: the decoded images of a batch of phone photos (12 MP, 36 MB each)
 # would otherwise all sit on the GPU together before they are resized.

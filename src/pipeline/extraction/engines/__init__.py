@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from pipeline.config import Decode, Precision
     from pipeline.extraction.forward import Forwarded
     from pipeline.extraction.hooks import HookPlan, LayerHooks
-    from pipeline.images.data import ImageDataset, Preprocess
+    from pipeline.images.loader import ImageDataset
+    from pipeline.images.preprocess import Preprocess
 
 
 class Engine(Protocol):

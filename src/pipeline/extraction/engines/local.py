@@ -19,8 +19,9 @@ from pipeline.extraction.devices import (
 )
 from pipeline.extraction.forward import Forwarded, ForwardInWorker, forward
 from pipeline.extraction.hooks import HookPlan, LayerHooks
-from pipeline.images.data import Batch, ImageDataset, Preprocess, batch_loader, collate
 from pipeline.images.gpu_decode import DeviceDecoder, JpegDataset, collate_jpegs
+from pipeline.images.loader import Batch, ImageDataset, batch_loader, collate
+from pipeline.images.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 

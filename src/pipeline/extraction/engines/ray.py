@@ -43,7 +43,9 @@ from pipeline.extraction.devices import (
 )
 from pipeline.extraction.forward import Forwarded
 from pipeline.extraction.hooks import HookPlan, LayerHooks
-from pipeline.images.data import ImageDataset, Preprocess
+from pipeline.images.decode import single_threaded_opencv
+from pipeline.images.loader import ImageDataset
+from pipeline.images.preprocess import Preprocess
 
 try:
     import ray
@@ -254,6 +256,7 @@ def decode_batch(
     """Read, decode and transform each row with the local engine's own ImageDataset (the same
     object, so the same pixels). An unreadable image is a row with ok=False, its error and its
     reason, and zeros for pixels."""
+    single_threaded_opencv()  # a CPU reserved per task: the tasks are the parallelism
     dataset: ImageDataset = ray.get(images)  # fetched once per node, then shared in memory
     count = len(batch["position"])
     pixels = np.zeros((count, *input_size), np.float32)
