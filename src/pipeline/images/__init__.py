@@ -1,3 +1,4 @@
-"""Images in: manifests of a folder, CSV or Parquet; the byte-level format checks; decoding
-(OpenCV, or nvJPEG on a GPU); preprocessing; the loader; the near-duplicate copies that
-calibrate dedup; the demo data set. Knows nothing of models or outputs."""
+"""Images in: manifests of a folder, CSV or Parquet (`manifest`); the byte-level format checks
+(`formats`); decoding (`decode`: OpenCV, or `gpu_decode`: nvJPEG on a GPU); preprocessing
+(`preprocess`); the loader (`loader`); the near-duplicate copies that calibrate dedup
+(`augment`); the demo data set (`demo`). Knows nothing of models or outputs."""
