@@ -19,17 +19,9 @@ def headless() -> None:
     """Agg for pyplot's figures, unless a backend was chosen (`matplotlib.use`, MPLBACKEND,
     a matplotlibrc, a notebook's `%matplotlib inline`): the stages save PNG files and never
     open a window, on a machine with a display too. Nothing to do once a backend is chosen."""
-    if _backend_chosen() is None:
+    # auto_select=False asks without making matplotlib pick one (3.10+).
+    if matplotlib.get_backend(auto_select=False) is None:
         matplotlib.use("Agg")
-
-
-def _backend_chosen() -> str | None:
-    """The backend chosen so far, None while matplotlib would still pick one on first use
-    (asked without making it pick)."""
-    try:
-        return matplotlib.get_backend(auto_select=False)
-    except TypeError:  # matplotlib < 3.10 has no auto_select
-        return matplotlib.rcParams._get_backend_or_none()
 
 
 def subplots(*args: Any, **kwargs: Any) -> tuple[Figure, Any]:
