@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.search import neighbours
+from pipeline.search import approximate, neighbours
 
 METHODS = ("auto", "exact", "ivf", "hnsw", "exact-cuda", "imagededup")
 # Exact on the CPU grows as N^2 (254 s at 200k on the busy 2-core machine): above this it is
@@ -155,7 +155,7 @@ def recall_check(
         both = np.concatenate([best, sims], axis=1)
         best = -np.partition(-both, kk - 1, axis=1)[:, :kk]
     kth = best.min(axis=1, keepdims=True)
-    hits = ((knn_d[queries] >= kth - neighbours.SIM_TOL) & (knn_i[queries] >= 0)).sum(axis=1)
+    hits = ((knn_d[queries] >= kth - approximate.SIM_TOL) & (knn_i[queries] >= 0)).sum(axis=1)
     return float(np.minimum(hits, kk).sum() / (kk * len(queries)))
 
 

@@ -37,6 +37,7 @@ UNITS: dict[str, tuple[int, list[str]]] = {
             "pipeline.cli",
             "pipeline.api",
             "pipeline.tracking",
+            "pipeline.tracking_calls",
         ],
     ),
 }

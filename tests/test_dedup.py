@@ -12,15 +12,15 @@ import pandas as pd
 import pytest
 
 from pipeline import dedup
-from pipeline.dedup import (
+from pipeline.errors import ConfigError
+from pipeline.search import neighbours
+from pipeline.search.truth import (
     count_true_pairs,
     pair_scores,
     pr_curve,
     shares_group,
     truth_codes,
 )
-from pipeline.errors import ConfigError
-from pipeline.search import neighbours
 from pipeline.search.vectors import normalise
 from pipeline.storage.contract import calibration_path
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.search import neighbours
+from pipeline.search import approximate, neighbours
 from pipeline.search.neighbours import exact_cpu, exact_torch, groups, hnsw, ivf, search
 
 
@@ -142,7 +142,7 @@ def test_reported_recall_matches_brute_force(planted_20k: np.ndarray) -> None:
     found = ivf(planted_20k, k, threshold, nprobe=2, min_recall=0.01, sample=1000)
     top, truth = brute_force(planted_20k, k, threshold)
     kth = top[:, -1:]
-    per_row = ((found.knn_similarities >= kth - neighbours.SIM_TOL).sum(axis=1)) / k
+    per_row = ((found.knn_similarities >= kth - approximate.SIM_TOL).sum(axis=1)) / k
     true_recall = per_row.mean()
     assert 0.3 < true_recall < 0.95
     # A sample of 1,000 rows: 4 standard errors of the mean.
@@ -168,7 +168,7 @@ def test_min_recall_stops_at_the_cap_and_says_so() -> None:
     x = unit(np.random.default_rng(3).standard_normal((4000, 32)))
     found = ivf(x, 10, 0.9, min_recall=0.999)
     nlist = found.params["nlist"]
-    assert found.params["nprobe"] == nlist // neighbours.IVF_MAX_SCAN
+    assert found.params["nprobe"] == nlist // approximate.IVF_MAX_SCAN
     assert not found.params["recall_reached"] and found.recall_at_k < 0.999
     assert "NOT reached" in found.summary()
 

@@ -24,7 +24,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, s
 from pipeline import plots
 from pipeline.config import ClusterMethod, PipelineConfig
 from pipeline.errors import ConfigError
-from pipeline.results import StageResult, write_headline
+from pipeline.results import DatasetRef, StageResult, write_headline
 from pipeline.search.vectors import normalise
 from pipeline.storage.contract import Embeddings, embeddings_input, existing_embeddings, images_root
 from pipeline.storage.inputs import read_layer
@@ -122,59 +122,19 @@ def contact_sheet(
 
 
 def run(cfg: PipelineConfig) -> StageResult:
-    source = existing_embeddings(cfg.embeddings)
-    embeddings = read_layer(source, cfg.verify)
-    inputs = [embeddings_input(source, embeddings.metadata)]
-    if len(embeddings.ids) < 2:
-        raise ConfigError(
-            f"embeddings {source} hold {len(embeddings.ids)} image(s): clustering needs 2 or more"
-        )
     params = cfg.cluster
-    known = [label for label in embeddings.labels or [] if label is not None]
-    if embeddings.labels and len(known) < len(embeddings.labels):
-        log.info(
-            "%d of %d images have no label: k and the scores against labels count the others",
-            len(embeddings.labels) - len(known),
-            len(embeddings.labels),
-        )
-    k = params.k if params.k is not None else (len(set(known)) or None)
+    source, embeddings, record = read_inputs(cfg)
+    k = cluster_count(params.k, embeddings.labels)
     assignments = cluster_vectors(
         embeddings.vectors, params.method, k, params.pca_dim, params.min_cluster_size, params.seed
     )
     unit = normalise(embeddings.vectors)
     metrics = cluster_metrics(unit, assignments, embeddings.labels, params.seed)
-    out = Path(cfg.cluster.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # Written only when the images are there: removed first, so an old sheet never stays
-    # beside new assignments.
-    (out / CONTACT_SHEET).unlink(missing_ok=True)
-    pd.DataFrame({"image_id": embeddings.ids, "cluster": assignments}).to_parquet(
-        out / "assignments.parquet", index=False
-    )
     sizes = metrics.pop("sizes")  # a table, not a metric: beside the metrics, not in them
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "sizes.json").write_text(json.dumps(sizes, indent=2) + "\n")
-    write_headline(params.headline_file, embeddings.metadata["layer"], metrics, ["cluster_nmi"])
+    out = Path(params.output_dir)
+    write_tables(out, embeddings, assignments, metrics, sizes, params.headline_file)
     title = f"{source.stem}: {params.method.value}, {metrics['n_clusters']} clusters"
-    shown = sample_rows(len(unit), PROJECTION_POINTS, params.seed)
-    artifacts = [
-        out / "metrics.json",
-        out / "sizes.json",
-        plots.save(
-            plots.projection_figure(unit[shown], [str(a) for a in assignments[shown]], title),
-            out / "projection.png",
-        ),
-    ]
-    root = images_root(cfg.images_root, embeddings.metadata)
-    if root is not None and (root / embeddings.ids[0]).is_file():
-        artifacts.append(
-            plots.save(
-                contact_sheet(embeddings, assignments, root, params.sheet_images, title),
-                out / CONTACT_SHEET,
-            )
-        )
-    else:
-        log.warning("no contact sheet: images_root=%s does not hold the images", root)
+    figures = write_figures(out, unit, embeddings, assignments, title, cfg)
     summary = (
         f"{metrics['n_images']} images in {metrics['n_clusters']} clusters"
         + (f" (NMI {metrics['nmi']:.3f}, ARI {metrics['ari']:.3f})" if "nmi" in metrics else "")
@@ -184,10 +144,82 @@ def run(cfg: PipelineConfig) -> StageResult:
     return StageResult(
         output_dir=out,
         metrics=metrics,
-        artifacts=artifacts,
-        inputs=inputs,
+        artifacts=[out / "metrics.json", out / "sizes.json", *figures],
+        inputs=[record],
         summary=summary,
     )
+
+
+def read_inputs(cfg: PipelineConfig) -> tuple[Path, Embeddings, DatasetRef]:
+    """The layer's folder, its embeddings (checked; at least 2 images), and them as the run's
+    input."""
+    source = existing_embeddings(cfg.embeddings)
+    embeddings = read_layer(source, cfg.verify)
+    record = embeddings_input(source, embeddings.metadata)
+    if len(embeddings.ids) < 2:
+        raise ConfigError(
+            f"embeddings {source} hold {len(embeddings.ids)} image(s): clustering needs 2 or more"
+        )
+    return source, embeddings, record
+
+
+def cluster_count(k: int | None, labels: list[str | None] | None) -> int | None:
+    """cluster.k, or else the number of distinct labels (None without labels); says how many
+    images have no label, which k and the scores against labels leave out."""
+    known = [label for label in labels or [] if label is not None]
+    if labels and len(known) < len(labels):
+        log.info(
+            "%d of %d images have no label: k and the scores against labels count the others",
+            len(labels) - len(known),
+            len(labels),
+        )
+    return k if k is not None else (len(set(known)) or None)
+
+
+def write_tables(
+    out: Path,
+    embeddings: Embeddings,
+    assignments: np.ndarray,
+    metrics: dict,
+    sizes: dict,
+    headline_file: str | None,
+) -> None:
+    """assignments.parquet, metrics.json, sizes.json and the headline figures."""
+    out.mkdir(parents=True, exist_ok=True)
+    # Written only when the images are there: removed first, so an old sheet never stays
+    # beside new assignments.
+    (out / CONTACT_SHEET).unlink(missing_ok=True)
+    pd.DataFrame({"image_id": embeddings.ids, "cluster": assignments}).to_parquet(
+        out / "assignments.parquet", index=False
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "sizes.json").write_text(json.dumps(sizes, indent=2) + "\n")
+    write_headline(headline_file, embeddings.metadata["layer"], metrics, ["cluster_nmi"])
+
+
+def write_figures(
+    out: Path,
+    unit: np.ndarray,
+    embeddings: Embeddings,
+    assignments: np.ndarray,
+    title: str,
+    cfg: PipelineConfig,
+) -> list[Path]:
+    """projection.png (a sample of PROJECTION_POINTS at most), and the contact sheet when
+    images_root holds the images."""
+    params = cfg.cluster
+    shown = sample_rows(len(unit), PROJECTION_POINTS, params.seed)
+    labels = [str(a) for a in assignments[shown]]
+    figures = [
+        plots.save(plots.projection_figure(unit[shown], labels, title), out / "projection.png")
+    ]
+    root = images_root(cfg.images_root, embeddings.metadata)
+    if root is not None and (root / embeddings.ids[0]).is_file():
+        sheet = contact_sheet(embeddings, assignments, root, params.sheet_images, title)
+        figures.append(plots.save(sheet, out / CONTACT_SHEET))
+    else:
+        log.warning("no contact sheet: images_root=%s does not hold the images", root)
+    return figures
 
 
 if __name__ == "__main__":

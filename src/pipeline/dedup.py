@@ -30,9 +30,10 @@ from matplotlib.figure import Figure
 from pipeline import plots
 from pipeline.config import DedupConfig, PipelineConfig
 from pipeline.errors import ConfigError
-from pipeline.results import StageResult, write_headline
+from pipeline.results import DatasetRef, StageResult, write_headline
 from pipeline.search import neighbours
-from pipeline.search.calibration import Calibration, average_precision, calibrate
+from pipeline.search.calibration import Calibration, calibrate
+from pipeline.search.truth import truth_codes, truth_scores
 from pipeline.search.vectors import Whitening, fit_whitening, normalise
 from pipeline.storage.contract import (
     Embeddings,
@@ -44,8 +45,6 @@ from pipeline.storage.contract import (
 from pipeline.storage.inputs import read_layer
 
 log = logging.getLogger(__name__)
-BLOCK_BYTES = 64 * 2**20  # similarity rows computed at once: bounds memory at any N
-PR_THRESHOLDS = np.round(np.arange(-1.0, 1.0, 0.01), 2)
 APP_CONFIG = "dedup_app"  # conf/dedup_app.yaml: config.yaml, with the model's dedup_layer
 MIN_WHITENED = 16  # fewer embeddings than this cannot estimate a whitening worth applying
 # Written only by some runs: removed first, so a folder never mixes two runs' results.
@@ -58,42 +57,6 @@ OPTIONAL_OUTPUTS = (
     "calibration_curve.png",
     "whitening.npz",
 )
-
-
-def truth_codes(groups: pd.Series) -> np.ndarray:
-    """Each image's true group as a number, -1 where the truth does not say."""
-    return pd.factorize(groups)[0]
-
-
-def count_true_pairs(codes: np.ndarray) -> int:
-    """How many pairs of images share a group, counted without listing them: a group of g
-    images holds g(g-1)/2 pairs, which for large groups would not fit in memory as a list."""
-    sizes = np.bincount(codes[codes >= 0])
-    return int((sizes * (sizes - 1) // 2).sum())
-
-
-def shares_group(codes: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Whether each pair (a[i], b[i]) is a true pair: both in the same known group."""
-    return (codes[a] == codes[b]) & (codes[a] >= 0)
-
-
-def pair_scores(found: int, hits: int, truth: int) -> dict[str, float]:
-    """Precision, recall and F1 from counts: pairs found, true pairs among them, true pairs."""
-    precision = hits / found if found else 1.0
-    recall = hits / truth if truth else 1.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1}
-
-
-def pr_curve(similarities: np.ndarray, hits: np.ndarray, truth: int) -> pd.DataFrame:
-    """Precision, recall and F1 of `similarity >= t` over the candidate pairs, for each
-    threshold t; `hits` says which candidates are true pairs, `truth` how many there are."""
-    rows = []
-    for threshold in PR_THRESHOLDS:
-        above = similarities >= threshold
-        scores = pair_scores(int(above.sum()), int(hits[above].sum()), truth)
-        rows.append({"threshold": float(threshold), **scores})
-    return pd.DataFrame(rows)
 
 
 def exact_duplicates(ids: list[str], root: Path) -> pd.DataFrame:
@@ -241,37 +204,96 @@ def _check_params(params: DedupConfig) -> None:
 
 
 def run(cfg: PipelineConfig) -> StageResult:
+    inputs = read_inputs(cfg)
+    found = find_duplicates(inputs, cfg.dedup, cfg.seed)
+    out = Path(cfg.dedup.output_dir)
+    metrics, artifacts = write_outputs(out, inputs, found, cfg)
+    summary = summarise(found, metrics, cfg.dedup.threshold == "auto", out)
+    log.info("%s", summary)
+    return StageResult(
+        output_dir=out,
+        metrics={k: v for k, v in metrics.items() if isinstance(v, float | int)},
+        artifacts=artifacts,
+        tags={"search": found.search.summary()},
+        inputs=[inputs.record],
+        summary=summary,
+    )
+
+
+@dataclass
+class DedupInputs:
+    """What dedup reads, all of it checked before anything is written."""
+
+    source: Path
+    embeddings: Embeddings
+    record: DatasetRef  # the embeddings as the run's input
+    copies: Copies | None
+    codes: np.ndarray | None  # each image's true group as a number, when a truth is named
+    threshold: float | None  # None: calibrated on the copies
+
+
+def read_inputs(cfg: PipelineConfig) -> DedupInputs:
+    """The settings, the embeddings, their calibration copies and the true groups, read and
+    checked: a ConfigError here leaves the output folder as it was."""
     params = cfg.dedup
     threshold = fixed_threshold(params.threshold)
     _check_params(params)
     source = existing_embeddings(cfg.embeddings)
     embeddings = read_layer(source, cfg.verify)
-    inputs = [embeddings_input(source, embeddings.metadata)]
-    ids, n = embeddings.ids, len(embeddings.ids)
-    if n == 0:
+    record = embeddings_input(source, embeddings.metadata)
+    if not embeddings.ids:
         raise ConfigError(f"embeddings {source} hold no images: nothing to compare")
     copies = calibration_copies(source, embeddings, threshold is None, cfg.verify)
+    codes = known_truth(params, embeddings)
+    return DedupInputs(source, embeddings, record, copies, codes, threshold)
+
+
+def known_truth(params: DedupConfig, embeddings: Embeddings) -> np.ndarray | None:
+    """Each image's true group as a number, from dedup.truth or else the truth the extraction
+    recorded for its dataset; None when neither names one."""
     recorded = embeddings.metadata.get("dataset")
     truth = params.truth or (recorded.get("truth") if isinstance(recorded, dict) else None)
-    codes = (  # read before anything is written: a truth that is named must be there
-        truth_codes(
-            truth_groups(
-                Path(truth).expanduser(), params.truth_id_column, params.truth_group_column, ids
-            )
-        )
-        if truth is not None
-        else None
-    )
-    unit, copies_unit, whitening = postprocess(embeddings.vectors, copies, params, cfg.seed)
+    if truth is None:
+        return None
+    path, ids = Path(truth).expanduser(), embeddings.ids
+    return truth_codes(truth_groups(path, params.truth_id_column, params.truth_group_column, ids))
+
+
+@dataclass
+class Duplicates:
+    """What dedup found: the search at the threshold, and what the threshold came from."""
+
+    search: neighbours.Neighbours
+    threshold: float
+    whitening: Whitening | None
+    calibration: Calibration | None
+    candidates: pd.DataFrame  # a, b, similarity: every pair the search looked at closely
+    groups: np.ndarray  # each image's group of near-duplicates, -1 for none
+
+
+def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Duplicates:
+    """Whiten and normalise, calibrate the threshold on the copies, search, group."""
+    vectors, copies = inputs.embeddings.vectors, inputs.copies
+    unit, copies_unit, whitening = postprocess(vectors, copies, params, seed)
     calibration = (
         calibrate(unit, copies_unit, copies.sources, params.k, params.target_precision)
-        if copies is not None and n > 1
+        if copies is not None and len(unit) > 1
         else None
     )
+    threshold = inputs.threshold
     if threshold is None:
-        threshold = calibrated_threshold(calibration, source)
+        threshold = calibrated_threshold(calibration, inputs.source)
+    found = search_pairs(unit, threshold, params)
+    log.info("%s", found.summary())
+    candidates = pd.DataFrame(dict(zip(("a", "b", "similarity"), found.candidates(), strict=True)))
+    groups = neighbours.groups(len(unit), found.pairs_a, found.pairs_b)
+    return Duplicates(found, threshold, whitening, calibration, candidates, groups)
+
+
+def search_pairs(unit: np.ndarray, threshold: float, params: DedupConfig) -> neighbours.Neighbours:
+    """`neighbours.search` with dedup's settings; a setting it refuses is a ConfigError."""
     try:
-        found = neighbours.search(
+        return neighbours.search(
             unit,
             params.k,
             threshold,
@@ -282,95 +304,114 @@ def run(cfg: PipelineConfig) -> StageResult:
         )
     except ValueError as err:
         raise ConfigError(f"dedup: {err}") from None
-    log.info("%s", found.summary())
-    candidates = pd.DataFrame(dict(zip(("a", "b", "similarity"), found.candidates(), strict=True)))
-    similarities = candidates["similarity"].to_numpy()
-    above = similarities >= threshold
-    pairs = pd.DataFrame({"a": found.pairs_a, "b": found.pairs_b, "similarity": found.similarity})
-    groups = neighbours.groups(n, found.pairs_a, found.pairs_b)
-    out = Path(params.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in OPTIONAL_OUTPUTS:
-        (out / name).unlink(missing_ok=True)
-    pd.DataFrame(
-        {
-            "image_a": [ids[a] for a in pairs["a"]],
-            "image_b": [ids[b] for b in pairs["b"]],
-            "similarity": pairs["similarity"].to_numpy(),
-        }
-    ).to_parquet(out / "pairs.parquet", index=False)
-    grouped = groups >= 0
-    pd.DataFrame({"image_id": np.array(ids)[grouped], "group": groups[grouped]}).to_parquet(
-        out / "groups.parquet", index=False
-    )
-    metrics: dict = {
-        "n_images": n,
-        "threshold": threshold,
-        "threshold_auto": params.threshold == "auto",
-        "n_pairs": len(pairs),
-        "n_groups": int(groups.max() + 1) if n else 0,
-        **({"recall_at_k": found.recall_at_k} if found.recall_at_k is not None else {}),
-        **({"pair_recall": found.pair_recall} if found.pair_recall is not None else {}),
-    }
+
+
+def write_outputs(
+    out: Path, inputs: DedupInputs, found: Duplicates, cfg: PipelineConfig
+) -> tuple[dict, list[Path]]:
+    """Every file of the stage in `out`, cleared first of an earlier run's optional files; the
+    metrics, and the files to record."""
+    params, ids, name = cfg.dedup, inputs.embeddings.ids, inputs.source.stem
+    clear_outputs(out)
+    write_pairs(out, ids, found)
+    metrics = search_metrics(inputs, found, params)
     artifacts = [out / "metrics.json"]
-    artifacts += write_postprocessing(out, whitening, calibration, threshold, source.stem)
-    metrics.update(whitening_metrics(whitening, params))
-    if calibration is not None:
-        metrics.update(calibration.metrics(), calibration_images=copies.images)
-    root = images_root(cfg.images_root, embeddings.metadata)
-    if root is not None and not (root / ids[0]).is_file():
-        log.warning(
-            "no exact-copy pass, no pictures: images_root=%s does not hold the images", root
-        )
-        root = None
+    artifacts += write_postprocessing(
+        out, found.whitening, found.calibration, found.threshold, name
+    )
+    root = pictures_root(cfg.images_root, inputs.embeddings)
     if root is not None:
         exact = exact_duplicates(ids, root)
         exact.to_parquet(out / "exact_duplicates.parquet", index=False)
         metrics["exact_duplicates"] = len(exact)
-    if codes is not None:
-        hits = shares_group(codes, candidates["a"].to_numpy(), candidates["b"].to_numpy())
-        n_true = count_true_pairs(codes)
-        metrics.update(
-            pair_scores(int(above.sum()), int(hits[above].sum()), n_true),
-            true_pairs=n_true,
-            ap=average_precision(similarities, hits, n_true),
-        )
-        curve = pr_curve(similarities, hits, n_true)
-        curve.to_csv(out / "pr_curve.csv", index=False)
-        artifacts += [
-            out / "pr_curve.csv",
-            plots.save(
-                plots.pr_figure(curve, threshold, f"{source.stem}: near-duplicate pairs"),
-                out / "pr_curve.png",
-            ),
-        ]
+    if inputs.codes is not None:
+        scores, curve = truth_scores(inputs.codes, found.candidates, found.threshold)
+        metrics.update(scores)
+        artifacts += write_pr_curve(out, curve, found.threshold, name)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    layer = embeddings.metadata["layer"]
+    layer = inputs.embeddings.metadata["layer"]
     write_headline(params.headline_file, layer, metrics, ["dedup_ap", "dedup_f1"])
     if root is not None:
-        title = f"{source.stem}: pairs nearest the threshold {threshold:.3f}"
-        shown = around_threshold(candidates, threshold, params.top_pairs)
-        artifacts.append(
-            plots.save(top_pairs_figure(shown, ids, root, title), out / "top_pairs.png")
+        title = f"{name}: pairs nearest the threshold {found.threshold:.3f}"
+        shown = around_threshold(found.candidates, found.threshold, params.top_pairs)
+        figure = top_pairs_figure(shown, ids, root, title)
+        artifacts.append(plots.save(figure, out / "top_pairs.png"))
+    return metrics, artifacts
+
+
+def clear_outputs(out: Path) -> None:
+    """The output folder, made if need be, without an earlier run's OPTIONAL_OUTPUTS."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in OPTIONAL_OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+
+
+def write_pairs(out: Path, ids: list[str], found: Duplicates) -> None:
+    """pairs.parquet (the pairs at or above the threshold) and groups.parquet (the images in a
+    group)."""
+    search = found.search
+    pd.DataFrame(
+        {
+            "image_a": [ids[a] for a in search.pairs_a],
+            "image_b": [ids[b] for b in search.pairs_b],
+            "similarity": search.similarity,
+        }
+    ).to_parquet(out / "pairs.parquet", index=False)
+    grouped = found.groups >= 0
+    pd.DataFrame({"image_id": np.array(ids)[grouped], "group": found.groups[grouped]}).to_parquet(
+        out / "groups.parquet", index=False
+    )
+
+
+def search_metrics(inputs: DedupInputs, found: Duplicates, params: DedupConfig) -> dict:
+    """The threshold, pairs and groups found, the search's measured recall, the whitening's
+    settings and the calibration's numbers."""
+    n, search = len(inputs.embeddings.ids), found.search
+    metrics: dict = {
+        "n_images": n,
+        "threshold": found.threshold,
+        "threshold_auto": params.threshold == "auto",
+        "n_pairs": len(search.pairs_a),
+        "n_groups": int(found.groups.max() + 1) if n else 0,
+        **({"recall_at_k": search.recall_at_k} if search.recall_at_k is not None else {}),
+        **({"pair_recall": search.pair_recall} if search.pair_recall is not None else {}),
+        **whitening_metrics(found.whitening, params),
+    }
+    if found.calibration is not None:
+        metrics.update(found.calibration.metrics(), calibration_images=inputs.copies.images)
+    return metrics
+
+
+def pictures_root(configured: str | None, embeddings: Embeddings) -> Path | None:
+    """Where the images are, for the exact-copy pass and the pictures; None, with a warning,
+    when the folder named does not hold them."""
+    root = images_root(configured, embeddings.metadata)
+    if root is not None and not (root / embeddings.ids[0]).is_file():
+        log.warning(
+            "no exact-copy pass, no pictures: images_root=%s does not hold the images", root
         )
-    summary = (
-        f"{len(pairs)} pairs in {metrics['n_groups']} groups at cosine similarity "
-        f">= {threshold:.3f}{' (calibrated)' if params.threshold == 'auto' else ''}"
+        return None
+    return root
+
+
+def write_pr_curve(out: Path, curve: pd.DataFrame, threshold: float, name: str) -> list[Path]:
+    """pr_curve.csv and pr_curve.png."""
+    curve.to_csv(out / "pr_curve.csv", index=False)
+    figure = plots.pr_figure(curve, threshold, f"{name}: near-duplicate pairs")
+    return [out / "pr_curve.csv", plots.save(figure, out / "pr_curve.png")]
+
+
+def summarise(found: Duplicates, metrics: dict, calibrated: bool, out: Path) -> str:
+    """The run's one line: pairs and groups at the threshold, and the scores when known."""
+    return (
+        f"{len(found.search.pairs_a)} pairs in {metrics['n_groups']} groups at cosine "
+        f"similarity >= {found.threshold:.3f}{' (calibrated)' if calibrated else ''}"
         + (
             f" (precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f})"
             if "precision" in metrics
             else ""
         )
         + f" -> {out}"
-    )
-    log.info("%s", summary)
-    return StageResult(
-        output_dir=out,
-        metrics={k: v for k, v in metrics.items() if isinstance(v, float | int)},
-        artifacts=artifacts,
-        tags={"search": found.summary()},
-        inputs=inputs,
-        summary=summary,
     )
 
 

@@ -19,8 +19,8 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError
-from pipeline.results import StageResult, write_headline
-from pipeline.storage.contract import embeddings_input, existing_embeddings
+from pipeline.results import DatasetRef, StageResult, write_headline
+from pipeline.storage.contract import Embeddings, embeddings_input, existing_embeddings
 from pipeline.storage.inputs import read_layer
 
 log = logging.getLogger(__name__)
@@ -63,24 +63,9 @@ def probe_scores(
 
 
 def run(cfg: PipelineConfig) -> StageResult:
-    source = existing_embeddings(cfg.embeddings)
-    embeddings = read_layer(source, cfg.verify)
-    inputs = [embeddings_input(source, embeddings.metadata)]
-    if not embeddings.ids:
-        raise ConfigError(f"embeddings {source} hold no images: nothing to probe")
-    labelled = [i for i, label in enumerate(embeddings.labels or []) if label is not None]
-    if not labelled:
-        raise ConfigError(
-            f"{source} has no labels to probe: extract from a dataset with labels ({LABEL_KEYS})"
-        )
-    if len(labelled) < len(embeddings.ids):
-        log.info(
-            "left out %d of %d images: they have no label",
-            len(embeddings.ids) - len(labelled),
-            len(embeddings.ids),
-        )
-    labels = [embeddings.labels[i] for i in labelled]
     p = cfg.probe
+    source, embeddings, labelled, record = read_labelled(cfg)
+    labels = [embeddings.labels[i] for i in labelled]
     scores = probe_scores(embeddings.vectors[labelled], labels, p.folds, p.c, p.max_iter, p.seed)
     out = Path(p.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,9 +81,31 @@ def run(cfg: PipelineConfig) -> StageResult:
         output_dir=out,
         metrics=scores,
         artifacts=[out / "probe.json"],
-        inputs=inputs,
+        inputs=[record],
         summary=summary,
     )
+
+
+def read_labelled(cfg: PipelineConfig) -> tuple[Path, Embeddings, list[int], DatasetRef]:
+    """The layer's folder, its embeddings (checked), the rows that have a label (the others are
+    left out, and said to be), and the embeddings as the run's input."""
+    source = existing_embeddings(cfg.embeddings)
+    embeddings = read_layer(source, cfg.verify)
+    record = embeddings_input(source, embeddings.metadata)
+    if not embeddings.ids:
+        raise ConfigError(f"embeddings {source} hold no images: nothing to probe")
+    labelled = [i for i, label in enumerate(embeddings.labels or []) if label is not None]
+    if not labelled:
+        raise ConfigError(
+            f"{source} has no labels to probe: extract from a dataset with labels ({LABEL_KEYS})"
+        )
+    if len(labelled) < len(embeddings.ids):
+        log.info(
+            "left out %d of %d images: they have no label",
+            len(embeddings.ids) - len(labelled),
+            len(embeddings.ids),
+        )
+    return source, embeddings, labelled, record
 
 
 if __name__ == "__main__":

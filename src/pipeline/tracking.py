@@ -8,7 +8,9 @@ reason, never left RUNNING. Only `tracking.required=true` makes that a non-zero 
 A store on this machine (the default SQLite file) is waited for, however long it takes: it
 answers or fails on its own. A server gets a deadline per call, so one that never answers costs
 seconds, not the user's run; a call that answers after its deadline is undone (the run it made
-is ended FAILED), and the command waits for such calls at exit, at most CALL_S.
+is ended FAILED), and the command waits for such calls at exit, at most CALL_S. How a call is
+bounded, undone and waited for, and how a new local store is opened one process at a time, is
+`tracking_calls`, which needs no MLflow.
 """
 
 from __future__ import annotations
@@ -20,10 +22,8 @@ import logging
 import os
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,12 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import TrackingConfig
 from pipeline.results import DatasetRef, StageResult
 from pipeline.storage.staging import Lock
+from pipeline.tracking_calls import (
+    in_background,
+    local_store_made_once,
+    wait_for_late_calls,
+    within,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,66 +86,15 @@ def is_local(uri: str) -> bool:
     return uri.startswith("sqlite:")
 
 
-# Calls still running past their deadline, and the undoing of what they did: waited for at exit.
-_late: list[threading.Thread] = []
-
-
-def within(
-    seconds: float | None,
-    call: Callable[..., Any],
-    *args: Any,
-    late: Callable[[Any], None] | None = None,
-    **kwargs: Any,
-) -> Any:
-    """`call(...)`, or TimeoutError after `seconds` (None: as long as it takes). A store that
-    never answers (a dead server) must not hold the user's run, so the call goes on in a daemon
-    thread; if it answers after all, `late` gets its value there, to undo what it made."""
-    if seconds is None:
-        return call(*args, **kwargs)
-    answer: Future = Future()
-
-    def target() -> None:
-        try:
-            answer.set_result(call(*args, **kwargs))
-        except BaseException as err:  # handed to the caller's thread
-            answer.set_exception(err)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if answer.done():
-        return answer.result()
-    _late.append(thread)
-    if late is not None:
-
-        def undo(done: Future) -> None:  # in the call's thread, or in this one if it just ended
-            if done.exception() is None:
-                in_background(lambda: late(done.result()))
-
-        answer.add_done_callback(undo)
-    raise TimeoutError(f"no answer within {seconds:g} s")
-
-
-def in_background(call: Callable[[], None]) -> None:
-    """`call()` in a daemon thread the command waits for at exit (a server may be slow)."""
-    thread = threading.Thread(target=call, daemon=True)
-    _late.append(thread)
-    thread.start()
-
-
 @atexit.register
 def _wait_for_late_calls() -> None:
-    """A late call may still create a run, or an undoing still end one: without this wait the
-    run stays RUNNING forever. At most CALL_S: by then MLflow's HTTP timeout has ended them."""
-    if not any(t.is_alive() for t in _late):
-        return
-    log.warning(
-        "waiting up to %.0f s for the tracking server's late answers, to end the runs they made",
-        CALL_S,
-    )
-    until = time.monotonic() + CALL_S
-    for thread in _late:
-        thread.join(max(0.0, until - time.monotonic()))
+    """At most CALL_S: by then MLflow's HTTP timeout has ended the late calls."""
+    wait_for_late_calls(CALL_S)
+
+
+def _reason(err: BaseException) -> str:
+    """An error in one line: its type and its message's first line."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 class Run:
@@ -147,10 +102,15 @@ class Run:
     logged once, ends the run FAILED and turns the rest into no-ops. With tracking off, every
     call is a no-op from the start."""
 
-    def __init__(self, client: MlflowClient | None = None, run_id: str | None = None) -> None:
+    def __init__(
+        self,
+        client: MlflowClient | None = None,
+        run_id: str | None = None,
+        error: Exception | None = None,
+    ) -> None:
         self.client = client
         self.run_id = run_id
-        self.error: Exception | None = None
+        self.error = error  # set: tracking is off
         self.deadline_s = None if client is None or is_local(client.tracking_uri) else CALL_S
 
     @property
@@ -172,7 +132,7 @@ class Run:
 
     def fail(self, err: Exception, action: str) -> None:
         self.error = err
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        reason = _reason(err)
         log.warning(
             "tracking failed %s (%s); the outputs are written, tracking is off for the rest of "
             "this run",
@@ -247,25 +207,6 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
         return experiment.experiment_id
 
 
-@contextlib.contextmanager
-def local_store_made_once(uri: str) -> Iterator[None]:
-    """Held while a local SQLite store is first opened (MLflow creates and migrates its tables
-    then) and its experiment looked up or created: two commands started at once in a new
-    folder both made the tables, and one failed ("table runs already exists"). A lock file
-    beside the database; a no-op for other stores."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    lock = Lock(Path(uri.removeprefix("sqlite:///") + ".lock"))
-    if not lock.acquire(wait=False):  # said, so that a long wait is not a silent hang
-        log.info("waiting for another command (%s) to open the tracking store", lock.holder())
-        lock.acquire(wait=True)
-    try:
-        yield
-    finally:
-        lock.release()
-
-
 def start_run(
     settings: TrackingConfig,
     stage: str,
@@ -301,17 +242,10 @@ def start_run(
             None if is_local(uri) else FIRST_CALL_S, create, late=lambda run: run.abandon(gave_up)
         )
     except Exception as err:
-        run = Run()
         log.warning(
-            "tracking failed: no MLflow run %r at %s (%s: %s); %s",
-            name,
-            uri,
-            type(err).__name__,
-            str(err).splitlines()[0] if str(err) else "",
-            consequence,
+            "tracking failed: no MLflow run %r at %s (%s); %s", name, uri, _reason(err), consequence
         )
-        run.error = err
-        return run
+        return Run(error=err)
 
 
 @contextlib.contextmanager
@@ -475,9 +409,7 @@ def _job_run(settings: TrackingConfig, stage: str, name: str) -> Run:
         return start_run(settings, stage, name, {})
     parent = sweep_parent(settings, folder)
     if parent is None:
-        run = Run()
-        run.error = RuntimeError("the sweep's parent run could not be made")
-        return run
+        return Run(error=RuntimeError("the sweep's parent run could not be made"))
     return start_run(settings, stage, name, {MLFLOW_PARENT_RUN_ID: parent})
 
 

@@ -1,2 +1,3 @@
 """Vectors after extraction: normalising and whitening, nearest-neighbour search (exact or
-faiss), and calibrating a duplicate threshold. Pure numpy/faiss: no files, no models."""
+faiss), calibrating a duplicate threshold, and scoring pairs against true groups. Pure
+numpy/faiss: no files, no models."""
