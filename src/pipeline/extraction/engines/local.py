@@ -45,11 +45,17 @@ class LocalEngine:
         dataset: ImageDataset,
         preprocess: Preprocess,
     ) -> Iterator[Forwarded]:
-        """Every batch of `dataset` through the model, in order."""
+        """Every batch of `dataset` through the model, in order. The loader is planned (and its
+        settings checked) here, before the loop's progress bar starts."""
         del hook_plan  # the hooks are on this process's model already
-        batch_size = self.cfg.batch_size
         plan = extraction_plan(self.cfg, len(dataset), self.device, self.decode)
         log.info("loader: %s", plan.describe())
+        return self._forwarded(plan, hooks, dataset, preprocess)
+
+    def _forwarded(
+        self, plan: LoaderPlan, hooks: LayerHooks, dataset: ImageDataset, preprocess: Preprocess
+    ) -> Iterator[Forwarded]:
+        batch_size = self.cfg.batch_size
         with torch_threads(plan.main_threads):
             if plan.model_in_workers:
                 yield from batch_loader(
