@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -24,13 +23,7 @@ from pipeline.images.data import (
     table_manifest,
 )
 
-from conftest import write_image
-
-
-def _encode(ext: str, image: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(ext, image)
-    assert ok
-    return data.tobytes()
+from conftest import encoded, write_image
 
 
 @pytest.mark.parametrize(
@@ -44,7 +37,7 @@ def _encode(ext: str, image: np.ndarray) -> bytes:
     ids=["grey", "alpha", "16-bit", "16-bit-grey"],
 )
 def test_every_png_kind_decodes_to_8bit_rgb(image: np.ndarray) -> None:
-    rgb = decode_image(_encode(".png", image))
+    rgb = decode_image(encoded(image, ".png"))
     assert rgb.shape == (5, 7, 3) and rgb.dtype == np.uint8
     assert abs(int(rgb[0, 0, 0]) - 200) <= 1
 
@@ -57,7 +50,7 @@ def test_palette_png_and_channel_order(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"not an image at all", _encode(".jpg", np.zeros((32, 32, 3), np.uint8))[:40]],
+    [b"", b"not an image at all", encoded(np.zeros((32, 32, 3), np.uint8), ".jpg")[:40]],
     ids=["empty", "text", "truncated"],
 )
 def test_unreadable_bytes_raise_image_error(data: bytes) -> None:
