@@ -127,14 +127,19 @@ def many_images(root: Path, n: int) -> Path:
     return root
 
 
+# What the `photos` fixture holds: scikit-image's photos by name, in a folder per label.
+PHOTOS_BY_LABEL = {
+    "animals": ["chelsea", "astronaut", "coffee"],
+    "scenes": ["rocket", "camera", "coins"],
+}
+N_PHOTOS = sum(len(names) for names in PHOTOS_BY_LABEL.values())
+
+
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Six real photos from scikit-image, small, in two labelled folders."""
+    """N_PHOTOS real photos from scikit-image, small, in two labelled folders."""
     root = tmp_path_factory.mktemp("photos")
-    for label, names in {
-        "animals": ["chelsea", "astronaut", "coffee"],
-        "scenes": ["rocket", "camera", "coins"],
-    }.items():
+    for label, names in PHOTOS_BY_LABEL.items():
         for name in names:
             image = getattr(skimage.data, name)()
             small = cv2.resize(image, (96, 96), interpolation=cv2.INTER_AREA)

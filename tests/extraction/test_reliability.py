@@ -26,6 +26,7 @@ from pipeline.images.data import (
 from pipeline.storage.staging import staging_root
 
 from conftest import (
+    N_PHOTOS,
     SMALL,
     TINY_MODEL,
     bad_and_good_files,
@@ -99,7 +100,7 @@ def test_nan_embeddings_are_never_written_as_rows(tmp_path: Path, photos: Path) 
     )
     assert done.returncode == 0, done.stderr
     failures = pd.read_parquet(tmp_path / "out/failures.parquet")
-    assert len(failures) == 6 and set(failures["error"]) == {"NonFiniteEmbedding"}
+    assert len(failures) == N_PHOTOS and set(failures["error"]) == {"NonFiniteEmbedding"}
     assert "NaN or Inf in layer logits" in failures["reason"].iloc[0]
     assert len(pd.read_parquet(tmp_path / "out/logits.parquet")) == 0
 

@@ -116,7 +116,8 @@ def test_csv_manifest_checks_columns_ids_and_root(tmp_path: Path, photos: Path) 
 def test_demo_set_is_deterministic_with_planted_groups(tmp_path: Path) -> None:
     first, second = demo.build(tmp_path / "a"), demo.build(tmp_path / "b")
     pd.testing.assert_frame_equal(first, second)
-    assert len(first) == 6 * len(demo.photos()) and first["group"].nunique() == len(demo.photos())
+    assert len(first) == (1 + len(demo.VARIANTS)) * len(demo.photos())
+    assert first["group"].nunique() == len(demo.photos())
     for path in first["path"][:12]:
         assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
     image = decode_image((tmp_path / "a" / first["path"].iloc[1]).read_bytes())
