@@ -1,4 +1,6 @@
-"""Shared fixtures: small real photos on disk and a way to run the CLI as a user would."""
+"""What the tests share, in every folder under tests/ (`from conftest import ...`): small real
+photos on disk, a way to run the CLI as a user would, image files as bytes, scraped folders of
+bad and good files, and layer folders as the writer publishes them or broken."""
 
 from __future__ import annotations
 
