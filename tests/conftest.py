@@ -1,7 +1,10 @@
-"""Shared fixtures: small real photos on disk and a way to run the CLI as a user would."""
+"""What the tests share, in every folder under tests/ (`from conftest import ...`): small real
+photos on disk, a way to run the CLI as a user would, image files as bytes, scraped folders of
+bad and good files, and layer folders as the writer publishes them or broken."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -14,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import skimage.data
+from PIL import Image
 
 from pipeline.app import compose_config
 from pipeline.config import PipelineConfig
@@ -64,14 +68,80 @@ def write_image(path: Path, rgb: np.ndarray) -> Path:
     return path
 
 
+# --- image files as bytes -----------------------------------------------------------------------
+
+
+def encoded(image: np.ndarray, ext: str, *params: int) -> bytes:
+    """`image` (grey, RGB or RGBA; 8 or 16 bits) as the bytes of an `ext` file, by OpenCV."""
+    channels = image.shape[2] if image.ndim == 3 else 1
+    if channels in (3, 4):  # OpenCV's order: BGR, BGRA
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR if channels == 3 else cv2.COLOR_RGBA2BGRA)
+    ok, data = cv2.imencode(ext, image, list(params))
+    assert ok, ext
+    return data.tobytes()
+
+
+def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
+    return encoded(rgb, ".jpg", cv2.IMWRITE_JPEG_QUALITY, quality)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    return encoded(image, ".png")
+
+
+def pil_bytes(image: np.ndarray, fmt: str, mode: str | None = None, **options: object) -> bytes:
+    """`image` saved by Pillow as `fmt` (with its `options`), converted to `mode` first."""
+    picture = Image.fromarray(image)
+    out = io.BytesIO()
+    (picture.convert(mode) if mode else picture).save(out, fmt, **options)
+    return out.getvalue()
+
+
+def bad_and_good_files(root: Path) -> dict[str, str | None]:
+    """Every kind of file a scraped folder holds: id -> the reason it must fail, or None."""
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 255, (40, 48, 3), np.uint8)
+    files: dict[str, tuple[bytes, str | None]] = {
+        "empty.jpg": (b"", "empty file"),
+        "truncated.jpg": (jpeg_bytes(photo)[:300], "truncated JPEG"),
+        "truncated.png": (png_bytes(photo)[:200], "truncated PNG"),
+        "text.png": (b"this is not an image\n" * 20, "not an image"),
+        "huge.png": (png_bytes(np.zeros((300, 300), np.uint8)), "over max_image_pixels"),
+        "cmyk.jpg": (pil_bytes(photo, "JPEG", "CMYK"), None),
+        "sixteen.png": (png_bytes(np.full((30, 30, 3), 40000, np.uint16)), None),
+        "palette.png": (pil_bytes(photo, "PNG", "P"), None),
+        "alpha.png": (png_bytes(np.full((30, 30, 4), 200, np.uint8)), None),
+        "tiny.png": (png_bytes(np.full((1, 1, 3), 9, np.uint8)), None),
+    }
+    for i in range(8):
+        files[f"good{i}.jpg"] = (jpeg_bytes(rng.integers(0, 255, (36, 36, 3), np.uint8)), None)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, (data, _) in files.items():
+        (root / name).write_bytes(data)
+    return {name: reason for name, (_, reason) in files.items()}
+
+
+def many_images(root: Path, n: int) -> Path:
+    """n small random PNGs, 0000.png, 0001.png, ..., in `root`."""
+    rng = np.random.default_rng(7)
+    for i in range(n):
+        write_image(root / f"{i:04d}.png", rng.integers(0, 255, (24, 24, 3), np.uint8))
+    return root
+
+
+# What the `photos` fixture holds: scikit-image's photos by name, in a folder per label.
+PHOTOS_BY_LABEL = {
+    "animals": ["chelsea", "astronaut", "coffee"],
+    "scenes": ["rocket", "camera", "coins"],
+}
+N_PHOTOS = sum(len(names) for names in PHOTOS_BY_LABEL.values())
+
+
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Six real photos from scikit-image, small, in two labelled folders."""
+    """N_PHOTOS real photos from scikit-image, small, in two labelled folders."""
     root = tmp_path_factory.mktemp("photos")
-    for label, names in {
-        "animals": ["chelsea", "astronaut", "coffee"],
-        "scenes": ["rocket", "camera", "coins"],
-    }.items():
+    for label, names in PHOTOS_BY_LABEL.items():
         for name in names:
             image = getattr(skimage.data, name)()
             small = cv2.resize(image, (96, 96), interpolation=cv2.INTER_AREA)

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from pipeline.storage.contract import read_manifest, read_metadata
 
-from conftest import TINY_MODEL, run_cli
+from conftest import N_PHOTOS, TINY_MODEL, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,9 @@ def test_local_store_records_params_metrics_tags_artifacts(tmp_path: Path, photo
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     assert params["model.name"] == "test_efficientnet" and params["pool"] == "grid"
     assert params["layers"] == "['blocks.1', 'global_pool']" and params["dataset.kind"] == "folder"
-    assert metrics["images"] == 6 and metrics["failures"] == 0 and metrics["images_per_s"] > 0
+    assert (
+        metrics["images"] == N_PHOTOS and metrics["failures"] == 0 and metrics["images_per_s"] > 0
+    )
     assert metrics["dim.blocks.1"] > 0 and metrics["dim.global_pool"] > 0
     assert tags["stage"] == "extract" and len(tags["config_hash"]) == 16
     assert tags["device"] == "cpu" and len(tags["mlflow.source.git.commit"]) == 40
@@ -190,7 +192,7 @@ def test_runs_go_to_a_tracking_server(tmp_path: Path, photos: Path, mlflow_serve
     assert not (tmp_path / "outputs/mlflow.db").exists()
     client = MlflowClient(mlflow_server)
     [run] = _runs(client)
-    assert run.info.status == "FINISHED" and run.data.metrics["images"] == 6
+    assert run.info.status == "FINISHED" and run.data.metrics["images"] == N_PHOTOS
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "embeddings_pca.png"} <= artifacts
 
@@ -201,7 +203,7 @@ def test_server_down_costs_nothing_but_a_warning(tmp_path: Path, photos: Path) -
     assert done.returncode == 0, done.stderr
     assert "tracking failed" in done.stdout + done.stderr
     out = tmp_path / "outputs/embeddings/photos/test_efficientnet-random/global_pool.parquet"
-    assert len(pd.read_parquet(out)) == 6
+    assert len(pd.read_parquet(out)) == N_PHOTOS
 
     shutil.rmtree(out)
     required = run_cli(
@@ -209,7 +211,7 @@ def test_server_down_costs_nothing_but_a_warning(tmp_path: Path, photos: Path) -
     )
     assert required.returncode != 0
     assert "tracking.required=true" in required.stdout + required.stderr
-    assert len(pd.read_parquet(out)) == 6
+    assert len(pd.read_parquet(out)) == N_PHOTOS
 
 
 def test_sweep_jobs_never_overwrite_each_other(tmp_path: Path, photos: Path) -> None:

@@ -23,9 +23,11 @@ from conftest import REPO
 HUB_PRESETS = ("efficientnet_b0", "resnet18", "resnet50", "convnext_tiny", "vit_small", "timm")
 SKIPPED = {
     "hydra/launcher=submitit_slurm": "a SLURM cluster",
-    "MLFLOW_TRACKING_URI=http": "a tracking server (tests/test_tracking.py runs one)",
+    "MLFLOW_TRACKING_URI=http": "a tracking server (tests/commands/test_tracking.py runs one)",
     "python3 -m venv": "the set-up itself, which CI runs",
-    "engine=ray": "a Ray cluster's start per command (tests/test_ray.py runs the engine's CLI)",
+    "engine=ray": (
+        "a Ray cluster's start per command (tests/extraction/test_ray.py runs the engine's CLI)"
+    ),
 }
 AUTOENCODER = """
 import torch

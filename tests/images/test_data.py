@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -25,13 +24,7 @@ from pipeline.images.manifest import (
 )
 from pipeline.images.preprocess import build_transform, resolve_preprocess
 
-from conftest import composed, write_image
-
-
-def _encode(ext: str, image: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(ext, image)
-    assert ok
-    return data.tobytes()
+from conftest import composed, encoded, write_image
 
 
 @pytest.mark.parametrize(
@@ -45,7 +38,7 @@ def _encode(ext: str, image: np.ndarray) -> bytes:
     ids=["grey", "alpha", "16-bit", "16-bit-grey"],
 )
 def test_every_png_kind_decodes_to_8bit_rgb(image: np.ndarray) -> None:
-    rgb = decode_image(_encode(".png", image))
+    rgb = decode_image(encoded(image, ".png"))
     assert rgb.shape == (5, 7, 3) and rgb.dtype == np.uint8
     assert abs(int(rgb[0, 0, 0]) - 200) <= 1
 
@@ -58,7 +51,7 @@ def test_palette_png_and_channel_order(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"not an image at all", _encode(".jpg", np.zeros((32, 32, 3), np.uint8))[:40]],
+    [b"", b"not an image at all", encoded(np.zeros((32, 32, 3), np.uint8), ".jpg")[:40]],
     ids=["empty", "text", "truncated"],
 )
 def test_unreadable_bytes_raise_image_error(data: bytes) -> None:
@@ -124,7 +117,8 @@ def test_csv_manifest_checks_columns_ids_and_root(tmp_path: Path, photos: Path) 
 def test_demo_set_is_deterministic_with_planted_groups(tmp_path: Path) -> None:
     first, second = demo.build(tmp_path / "a"), demo.build(tmp_path / "b")
     pd.testing.assert_frame_equal(first, second)
-    assert len(first) == 6 * len(demo.photos()) and first["group"].nunique() == len(demo.photos())
+    assert len(first) == (1 + len(demo.VARIANTS)) * len(demo.photos())
+    assert first["group"].nunique() == len(demo.photos())
     for path in first["path"][:12]:
         assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
     image = decode_image((tmp_path / "a" / first["path"].iloc[1]).read_bytes())

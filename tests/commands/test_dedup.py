@@ -1,5 +1,5 @@
 """Near-duplicate detection: planted pairs are found and scored, and the CLI writes the
-contract's files (the search itself is tests/test_neighbours.py's)."""
+contract's files (the search itself is tests/search/test_neighbours.py's)."""
 
 from __future__ import annotations
 

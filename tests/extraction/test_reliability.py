@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -16,7 +14,6 @@ import timm
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from pipeline.images.decode import decode_image
 from pipeline.images.formats import ImageError
@@ -25,45 +22,18 @@ from pipeline.images.manifest import table_manifest
 from pipeline.images.preprocess import Preprocess, build_transform
 from pipeline.storage.staging import staging_root
 
-from conftest import TINY_MODEL, run_cli, start_until_chunks, write_image
-
-SMALL = [*TINY_MODEL, "model.input_size=[3,32,32]", "batch_size=4"]
-
-
-def _jpeg(rgb: np.ndarray) -> bytes:
-    return cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
-
-
-def _png(image: np.ndarray) -> bytes:
-    return cv2.imencode(".png", image)[1].tobytes()
-
-
-def bad_and_good_files(root: Path) -> dict[str, str | None]:
-    """Every kind of file a scraped folder holds: id -> the reason it must fail, or None."""
-    rng = np.random.default_rng(0)
-    photo = rng.integers(0, 255, (40, 48, 3), np.uint8)
-    cmyk = io.BytesIO()
-    Image.fromarray(photo).convert("CMYK").save(cmyk, "JPEG")
-    palette = io.BytesIO()
-    Image.fromarray(photo).convert("P").save(palette, "PNG")
-    files: dict[str, tuple[bytes, str | None]] = {
-        "empty.jpg": (b"", "empty file"),
-        "truncated.jpg": (_jpeg(photo)[:300], "truncated JPEG"),
-        "truncated.png": (_png(photo)[:200], "truncated PNG"),
-        "text.png": (b"this is not an image\n" * 20, "not an image"),
-        "huge.png": (_png(np.zeros((300, 300), np.uint8)), "over max_image_pixels"),
-        "cmyk.jpg": (cmyk.getvalue(), None),
-        "sixteen.png": (_png(np.full((30, 30, 3), 40000, np.uint16)), None),
-        "palette.png": (palette.getvalue(), None),
-        "alpha.png": (_png(np.full((30, 30, 4), 200, np.uint8)), None),
-        "tiny.png": (_png(np.full((1, 1, 3), 9, np.uint8)), None),
-    }
-    for i in range(8):
-        files[f"good{i}.jpg"] = (_jpeg(rng.integers(0, 255, (36, 36, 3), np.uint8)), None)
-    root.mkdir(parents=True, exist_ok=True)
-    for name, (data, _) in files.items():
-        (root / name).write_bytes(data)
-    return {name: reason for name, (_, reason) in files.items()}
+from conftest import (
+    N_PHOTOS,
+    SMALL,
+    TINY_MODEL,
+    bad_and_good_files,
+    jpeg_bytes,
+    many_images,
+    png_bytes,
+    run_cli,
+    start_until_chunks,
+    write_image,
+)
 
 
 @pytest.mark.slow
@@ -127,16 +97,9 @@ def test_nan_embeddings_are_never_written_as_rows(tmp_path: Path, photos: Path) 
     )
     assert done.returncode == 0, done.stderr
     failures = pd.read_parquet(tmp_path / "out/failures.parquet")
-    assert len(failures) == 6 and set(failures["error"]) == {"NonFiniteEmbedding"}
+    assert len(failures) == N_PHOTOS and set(failures["error"]) == {"NonFiniteEmbedding"}
     assert "NaN or Inf in layer logits" in failures["reason"].iloc[0]
     assert len(pd.read_parquet(tmp_path / "out/logits.parquet")) == 0
-
-
-def many_images(root: Path, n: int) -> Path:
-    rng = np.random.default_rng(7)
-    for i in range(n):
-        write_image(root / f"{i:04d}.png", rng.integers(0, 255, (24, 24, 3), np.uint8))
-    return root
 
 
 @pytest.mark.slow
@@ -210,7 +173,10 @@ def test_manifest_outside_root_only_when_allowed(tmp_path: Path) -> None:
     assert manifest["image_id"].tolist() == [outside.as_posix()]
 
 
-VALID = [_png(np.full((9, 7, 3), 100, np.uint8)), _jpeg(np.full((9, 7, 3), 100, np.uint8))]
+VALID = [
+    png_bytes(np.full((9, 7, 3), 100, np.uint8)),
+    jpeg_bytes(np.full((9, 7, 3), 100, np.uint8)),
+]
 DATASET = ImageDataset(
     [], build_transform(Preprocess((3, 16, 16), 0.875, "bilinear", (0.5,) * 3, (0.5,) * 3))
 )

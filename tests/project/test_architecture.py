@@ -4,6 +4,7 @@ sideways import), stages import no MLflow, and an extraction writes each embeddi
 from __future__ import annotations
 
 import ast
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from pipeline import extract
 from pipeline.storage import contract as store
 
-from conftest import REPO, TINY_MODEL, composed
+from conftest import N_PHOTOS, REPO, TINY_MODEL, composed
 
 PACKAGE = REPO / "src/pipeline"
 STAGES = ["extract", "cluster", "dedup", "probe", "report", "visualize", "layers"]
@@ -199,6 +200,26 @@ def test_importing_the_package_leaves_opencv_and_matplotlib_as_they_were() -> No
     assert done.stdout.strip() == "svg"
 
 
+def test_test_files_share_builders_through_conftest_only() -> None:
+    """The tests' own layout: under tests/ (no __init__.py) pytest imports each file by its
+    name, so names are unique; a test file that imported another would run that file's module
+    code and tie the two to one folder, so shared builders live in conftest."""
+    files = sorted((REPO / "tests").rglob("test_*.py"))
+    names = {path.stem for path in files}
+    assert len(names) == len(files), "two test files of one name"
+    found = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported = [node.module]
+            else:
+                continue
+            found += [f"{path.name} imports {m}" for m in imported if m.split(".")[0] in names]
+    assert not found, found
+
+
 def _written_bytes() -> int:
     """Bytes this process has passed to write() so far (Linux)."""
     io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
@@ -236,7 +257,8 @@ def test_each_embedding_byte_is_written_once(
     result = extract.run(cfg)
     written = _written_bytes() - before
     parts = [p for p in writes if p.suffix == ".parquet" and p.name.startswith("part-")]
-    assert len(parts) == len(set(parts)) == 4 * 3  # 3 chunks x (3 layers + failures)
+    chunks = math.ceil(N_PHOTOS / 2)  # save_every=2 images
+    assert len(parts) == len(set(parts)) == chunks * 4  # a part per chunk of 3 layers + failures
     published = sum(o.bytes for o in result.outputs.values())
     assert published > 200_000  # the embeddings are what is measured here
     assert published <= written < 1.1 * published, (written, published)

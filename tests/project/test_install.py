@@ -20,7 +20,7 @@ import yaml
 from setuptools import find_namespace_packages
 from setuptools.config.pyprojecttoml import read_configuration
 
-from conftest import REPO
+from conftest import N_PHOTOS, REPO
 
 # A preset of a tiny timm model with random weights (fast, offline), as a user would write one.
 TINY_PRESET = "defaults:\n  - timm\n  - _self_\nname: test_efficientnet\npretrained: false\n"
@@ -119,7 +119,7 @@ def test_a_wheel_runs_from_anywhere(tmp_path: Path, photos: Path) -> None:
     frame = pd.read_parquet(
         elsewhere / f"outputs/embeddings/{photos.name}/test_efficientnet-random/global_pool.parquet"
     )
-    assert len(frame) == 6
+    assert len(frame) == N_PHOTOS
     listed = subprocess.run(
         [str(python), "-m", "pipeline.layers", "model=resnet18"],
         cwd=elsewhere,

@@ -124,12 +124,13 @@ class _Settings(torch.utils.data.Dataset):
 
 
 def test_loader_processes_are_single_threaded() -> None:
+    before = cv2.getNumThreads()
     cv2.setNumThreads(2)  # the parent's own setting is not what the workers run with
     try:
         loader = batch_loader(_Settings(), list, 1, 2, False, 2)
         seen = [sample for batch in loader for sample in batch]
     finally:
-        cv2.setNumThreads(1)
+        cv2.setNumThreads(before)
     assert seen == [(1, 1)] * 2
 
 

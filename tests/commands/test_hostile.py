@@ -29,6 +29,7 @@ from pipeline.storage.staging import staging_root
 
 from conftest import (
     BROKEN_LAYERS,
+    N_PHOTOS,
     SMALL,
     TINY_MODEL,
     broken_layer,
@@ -354,7 +355,7 @@ def test_a_tracking_server_that_never_answers_costs_a_warning(tmp_path: Path, ph
         )
     assert done.returncode == 0, done.stderr
     assert "tracking failed" in done.stdout + done.stderr
-    assert len(layer_rows(tmp_path / "out")) == 6
+    assert len(layer_rows(tmp_path / "out")) == N_PHOTOS
 
 
 def _layer_file(tmp_path: Path, name: str) -> Path:

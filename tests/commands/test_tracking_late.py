@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY_MODEL, run_cli
+from conftest import N_PHOTOS, TINY_MODEL, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def test_a_command_and_a_sweep_at_once_on_a_slow_new_store_are_tracked_in_full(
         "['global_pool']",
     ]
     assert sorted(r.data.params["layers"] for r in jobs) == ["['blocks.0']", "['global_pool']"]
-    assert all(r.data.metrics["images"] == 6 for r in extracts)
+    assert all(r.data.metrics["images"] == N_PHOTOS for r in extracts)
 
 
 class LateServer(ThreadingHTTPServer):

@@ -4,7 +4,6 @@ are all tested here; the same on CUDA where there is one."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import cv2
@@ -30,7 +29,7 @@ from pipeline.images.loader import ImageDataset
 from pipeline.images.preprocess import Preprocess, build_transform, resolve_preprocess
 from pipeline.storage.contract import read_metadata
 
-from conftest import composed, run_cli
+from conftest import composed, jpeg_bytes, pil_bytes, png_bytes, run_cli
 
 CPU = torch.device("cpu")
 IMAGENET = Preprocess(
@@ -42,16 +41,11 @@ PHOTOS = {
 
 
 def _jpeg(rgb: np.ndarray, width: int, height: int, quality: int = 90) -> bytes:
-    resized = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
-    return cv2.imencode(
-        ".jpg", cv2.cvtColor(resized, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
-    )[1].tobytes()
+    return jpeg_bytes(cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA), quality)
 
 
 def _pil(rgb: np.ndarray, mode: str = "RGB", **options: object) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(rgb).convert(mode).save(out, "JPEG", quality=90, **options)
-    return out.getvalue()
+    return pil_bytes(rgb, "JPEG", mode, quality=90, **options)
 
 
 def _rotated(rgb: np.ndarray) -> bytes:
@@ -73,7 +67,7 @@ SPECIAL = {  # name -> (bytes, decoded on the device?)
     "progressive.jpg": (_pil(SMALL, progressive=True), True),
     "rotated.jpg": (_rotated(SMALL), False),
     "cmyk.jpg": (_pil(SMALL, "CMYK"), False),
-    "photo.png": (cv2.imencode(".png", SMALL[..., ::-1])[1].tobytes(), False),
+    "photo.png": (png_bytes(SMALL), False),
 }
 BROKEN = {
     "bad-huffman.jpg": _bad_huffman(_jpeg(SMALL, 500, 375)),

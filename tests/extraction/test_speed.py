@@ -16,7 +16,7 @@ import torch
 from pipeline import extract
 from pipeline.storage.contract import read_metadata
 
-from conftest import REPO, TINY_MODEL, composed, run_cli
+from conftest import N_PHOTOS, REPO, TINY_MODEL, composed, run_cli
 
 
 def _embeddings(folder: Path, layer: str) -> np.ndarray:
@@ -25,8 +25,9 @@ def _embeddings(folder: Path, layer: str) -> np.ndarray:
 
 @pytest.mark.slow
 def test_compile_writes_what_eager_mode_writes(tmp_path: Path, photos: Path) -> None:
-    """Two hooked layers, the early stop after the second, 6 images in batches of 4 (the short
-    last batch is padded); the metadata says the model was compiled."""
+    """Two hooked layers, the early stop after the second, the photos in batches of 4 (the
+    short last batch is padded); the metadata says the model was compiled."""
+    assert N_PHOTOS % 4, "the photos fill their last batch of 4: no short batch to pad"
     args = [
         *TINY_MODEL,
         "dataset=folder",

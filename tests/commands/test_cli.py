@@ -16,7 +16,7 @@ import torch
 
 from pipeline.storage.contract import read_metadata
 
-from conftest import TINY_MODEL, run_cli, write_image
+from conftest import N_PHOTOS, PHOTOS_BY_LABEL, TINY_MODEL, run_cli, write_image
 
 pytestmark = pytest.mark.slow
 
@@ -68,13 +68,13 @@ def test_folder_several_layers_logits_and_a_corrupt_file(tmp_path: Path, photos:
     assert "global_pool.parquet" in written and "logits.parquet" in written
     assert "blocks.0.parquet" in written and "failures.parquet" in written
     frame = pd.read_parquet(out / "logits.parquet")
-    assert len(frame) == 6 and "scenes/broken.png" not in set(frame["image_id"])
-    assert frame["label"].tolist() == ["animals"] * 3 + ["scenes"] * 3
+    assert len(frame) == N_PHOTOS and "scenes/broken.png" not in set(frame["image_id"])
+    assert frame["label"].tolist() == [k for k, names in PHOTOS_BY_LABEL.items() for _ in names]
     assert len(frame["embedding"].iloc[0]) == 1000
     failures = pd.read_parquet(out / "failures.parquet")
     assert failures["image_id"].tolist() == ["scenes/broken.png"]
     assert failures["reason"].iloc[0] == "truncated PNG (no IHDR chunk)"
-    assert ds.dataset(out / "blocks.0.parquet").count_rows() == 6
+    assert ds.dataset(out / "blocks.0.parquet").count_rows() == N_PHOTOS
 
 
 def test_csv_manifest_and_same_config_same_bytes(tmp_path: Path, photos: Path) -> None:

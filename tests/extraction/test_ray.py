@@ -18,7 +18,6 @@ import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
-from test_reliability import bad_and_good_files, many_images
 
 from pipeline.config import Engine, EngineConfig, Pool, Precision
 from pipeline.extraction.hooks import HookPlan, LayerHooks
@@ -28,7 +27,7 @@ from pipeline.images.preprocess import build_transform, resolve_preprocess
 from pipeline.storage.contract import METADATA_KEY
 from pipeline.storage.staging import staging_root
 
-from conftest import TINY_MODEL, run_cli
+from conftest import TINY_MODEL, bad_and_good_files, many_images, run_cli
 
 ray = pytest.importorskip("ray")
 from pipeline.extraction.engines import ray as ray_engine  # noqa: E402
