@@ -9,8 +9,9 @@ import functools
 import logging
 import multiprocessing
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -150,6 +151,120 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+# A cgroup limit at or above this is no limit (cgroup v1 writes "unlimited" as ~2^63).
+_NO_LIMIT = 2**60
+
+
+def available_memory(
+    proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")
+) -> int | None:
+    """Bytes this process can still take: the smaller of the kernel's MemAvailable and the room
+    its cgroup leaves (cgroup v2 `memory.max`, v1 `memory.limit_in_bytes`, at its own level and
+    at every level above, less what the group holds but the page cache it can drop, its
+    inactive files). None where none of them can be read (not Linux)."""
+    found = [_meminfo_available(proc / "meminfo"), *_cgroup_rooms(proc / "self/cgroup", cgroups)]
+    known = [bytes_ for bytes_ in found if bytes_ is not None]
+    return max(0, min(known)) if known else None
+
+
+def _meminfo_available(meminfo: Path) -> int | None:
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_rooms(listing: Path, root: Path) -> list[int | None]:
+    """The room left at each level of this process's cgroups, v2 and v1 (memory controller)."""
+    try:
+        lines = listing.read_text().splitlines()
+    except OSError:
+        return []
+    rooms: list[int | None] = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: /sys/fs/cgroup itself, or its unified/ beside v1's
+            base = root if (root / "cgroup.controllers").is_file() else root / "unified"
+            files = ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            base, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                            "total_inactive_file")  # fmt: skip
+        else:
+            continue
+        # In a container the group is often mounted as the root, under a path that is not there.
+        level = base / path.lstrip("/")
+        level = level if level.is_dir() else base
+        while True:
+            rooms.append(_cgroup_room(level, *files))
+            if level == base or base not in level.parents:
+                break
+            level = level.parent
+    return rooms
+
+
+def _cgroup_room(level: Path, limit_file: str, usage_file: str, inactive: str) -> int | None:
+    """A cgroup's limit less what it holds beyond its inactive page cache; None for no limit."""
+    try:
+        limit_text = (level / limit_file).read_text().strip()
+        if limit_text == "max" or int(limit_text) >= _NO_LIMIT:
+            return None
+        usage = int((level / usage_file).read_text())
+        stat = dict(line.split() for line in (level / "memory.stat").read_text().splitlines())
+        return int(limit_text) - (usage - int(stat.get(inactive, 0)))
+    except (OSError, ValueError):
+        return None
+
+
+def private_memory() -> int | None:
+    """Bytes of this process's memory that no other process shares (its private pages, from
+    /proc/self/smaps_rollup): in a forked process, what it holds beyond its parent's pages.
+    None where the kernel does not say."""
+    try:
+        lines = Path("/proc/self/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return None
+    kb = [
+        int(line.split()[1])
+        for line in lines
+        if line.startswith(("Private_Clean:", "Private_Dirty:"))
+    ]
+    return sum(kb) * 1024 if kb else None
+
+
+@dataclass(frozen=True)
+class LoaderMemory:
+    """What a loader process holds of its own (beyond what it shares with the main process),
+    measured on one batch (`pipeline.extraction.forward.loader_memory`), in bytes.
+
+    Attributes:
+        model: decoding a batch and running the model on it.
+        decode: decoding a batch, without the model.
+        batch: the decoded batch tensor, which a decoding process hands on in shared memory.
+    """
+
+    model: int
+    decode: int
+    batch: int
+
+
+# What the plan counts for a loader process: its measured memory, and a quarter more, for the
+# later batches, whose other photos may leave its heap larger, and for the main process. With
+# resnet50 (random weights) at batch 32 on the demo photos, 2 cores: 0.79 GB measured (in 22 s
+# on the loaded machine), where the two processes of the run reached 0.59 and 0.81 GB.
+MEMORY_HEADROOM = 1.25
+# Fewer loader processes running the model, while they keep this share of the cores busy; below
+# it, the model in the main process on every core beside processes that only decode, which
+# reached 0.67-0.91 of the bound in benchmarks/throughput_bench.py.
+MODEL_PROCESS_SHARE = 0.75
+
+
+def _gb(size: float) -> str:
+    return f"{size / 2**30:.1f} GB" if size >= 0.1 * 2**30 else f"{size / 2**20:.0f} MB"
+
+
 @dataclass(frozen=True)
 class LoaderPlan:
     """How the cores are shared between the loader's processes and the model.
@@ -161,6 +276,7 @@ class LoaderPlan:
         pin_memory: page-locked batches, for asynchronous copies to a GPU.
         model_in_workers: each loader process also runs the model on the batches it decodes,
             one torch thread each, and hands on only the pooled rows (the CPU's plan).
+        memory: why the plan is not the usual one, where the memory decided it.
     """
 
     workers: int
@@ -168,23 +284,31 @@ class LoaderPlan:
     prefetch_factor: int | None
     pin_memory: bool
     model_in_workers: bool = False
+    memory: str = ""
 
     def describe(self) -> str:
         if not self.workers:
-            return f"decoding in the main process, {self.main_threads} torch threads"
-        if self.model_in_workers:
-            return (
+            plan = f"decoding in the main process, {self.main_threads} torch threads"
+        elif self.model_in_workers:
+            plan = (
                 f"{self.workers} loader processes, each decoding its batches and running the "
                 f"model on them (1 thread each, {self.prefetch_factor} batches ahead)"
             )
-        return (
-            f"{self.workers} loader processes (1 thread each, {self.prefetch_factor} "
-            f"batches ahead), {self.main_threads} torch threads in the main process"
-        )
+        else:
+            plan = (
+                f"{self.workers} loader processes (1 thread each, {self.prefetch_factor} "
+                f"batches ahead), {self.main_threads} torch threads in the main process"
+            )
+        return f"{plan}; {self.memory}" if self.memory else plan
 
 
 def plan_loader(
-    num_workers: int | None, batches: int, device: torch.device, *, model_in_main: bool = False
+    num_workers: int | None,
+    batches: int,
+    device: torch.device,
+    *,
+    model_in_main: bool = False,
+    memory: Callable[[], LoaderMemory | None] | None = None,
 ) -> LoaderPlan:
     """Workers and threads from the cores and the device.
 
@@ -201,6 +325,9 @@ def plan_loader(
     `num_workers` (null: automatic) sets the workers; more than the cores is capped, with a
     warning. A single batch is decoded in the main process: starting workers costs more.
     OMP_NUM_THREADS, where set, is torch's thread count.
+
+    Where the model would run in a loader process per core, `memory` (which measures what such
+    a process holds) and `available_memory` decide whether they all fit: see `fit_memory`.
     """
     if num_workers is not None and num_workers < 0:
         raise ConfigError(f"num_workers must be 0 or more (or null: automatic), got {num_workers}")
@@ -223,13 +350,62 @@ def plan_loader(
         and user_threads is None
         and "fork" in multiprocessing.get_all_start_methods()  # the hooked model, not pickled
     )
-    return LoaderPlan(
+    plan = LoaderPlan(
         workers=workers,
         main_threads=user_threads
         or (max(1, cores - workers) if gpu or model_in_workers else cores),
         prefetch_factor=(4 if gpu else 2) if workers else None,
         pin_memory=gpu,
         model_in_workers=model_in_workers,
+    )
+    return fit_memory(plan, cores, memory) if model_in_workers and memory else plan
+
+
+def fit_memory(
+    plan: LoaderPlan, cores: int, measure: Callable[[], LoaderMemory | None]
+) -> LoaderPlan:
+    """`plan` (a loader process per core, each running the model) where they all fit in the
+    memory available; else fewer of them, while they keep MODEL_PROCESS_SHARE of the cores
+    busy; else the model in the main process on every core, beside as many processes that
+    only decode as the memory left holds (none: decoding in the main process too). Each
+    process counts as its measured memory times MEMORY_HEADROOM. The plan says why in its
+    description. Unchanged where the memory available or the need cannot be known."""
+    available = available_memory()
+    if available is None:
+        return plan
+    need = measure()
+    if need is None:
+        return plan
+    log.debug("loader: one batch measured %s", need)
+    per_model = need.model * MEMORY_HEADROOM
+    if plan.workers * per_model <= available:
+        return plan
+    fit = int(available // per_model)
+    each = f"each needs ~{_gb(per_model)} and {_gb(available)} is available"
+    if fit >= max(1, MODEL_PROCESS_SHARE * cores):
+        return replace(
+            plan, workers=fit, main_threads=max(1, cores - fit),
+            memory=f"not one per core ({cores}): {each}",
+        )  # fmt: skip
+    per_decoder = (need.decode + 2 * need.batch) * MEMORY_HEADROOM  # 2 batches ahead, shared
+    decoders = min(plan.workers, int(max(0.0, available - per_model) // max(1.0, per_decoder)))
+    why = (
+        f"the model in the main process, as {fit} loader processes running it would keep "
+        f"fewer than {MODEL_PROCESS_SHARE:.0%} of the {cores} cores busy: {each}"
+    )
+    if per_model > available:
+        log.warning(
+            "one batch through the model needs ~%s and %s is available: a smaller batch_size "
+            "needs less",
+            _gb(per_model),
+            _gb(available),
+        )
+    return LoaderPlan(
+        workers=decoders,
+        main_threads=cores,
+        prefetch_factor=2 if decoders else None,
+        pin_memory=False,
+        memory=why,
     )
 
 

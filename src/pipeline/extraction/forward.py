@@ -3,16 +3,31 @@ loader process, and what comes out of it."""
 
 from __future__ import annotations
 
+import gc
+import logging
+import multiprocessing
+import signal
+import time
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.config import Precision
-from pipeline.extraction.devices import computing, model_input
+from pipeline.extraction.devices import (
+    LoaderMemory,
+    computing,
+    keep_freed_memory,
+    model_input,
+    private_memory,
+)
 from pipeline.extraction.hooks import LayerHooks
+from pipeline.images.decode import opencv_threads, single_threaded_opencv
 from pipeline.images.loader import Batch, collate
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,3 +78,61 @@ class ForwardInWorker:
             forwarded = forward(self.hooks, batch, cpu)
         forwarded.outputs = forwarded.on_host()
         return forwarded
+
+
+def loader_memory(
+    hooks: LayerHooks, dataset: torch.utils.data.Dataset, batch_size: int, precision: Precision
+) -> LoaderMemory | None:
+    """What a loader process running the model holds of its own, measured rather than
+    estimated from the model: its activations are only part of it, beside the decoded photos,
+    the heap that glibc keeps (`keep_freed_memory`) and the parent's pages it writes to. A
+    process forked as the loader's are, one thread, decodes the first batch of `dataset` and
+    runs the model on it; its private memory after decoding, and after the forward pass and a
+    full garbage collection (which a long run's processes meet: it writes to every object they
+    share with the main process), is what it holds. The cost is one batch on one core. None,
+    with the reason at debug level, where it cannot be measured (no /proc, no image decoded)."""
+    if private_memory() is None or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    started = time.perf_counter()
+    receive, send = multiprocessing.Pipe(duplex=False)
+    with opencv_threads(1):  # no OpenCV pool across the fork, as the loader's
+        process = multiprocessing.get_context("fork").Process(
+            target=_measure, args=(send, hooks, dataset, batch_size, precision), daemon=True
+        )
+        process.start()
+    send.close()
+    try:
+        found = receive.recv() if receive.poll(None) else None
+    except EOFError:  # it died first (killed for memory, perhaps)
+        found = None
+    finally:
+        process.kill()
+        process.join()
+        receive.close()
+    log.debug("loader memory measured in %.1f s: %s", time.perf_counter() - started, found)
+    return LoaderMemory(*found) if found else None
+
+
+def _measure(
+    send: Connection,
+    hooks: LayerHooks,
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    precision: Precision,
+) -> None:
+    """In the forked process: `loader_memory`'s one batch, its three sizes sent back."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    single_threaded_opencv()
+    torch.set_num_threads(1)
+    keep_freed_memory()
+    samples = [dataset[i] for i in range(min(batch_size, len(dataset)))]
+    batch = collate(samples, shared=False)
+    if batch.images is None:
+        send.send(None)
+        return
+    decoded = private_memory()
+    cpu = torch.device("cpu")
+    with computing(cpu, precision):
+        forward(hooks, batch, cpu)
+    gc.collect()
+    send.send((private_memory(), decoded, batch.images.nbytes))

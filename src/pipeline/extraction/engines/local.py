@@ -4,12 +4,13 @@ this process (or in the loader processes, where the plan puts it there)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
 from pipeline.config import Decode, PipelineConfig
 from pipeline.extraction.devices import (
+    LoaderMemory,
     LoaderPlan,
     plan_loader,
     resolve_decode,
@@ -17,7 +18,7 @@ from pipeline.extraction.devices import (
     resolve_precision,
     torch_threads,
 )
-from pipeline.extraction.forward import Forwarded, ForwardInWorker, forward
+from pipeline.extraction.forward import Forwarded, ForwardInWorker, forward, loader_memory
 from pipeline.extraction.hooks import HookPlan, LayerHooks
 from pipeline.images.gpu_decode import DeviceDecoder, JpegDataset, collate_jpegs
 from pipeline.images.loader import Batch, ImageDataset, batch_loader, collate
@@ -48,7 +49,13 @@ class LocalEngine:
         """Every batch of `dataset` through the model, in order. The loader is planned (and its
         settings checked) here, before the loop's progress bar starts."""
         del hook_plan  # the hooks are on this process's model already
-        plan = extraction_plan(self.cfg, len(dataset), self.device, self.decode)
+        plan = extraction_plan(
+            self.cfg,
+            len(dataset),
+            self.device,
+            self.decode,
+            lambda: loader_memory(hooks, dataset, self.cfg.batch_size, self.precision),
+        )
         log.info("loader: %s", plan.describe())
         return self._forwarded(plan, hooks, dataset, preprocess)
 
@@ -79,16 +86,22 @@ class LocalEngine:
 
 
 def extraction_plan(
-    cfg: PipelineConfig, images: int, device: torch.device, decode: Decode
+    cfg: PipelineConfig,
+    images: int,
+    device: torch.device,
+    decode: Decode,
+    memory: Callable[[], LoaderMemory | None] | None = None,
 ) -> LoaderPlan:
     """The loader plan for extracting `images` images (`devices.plan_loader`): the model stays
     in the main process when it is compiled there, or fed batches that the GPU's decoder makes
-    there."""
+    there; `memory` measures what a loader process running the model holds, for the plan to
+    fit in the memory available."""
     return plan_loader(
         cfg.num_workers,
         -(-images // cfg.batch_size),
         device,
         model_in_main=cfg.compile or decode is Decode.gpu,
+        memory=memory,
     )
 
 
