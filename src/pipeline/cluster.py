@@ -24,6 +24,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, s
 from pipeline import plots
 from pipeline.config import ClusterMethod, PipelineConfig
 from pipeline.errors import ConfigError
+from pipeline.progress import step
 from pipeline.results import DatasetRef, StageResult, write_headline
 from pipeline.search.vectors import normalise
 from pipeline.storage.contract import Embeddings, embeddings_input, existing_embeddings, images_root
@@ -125,16 +126,25 @@ def run(cfg: PipelineConfig) -> StageResult:
     params = cfg.cluster
     source, embeddings, record = read_inputs(cfg)
     k = cluster_count(params.k, embeddings.labels)
-    assignments = cluster_vectors(
-        embeddings.vectors, params.method, k, params.pca_dim, params.min_cluster_size, params.seed
-    )
-    unit = normalise(embeddings.vectors)
-    metrics = cluster_metrics(unit, assignments, embeddings.labels, params.seed)
+    with step(f"clustering {len(embeddings.ids):,} images ({params.method.value})"):
+        assignments = cluster_vectors(
+            embeddings.vectors,
+            params.method,
+            k,
+            params.pca_dim,
+            params.min_cluster_size,
+            params.seed,
+        )
+    with step("scoring the clusters"):
+        unit = normalise(embeddings.vectors)
+        metrics = cluster_metrics(unit, assignments, embeddings.labels, params.seed)
     sizes = metrics.pop("sizes")  # a table, not a metric: beside the metrics, not in them
     out = Path(params.output_dir)
-    write_tables(out, embeddings, assignments, metrics, sizes, params.headline_file)
+    with step(f"writing {out}"):
+        write_tables(out, embeddings, assignments, metrics, sizes, params.headline_file)
     title = f"{source.stem}: {params.method.value}, {metrics['n_clusters']} clusters"
-    figures = write_figures(out, unit, embeddings, assignments, title, cfg)
+    with step("drawing the pictures"):
+        figures = write_figures(out, unit, embeddings, assignments, title, cfg)
     summary = (
         f"{metrics['n_images']} images in {metrics['n_clusters']} clusters"
         + (f" (NMI {metrics['nmi']:.3f}, ARI {metrics['ari']:.3f})" if "nmi" in metrics else "")

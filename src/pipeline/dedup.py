@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from pipeline import plots
 from pipeline.config import DedupConfig, PipelineConfig
 from pipeline.errors import ConfigError
+from pipeline.progress import step, tick
 from pipeline.results import DatasetRef, StageResult, write_headline
 from pipeline.search import neighbours
 from pipeline.search.calibration import Calibration, calibrate
@@ -62,7 +63,9 @@ OPTIONAL_OUTPUTS = (
 def exact_duplicates(ids: list[str], root: Path) -> pd.DataFrame:
     """Files with identical bytes, grouped by their SHA-256."""
     digests = {
-        i: hashlib.sha256((root / i).read_bytes()).hexdigest() for i in ids if (root / i).is_file()
+        i: hashlib.sha256((root / i).read_bytes()).hexdigest()
+        for i in tick(ids, "hashing the image files", unit="file")
+        if (root / i).is_file()
     }
     table = pd.DataFrame({"image_id": list(digests), "sha256": list(digests.values())})
     return table[table["sha256"].duplicated(keep=False)].reset_index(drop=True)
@@ -274,19 +277,25 @@ class Duplicates:
 def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Duplicates:
     """Whiten and normalise, calibrate the threshold on the copies, search, group."""
     vectors, copies = inputs.embeddings.vectors, inputs.copies
-    unit, copies_unit, whitening = postprocess(vectors, copies, params, seed)
-    calibration = (
-        calibrate(unit, copies_unit, copies.sources, params.k, params.target_precision)
-        if copies is not None and len(unit) > 1
-        else None
-    )
+    with step("whitening and normalising" if params.whiten else "normalising"):
+        unit, copies_unit, whitening = postprocess(vectors, copies, params, seed)
+    calibration = None
+    if copies is not None and len(unit) > 1:
+        with step(f"calibrating on {len(copies.vectors):,} copies"):
+            calibration = calibrate(
+                unit, copies_unit, copies.sources, params.k, params.target_precision
+            )
     threshold = inputs.threshold
     if threshold is None:
         threshold = calibrated_threshold(calibration, inputs.source)
-    found = search_pairs(unit, threshold, params)
+    with step(f"searching {len(unit):,} images"):
+        found = search_pairs(unit, threshold, params)
     log.info("%s", found.summary())
-    candidates = pd.DataFrame(dict(zip(("a", "b", "similarity"), found.candidates(), strict=True)))
-    groups = neighbours.groups(len(unit), found.pairs_a, found.pairs_b)
+    with step("grouping the pairs"):
+        candidates = pd.DataFrame(
+            dict(zip(("a", "b", "similarity"), found.candidates(), strict=True))
+        )
+        groups = neighbours.groups(len(unit), found.pairs_a, found.pairs_b)
     return Duplicates(found, threshold, whitening, calibration, candidates, groups)
 
 
@@ -313,29 +322,33 @@ def write_outputs(
     metrics, and the files to record."""
     params, ids, name = cfg.dedup, inputs.embeddings.ids, inputs.source.stem
     clear_outputs(out)
-    write_pairs(out, ids, found)
-    metrics = search_metrics(inputs, found, params)
-    artifacts = [out / "metrics.json"]
-    artifacts += write_postprocessing(
-        out, found.whitening, found.calibration, found.threshold, name
-    )
+    with step(f"writing {out}"):
+        write_pairs(out, ids, found)
+        metrics = search_metrics(inputs, found, params)
+        artifacts = [out / "metrics.json"]
+        artifacts += write_postprocessing(
+            out, found.whitening, found.calibration, found.threshold, name
+        )
     root = pictures_root(cfg.images_root, inputs.embeddings)
     if root is not None:
-        exact = exact_duplicates(ids, root)
-        exact.to_parquet(out / "exact_duplicates.parquet", index=False)
+        with step(f"finding files with the same bytes in {root}"):
+            exact = exact_duplicates(ids, root)
+            exact.to_parquet(out / "exact_duplicates.parquet", index=False)
         metrics["exact_duplicates"] = len(exact)
     if inputs.codes is not None:
-        scores, curve = truth_scores(inputs.codes, found.candidates, found.threshold)
-        metrics.update(scores)
-        artifacts += write_pr_curve(out, curve, found.threshold, name)
+        with step("scoring the pairs against the true groups"):
+            scores, curve = truth_scores(inputs.codes, found.candidates, found.threshold)
+            metrics.update(scores)
+            artifacts += write_pr_curve(out, curve, found.threshold, name)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     layer = inputs.embeddings.metadata["layer"]
     write_headline(params.headline_file, layer, metrics, ["dedup_ap", "dedup_f1"])
     if root is not None:
         title = f"{name}: pairs nearest the threshold {found.threshold:.3f}"
         shown = around_threshold(found.candidates, found.threshold, params.top_pairs)
-        figure = top_pairs_figure(shown, ids, root, title)
-        artifacts.append(plots.save(figure, out / "top_pairs.png"))
+        with step("drawing the pairs nearest the threshold"):
+            figure = top_pairs_figure(shown, ids, root, title)
+            artifacts.append(plots.save(figure, out / "top_pairs.png"))
     return metrics, artifacts
 
 

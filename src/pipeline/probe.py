@@ -19,6 +19,7 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError
+from pipeline.progress import Folds, step
 from pipeline.results import DatasetRef, StageResult, write_headline
 from pipeline.storage.contract import Embeddings, embeddings_input, existing_embeddings
 from pipeline.storage.inputs import read_layer
@@ -48,7 +49,9 @@ def probe_scores(
         n_splits=int(min(folds, counts.min())), shuffle=True, random_state=seed
     )
     model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
-    scores = cross_validate(model, vectors, labels, cv=splits, scoring=("accuracy", "f1_macro"))
+    scores = cross_validate(
+        model, vectors, labels, cv=Folds(splits, "probe"), scoring=("accuracy", "f1_macro")
+    )
     accuracy, f1 = scores["test_accuracy"], scores["test_f1_macro"]
     return {
         "accuracy": float(accuracy.mean()),
@@ -66,11 +69,15 @@ def run(cfg: PipelineConfig) -> StageResult:
     p = cfg.probe
     source, embeddings, labelled, record = read_labelled(cfg)
     labels = [embeddings.labels[i] for i in labelled]
-    scores = probe_scores(embeddings.vectors[labelled], labels, p.folds, p.c, p.max_iter, p.seed)
+    with step(f"cross-validating a linear probe on {len(labels):,} images"):
+        scores = probe_scores(
+            embeddings.vectors[labelled], labels, p.folds, p.c, p.max_iter, p.seed
+        )
     out = Path(p.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "probe.json").write_text(json.dumps(scores, indent=2) + "\n")
-    write_headline(p.headline_file, embeddings.metadata["layer"], scores, ["probe_accuracy"])
+    with step(f"writing {out}"):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "probe.json").write_text(json.dumps(scores, indent=2) + "\n")
+        write_headline(p.headline_file, embeddings.metadata["layer"], scores, ["probe_accuracy"])
     summary = (
         f"linear probe on {source.stem}: accuracy {scores['accuracy']:.3f} "
         f"+- {scores['accuracy_std']:.3f}, macro-F1 {scores['f1_macro']:.3f} "

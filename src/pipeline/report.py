@@ -22,6 +22,7 @@ import pandas as pd
 from pipeline import plots
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError
+from pipeline.progress import step, tick
 from pipeline.results import HEADLINE, StageResult
 from pipeline.storage.contract import CALIBRATION_DIR, read_metadata
 
@@ -80,7 +81,7 @@ def layer_table(cfg: PipelineConfig) -> tuple[pd.DataFrame, list[str]]:
         "dedup_dir": cfg.report.dedup_dir,
         "probe_dir": cfg.report.probe_dir,
     }
-    for file in files:
+    for file in tick(files, "layers", unit="layer"):
         metadata = read_metadata(file)
         relative = file.relative_to(folder).with_suffix("")  # where each stage put its results
         row = {
@@ -156,7 +157,8 @@ def figure(table: pd.DataFrame, title: str, note: str) -> plots.Figure:
 
 
 def run(cfg: PipelineConfig) -> StageResult:
-    table, missing = layer_table(cfg)
+    with step(f"reading the layers under {cfg.output_dir} and their results"):
+        table, missing = layer_table(cfg)
     out = Path(cfg.report.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = f"Layers of {cfg.extraction_name}"
@@ -165,9 +167,10 @@ def run(cfg: PipelineConfig) -> StageResult:
         text += "\nNot computed yet (run these, or `dvc repro`):\n\n" + "".join(
             f"    {command}\n" for command in missing
         )
-    table.to_parquet(out / "report.parquet", index=False)
-    (out / "report.md").write_text(text)
-    plots.save(figure(table, title, measured_how(cfg, table)), out / "report.png")
+    with step(f"writing {out}"):
+        table.to_parquet(out / "report.parquet", index=False)
+        (out / "report.md").write_text(text)
+        plots.save(figure(table, title, measured_how(cfg, table)), out / "report.png")
     summary = f"{len(table)} layers -> {out}" + (
         f" ({len(missing)} results missing)" if missing else ""
     )

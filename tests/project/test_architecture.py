@@ -23,7 +23,16 @@ STAGES = ["extract", "cluster", "dedup", "probe", "report", "visualize", "layers
 # one rank are independent: images, storage and search know nothing of each other, and no
 # command imports another.
 UNITS: dict[str, tuple[int, list[str]]] = {
-    "base": (0, ["pipeline.errors", "pipeline.config", "pipeline.results", "pipeline.plots"]),
+    "base": (
+        0,
+        [
+            "pipeline.errors",
+            "pipeline.config",
+            "pipeline.results",
+            "pipeline.plots",
+            "pipeline.progress",
+        ],
+    ),
     "images": (1, ["pipeline.images"]),
     "storage": (1, ["pipeline.storage"]),
     "search": (1, ["pipeline.search"]),

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import faiss
 import numpy as np
 
+from pipeline.progress import bar, step
 from pipeline.search.exact import (
     IP,
     blas_knn,
@@ -113,11 +114,19 @@ def hnsw(
         return Neighbours.none(n, k, threshold, "hnsw", "cpu", "hnsw on cpu")
     index = faiss.IndexHNSWFlat(dim, HNSW_M, IP)
     index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-    index.add(unit)
+    with step(f"hnsw: building the graph of {n:,} rows"):
+        index.add(unit)
 
     def knn(rows: np.ndarray, ef: int) -> tuple[np.ndarray, np.ndarray]:
         index.hnsw.efSearch = ef
-        return knn_chunked(rows, k, lambda q: index.search(take(unit, q), min(k + 1, n)))
+        with bar(f"hnsw search (efSearch {ef})", len(rows), "row") as done:
+
+            def search(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                found = index.search(take(unit, q), min(k + 1, n))
+                done.update(len(q))
+                return found
+
+            return knn_chunked(rows, k, search)
 
     start = max(k + 1, ef_search or HNSW_EF_START)  # faiss HNSW returns at most efSearch
     return _approximate(
@@ -155,8 +164,9 @@ class _InvertedLists:
             seed=seed,
             max_points_per_centroid=IVF_TRAIN_PER_LIST,
         )
-        kmeans.train(train)
-        assign = blas_knn(unit, kmeans.centroids, 1)[1][:, 0]
+        with step(f"ivf: k-means of {len(train):,} rows into {nlist:,} lists"):
+            kmeans.train(train)
+        assign = blas_knn(unit, kmeans.centroids, 1, "ivf: rows to their lists")[1][:, 0]
         lims = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=nlist))])
         return cls(kmeans.centroids, np.argsort(assign, kind="stable"), lims)
 
@@ -171,7 +181,8 @@ class _InvertedLists:
 
         def search(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             xq = take(unit, q)
-            probes = blas_knn(xq, self.centroids, nprobe)[1].reshape(-1)
+            probes = blas_knn(xq, self.centroids, nprobe, "ivf: rows to the lists they probe")
+            probes = probes[1].reshape(-1)
             by_list = np.argsort(probes, kind="stable")
             starts = np.concatenate([[0], np.cumsum(np.bincount(probes, minlength=nlist))])
             probed = np.flatnonzero(np.diff(starts))
@@ -185,8 +196,10 @@ class _InvertedLists:
                     probing = by_list[starts[lst] : starts[lst + 1]] // nprobe
                     sims, idx = faiss.knn(xq[probing], unit[members], min(k1, len(members)), IP)
                     heaps[worker].add_result_subset(probing, sims, members[idx])
+                    scanned.update(len(probing))
 
-            in_threads(scan, range(workers))
+            with bar(f"ivf search (nprobe {nprobe})", len(probes), "probe") as scanned:
+                in_threads(scan, range(workers))
             for other in heaps[1:]:
                 heaps[0].add_result(other.D, other.I)
             heaps[0].finalize()

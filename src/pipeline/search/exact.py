@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import faiss
 import numpy as np
 
+from pipeline.progress import bar, tick
 from pipeline.search.found import Neighbours, checked, no_knn, take, unique_pairs
 
 if TYPE_CHECKING:
@@ -89,7 +90,8 @@ def exact_torch(
     candidates = min(n - 1, 2 * kk)
     pairs = []
     with torch.inference_mode(), _fp32_sums():
-        for r0 in range(0, n, rows):
+        size = lambda r0: min(rows, n - r0)  # noqa: E731
+        for r0 in tick(range(0, n, rows), f"exact search on {dev}", n, "row", size):
             r1 = min(n, r0 + rows)
             block = torch.arange(r0, r1, device=dev)
             sims = x[r0:r1] @ x.T
@@ -150,16 +152,21 @@ def exact_rows(unit: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, 
     return knn_chunked(rows, k, lambda q: blas_knn(take(unit, q), unit, min(k + 1, len(unit))))
 
 
-def blas_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """faiss.knn by inner product (similarities, indices), EXACT_ROWS query rows per thread."""
+def blas_knn(
+    xq: np.ndarray, xb: np.ndarray, k: int, desc: str = "exact nearest neighbours"
+) -> tuple[np.ndarray, np.ndarray]:
+    """faiss.knn by inner product (similarities, indices), EXACT_ROWS query rows per thread;
+    the rows done counted on a bar, `desc`."""
     sims = np.empty((len(xq), k), np.float32)
     idx = np.empty((len(xq), k), np.int64)
 
     def block(start: int) -> None:
         end = start + EXACT_ROWS
         sims[start:end], idx[start:end] = faiss.knn(xq[start:end], xb, k, IP)
+        done.update(len(sims[start:end]))
 
-    in_threads(block, range(0, len(xq), EXACT_ROWS))
+    with bar(desc, len(xq), "row") as done:
+        in_threads(block, range(0, len(xq), EXACT_ROWS))
     return sims, idx
 
 
@@ -230,7 +237,9 @@ def _range_rows(
     # threshold keeps those equal to it.
     radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
     parts = [(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))]
-    for start in range(0, len(rows), QUERY_ROWS):
+    starts = range(0, len(rows), QUERY_ROWS)
+    size = lambda start: min(QUERY_ROWS, len(rows) - start)  # noqa: E731
+    for start in tick(starts, "range search", len(rows), "row", size):
         q = rows[start : start + QUERY_ROWS]
         xq = np.ascontiguousarray(take(unit, q))
         result = faiss.RangeSearchResult(len(q))

@@ -32,6 +32,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError
+from pipeline.progress import tick
 from pipeline.results import DatasetRef
 
 METADATA_KEY = b"pipeline"
@@ -265,7 +266,8 @@ def read_embeddings(path: str | Path, rows: Sequence[int] | None = None) -> Embe
     vectors = np.empty((count, dim), np.float32)
     ids: list[str] = []
     extra: dict[str, list[str]] = {"label": [], "source_id": []}
-    for file, batch in _batches(path, dataset, [*columns, "embedding"], rows):
+    batches = _batches(path, dataset, [*columns, "embedding"], rows)
+    for file, batch in tick(batches, f"reading {Path(path).name}", count, "row", _rows):
         if batch.column("image_id").null_count:
             raise ConfigError(f"{file} has rows without an image_id (null): {EXTRACT_AGAIN}")
         embedding = batch.column("embedding")
@@ -334,6 +336,10 @@ def _batches(
         with _readable(fragment.path):
             for batch in fragment.to_batches(columns=columns):
                 yield fragment.path, batch
+
+
+def _rows(read: tuple[str, pa.RecordBatch]) -> int:
+    return read[1].num_rows
 
 
 @contextmanager

@@ -12,11 +12,13 @@ ConfigError: exit code 2).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.progress import bar, step
 from pipeline.storage.contract import (
     EXTRACT_AGAIN,
     MANIFEST_FILE,
@@ -29,6 +31,7 @@ from pipeline.storage.contract import (
 
 # Values checked for NaN at once: the check's booleans take 64 MiB, whatever the layer's size.
 FINITE_CHECK_VALUES = 64 * 2**20
+HASH_BLOCK = 16 * 2**20  # bytes read at once for a part's SHA-256
 
 
 def read_layer(path: Path, verify: bool = True) -> Embeddings:
@@ -37,9 +40,10 @@ def read_layer(path: Path, verify: bool = True) -> Embeddings:
     parts `_manifest.json` lists, by name and size and (`verify`) SHA-256; a text id on every
     row, each id once; a vector on every row, all of one length, finite. A folder without a
     manifest (written elsewhere) or a single file gets every check but the manifest's."""
-    check_parts(path, verify)
-    embeddings = read_embeddings(path)
-    _check_values(path, embeddings)
+    with step(f"reading {path}"):
+        check_parts(path, verify)
+        embeddings = read_embeddings(path)
+        _check_values(path, embeddings)
     return embeddings
 
 
@@ -84,13 +88,25 @@ def check_parts(path: Path, verify: bool = True) -> None:
                 f"{path / part.name} has {size} bytes, {MANIFEST_FILE} says {part.bytes}: it "
                 f"changed after it was written; {EXTRACT_AGAIN}"
             )
-    for part in parts if verify else ():
-        with (path / part.name).open("rb") as file:
-            if hashlib.file_digest(file, "sha256").hexdigest() != part.sha256:
+    if not verify:
+        return
+    with bar(f"checking {path.name}", sum(p.bytes for p in parts), "B", unit_divisor=1024) as read:
+        for part in parts:
+            if _sha256(path / part.name, read.update) != part.sha256:
                 raise ConfigError(
                     f"{path / part.name} does not match its SHA-256 in {MANIFEST_FILE}: it "
                     f"changed after it was written; {EXTRACT_AGAIN}"
                 )
+
+
+def _sha256(file: Path, read: Callable[[int], object]) -> str:
+    """The file's SHA-256, read a block at a time, each block's size told to `read`."""
+    digest = hashlib.sha256()
+    with file.open("rb") as stream:
+        while block := stream.read(HASH_BLOCK):
+            digest.update(block)
+            read(len(block))
+    return digest.hexdigest()
 
 
 def _part_files(folder: Path) -> set[str]:
