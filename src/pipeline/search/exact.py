@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -23,6 +23,7 @@ from pipeline.search.found import Neighbours, checked, no_knn, take, unique_pair
 
 if TYPE_CHECKING:
     import torch
+    from tqdm.std import tqdm
 
 IP = faiss.METRIC_INNER_PRODUCT
 
@@ -149,14 +150,16 @@ def _recheck(
 
 def exact_rows(unit: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """`rows`' exact k nearest other rows (similarities, indices), best first."""
-    return knn_chunked(rows, k, lambda q: blas_knn(take(unit, q), unit, min(k + 1, len(unit))))
+    with bar("exact nearest neighbours", len(rows), "row") as done:
+        kk = min(k + 1, len(unit))
+        return knn_chunked(rows, k, lambda q: blas_knn(take(unit, q), unit, kk, done))
 
 
 def blas_knn(
-    xq: np.ndarray, xb: np.ndarray, k: int, desc: str = "exact nearest neighbours"
+    xq: np.ndarray, xb: np.ndarray, k: int, progress: str | tqdm = "exact nearest neighbours"
 ) -> tuple[np.ndarray, np.ndarray]:
     """faiss.knn by inner product (similarities, indices), EXACT_ROWS query rows per thread;
-    the rows done counted on a bar, `desc`."""
+    the rows done counted on a bar of their own named `progress`, or on `progress`."""
     sims = np.empty((len(xq), k), np.float32)
     idx = np.empty((len(xq), k), np.int64)
 
@@ -165,7 +168,8 @@ def blas_knn(
         sims[start:end], idx[start:end] = faiss.knn(xq[start:end], xb, k, IP)
         done.update(len(sims[start:end]))
 
-    with bar(desc, len(xq), "row") as done:
+    shown = bar(progress, len(xq), "row") if isinstance(progress, str) else nullcontext(progress)
+    with shown as done:
         in_threads(block, range(0, len(xq), EXACT_ROWS))
     return sims, idx
 
