@@ -250,11 +250,12 @@ class LoaderMemory:
     batch: int
 
 
-# What the plan counts for a loader process: its measured memory, and a quarter more, for the
-# later batches, whose other photos may leave its heap larger, and for the main process. With
-# resnet50 (random weights) at batch 32 on the demo photos, 2 cores: 0.79 GB measured (in 22 s
-# on the loaded machine), where the two processes of the run reached 0.59 and 0.81 GB.
-MEMORY_HEADROOM = 1.25
+# What the plan counts for a loader process: twice what it held after one batch. Over a run its
+# heap grows, as batches of other photos leave it in pieces that glibc keeps (`keep_freed_memory`)
+# and as the main process writes to pages they shared: with resnet50 (random weights) at batch
+# 32 on the demo photos, 2 cores, one batch measured 0.48 GB where the run's two processes reached
+# 0.84 and 1.03 GB (another run: 0.59 and 0.81; four batches in one process: 0.64 to 0.84 GB).
+MEMORY_HEADROOM = 2.0
 # Fewer loader processes running the model, while they keep this share of the cores busy; below
 # it, the model in the main process on every core beside processes that only decode, which
 # reached 0.67-0.91 of the bound in benchmarks/throughput_bench.py.
