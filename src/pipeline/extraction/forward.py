@@ -24,7 +24,7 @@ from pipeline.extraction.devices import (
 )
 from pipeline.extraction.hooks import LayerHooks
 from pipeline.images.decode import opencv_threads, single_threaded_opencv
-from pipeline.images.loader import Batch, collate
+from pipeline.images.loader import Batch, collate, interrupts_held
 
 log = logging.getLogger(__name__)
 
@@ -95,19 +95,23 @@ def loader_memory(
         return None
     started = time.perf_counter()
     receive, send = multiprocessing.Pipe(duplex=False)
-    with opencv_threads(1):  # no OpenCV pool across the fork, as the loader's
-        process = multiprocessing.get_context("fork").Process(
-            target=_measure, args=(send, hooks, dataset, batch_size, precision), daemon=True
-        )
-        process.start()
-    send.close()
+    process = multiprocessing.get_context("fork").Process(
+        target=_measure, args=(send, hooks, dataset, batch_size, precision), daemon=True
+    )
     try:
+        # As the loader's: no OpenCV pool across the fork, and a Ctrl-C while it forks raised
+        # once it has (inside the fork, Python would only print it).
+        with interrupts_held(), opencv_threads(1):
+            process.start()
+        send.close()
         found = receive.recv() if receive.poll(None) else None
     except EOFError:  # it died first (killed for memory, perhaps)
         found = None
     finally:
-        process.kill()
-        process.join()
+        if process.pid is not None:
+            process.kill()
+            process.join()
+        send.close()
         receive.close()
     log.debug("loader memory measured in %.1f s: %s", time.perf_counter() - started, found)
     return LoaderMemory(*found) if found else None

@@ -211,12 +211,12 @@ class _Loader(torch.utils.data.DataLoader):
     def __iter__(self) -> Iterator[Any]:
         if not self.num_workers:
             return super().__iter__()
-        with _interrupts_held(), opencv_threads(1):  # no OpenCV pool across the fork
+        with interrupts_held(), opencv_threads(1):  # no OpenCV pool across the fork
             return super().__iter__()
 
 
 @contextlib.contextmanager
-def _interrupts_held() -> Iterator[None]:
+def interrupts_held() -> Iterator[None]:
     """A SIGINT arriving inside the block is raised when it ends. Processes forked inside it
     inherit the handler that holds it, so they cannot be interrupted before they ignore it."""
     previous = signal.getsignal(signal.SIGINT)
