@@ -23,7 +23,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, s
 
 from pipeline import plots
 from pipeline.config import ClusterMethod, PipelineConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import LABEL_KEYS, ConfigError
 from pipeline.results import DatasetRef, StageResult, write_headline
 from pipeline.search.vectors import normalise
 from pipeline.storage.contract import Embeddings, embeddings_input, existing_embeddings, images_root
@@ -125,6 +125,13 @@ def run(cfg: PipelineConfig) -> StageResult:
     params = cfg.cluster
     source, embeddings, record = read_inputs(cfg)
     k = cluster_count(params.k, embeddings.labels)
+    if k is None and params.method is ClusterMethod.kmeans:
+        raise ConfigError(
+            f"no labels: set {LABEL_KEYS} and extract again, or set cluster.k "
+            f"(k-means takes k from the labels; {source} has none)"
+        )
+    if not any(label is not None for label in embeddings.labels or []):
+        log.info("no labels: no NMI or ARI against them (%s, and extract again)", LABEL_KEYS)
     assignments = cluster_vectors(
         embeddings.vectors, params.method, k, params.pca_dim, params.min_cluster_size, params.seed
     )
