@@ -82,7 +82,7 @@ from pipeline.images.preprocess import Preprocess, build_transform, resolve_prep
 DEFAULTS = ["model=resnet18", "model.pretrained=false"]
 SIZES = {"500x375": (500, 375, 0.0), "3000x4000": (3000, 4000, 3.0)}  # width, height, grain
 DISTINCT_LARGE = 24  # encoded large photos; the rest are hard links to them (bytes on disk)
-CLI_RATE = re.compile(r"\((\d+) images run through the model in [\d.]+ s, ([\d.]+) images/s\)")
+CLI_RATE = re.compile(r"\((\d+) images run through the model in [\d.]+ s, ([\d.]+) images/s[;)]")
 
 
 # --- images --------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
@@ -26,6 +27,7 @@ import hydra
 from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Quote, QuotedString
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -75,6 +77,7 @@ def main(
             with tracking.tracked(config.tracking, stage, run_name(stage, config), cfg) as record:
                 record(run(config))
 
+    sys.argv[1:] = shell_paths(sys.argv[1:])  # hydra.main parses sys.argv when task() runs
     with user_errors():
         check_overrides(sys.argv[1:])
     try:
@@ -186,6 +189,36 @@ PATH_KEYS = (
     "visualize.image",
     "visualize.output_dir",
 )
+HYDRA_PATH_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
+
+# Where a bare word in a path key's value ends: Hydra's brackets, commas and quoted strings.
+_VALUE_PARTS = re.compile(r"""('(?:\\.|[^'\\])*'|"(?:\\.|[^"\\])*"|[\[\]{}(),])""")
+
+
+def shell_paths(arguments: Sequence[str]) -> list[str]:
+    """The command line with `~` and $VARIABLES expanded in the values of path keys, as a shell
+    does in `VAR=~/x` but not in `dataset.root=~/x` (not an assignment to bash), each expanded
+    path quoted for Hydra's override grammar, which has no bare `~`. Lists and sweeps
+    (`visualize.images=[~/a.jpg,~/b.jpg]`, `dataset.root=~/a,~/b`) are expanded word by word;
+    quoted values and values with ${interpolations} are left as they are."""
+    rewritten = []
+    for argument in arguments:
+        key, equals, value = argument.partition("=")
+        path_key = key.lstrip("+") in (*PATH_KEYS, "visualize.images", *HYDRA_PATH_KEYS)
+        if equals and path_key and "${" not in value:  # an interpolation is OmegaConf's
+            parts = _VALUE_PARTS.split(value)
+            argument = key + equals + "".join(_shell_path(p) for p in parts)
+        rewritten.append(argument)
+    return rewritten
+
+
+def _shell_path(word: str) -> str:
+    """One bare word of a path key's value, expanded and quoted if it has `~` or a $VARIABLE."""
+    path = word.strip()
+    if not ("~" in path or "$" in path) or path[:1] in ("'", '"'):
+        return word
+    expanded = os.path.expandvars(os.path.expanduser(path))
+    return word.replace(path, QuotedString(text=expanded, quote=Quote.single).with_quotes())
 
 
 def typed(cfg: DictConfig) -> PipelineConfig:

@@ -23,7 +23,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, s
 
 from pipeline import plots
 from pipeline.config import ClusterMethod, PipelineConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import LABEL_KEYS, ConfigError
 from pipeline.progress import step
 from pipeline.results import DatasetRef, StageResult, write_headline
 from pipeline.search.vectors import normalise
@@ -122,10 +122,25 @@ def contact_sheet(
     return plots.image_grid(rows, title)
 
 
+def check_labels(
+    k: int | None, method: ClusterMethod, labels: list[str | None] | None, source: Path
+) -> None:
+    """k-means needs k, which it takes from the labels; without labels, say which keys give
+    them (and that there is no NMI or ARI)."""
+    if k is None and method is ClusterMethod.kmeans:
+        raise ConfigError(
+            f"no labels: set {LABEL_KEYS} and extract again, or set cluster.k "
+            f"(k-means takes k from the labels; {source} has none)"
+        )
+    if not any(label is not None for label in labels or []):
+        log.info("no labels: no NMI or ARI against them (%s, and extract again)", LABEL_KEYS)
+
+
 def run(cfg: PipelineConfig) -> StageResult:
     params = cfg.cluster
     source, embeddings, record = read_inputs(cfg)
     k = cluster_count(params.k, embeddings.labels)
+    check_labels(k, params.method, embeddings.labels, source)
     with step(f"clustering {len(embeddings.ids):,} images ({params.method.value})"):
         assignments = cluster_vectors(
             embeddings.vectors,

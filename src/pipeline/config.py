@@ -98,7 +98,7 @@ class DatasetConfig:
     path: str | None = MISSING
     path_column: str = MISSING
     label_column: str | None = MISSING
-    labels_from_folders: bool = MISSING
+    labels_from_folders: bool | str = MISSING  # true, false, or auto (kind folder)
     extensions: list[str] = MISSING
     allow_outside_root: bool = MISSING
     truth: str | None = MISSING  # a manifest with true near-duplicate groups, if known
@@ -267,6 +267,8 @@ def validate(cfg: PipelineConfig) -> None:
     naming the key. Run once, when the composed config is typed (`pipeline.app.typed`), so every
     command and the Python API refuse a bad value before any model is built or image read."""
     _check_preprocessing(cfg.model)
+    if not isinstance(labels := cfg.dataset.labels_from_folders, bool) and labels != "auto":
+        raise ConfigError(f"dataset.labels_from_folders is true, false or auto, got {labels!r}")
     for key in ("batch_size", "save_every", "max_image_pixels", "max_file_bytes"):
         _at_least(key, getattr(cfg, key), 1)
     if not 0 <= cfg.max_failure_rate <= 1:

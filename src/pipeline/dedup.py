@@ -143,8 +143,10 @@ def calibration_copies(
         if required:
             raise ConfigError(
                 f"dedup.threshold=auto needs the calibration copies the extraction embeds, and "
-                f"{path} does not exist: extract again with calibration.images > 0, or set a "
-                "threshold, e.g. dedup.threshold=0.8"
+                f"{path} does not exist: extract again with calibration.images > 0 (the "
+                "default), or set dedup.threshold to the value calibration_curve.png of a "
+                "calibrated run of this layer marks (whitened similarities run far below "
+                "plain cosine ones)"
             )
         return None
     copies = read_layer(path, verify)

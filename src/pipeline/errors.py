@@ -6,6 +6,9 @@ importing Hydra or MLflow.
 
 from __future__ import annotations
 
+# What to set for labels, in every message of a stage that needs them (cluster's k and NMI, probe).
+LABEL_KEYS = "dataset.labels_from_folders=true or dataset.label_column=<column>"
+
 
 class ConfigError(ValueError):
     """A mistake in the config or its inputs: one line on stderr, exit code 2, nothing written."""

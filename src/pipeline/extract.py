@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.config import Decode, Engine, PipelineConfig
+from pipeline.config import DatasetKind, Decode, Engine, PipelineConfig
 from pipeline.extraction.copies import (
     CopyPlan,
     calibration_sample,
@@ -69,6 +69,7 @@ def run(cfg: PipelineConfig) -> ExtractResult:
     torch.manual_seed(cfg.seed)
     build_demo_if_missing(cfg.dataset)  # dataset=demo: the first run writes the demo images
     manifest = load_manifest(cfg.dataset)
+    cfg = decided_labels(cfg, manifest)
     if skipped := manifest.attrs.get("skipped"):
         log.info(
             "skipped %d files (%s): dataset.extensions lists what is read",
@@ -81,6 +82,28 @@ def run(cfg: PipelineConfig) -> ExtractResult:
         return ready
     model = build_model(cfg.model)
     return extract_images(model, manifest, cfg, weights)
+
+
+def decided_labels(cfg: PipelineConfig, manifest: pd.DataFrame) -> PipelineConfig:
+    """The config with `dataset.labels_from_folders: auto` decided as the manifest was listed:
+    true when a folder's images were labelled by their folders (every image sits in a
+    sub-folder), false otherwise and for manifests (their labels are a column's). The hash and
+    the metadata record the decision, not `auto`: a layer extracted unlabelled with `false` is
+    still reused where auto labels nothing."""
+    if cfg.dataset.labels_from_folders != "auto":
+        return cfg
+    labelled = cfg.dataset.kind is DatasetKind.folder and "label" in manifest
+    top = int((~manifest["image_id"].str.contains("/", regex=False)).sum())
+    if labelled:
+        log.info("labels: each image's folder name (dataset.labels_from_folders=auto)")
+    elif cfg.dataset.kind is DatasetKind.folder and top < len(manifest):
+        log.info(
+            "no labels: %d of %d images sit at the top of dataset.root, not in a sub-folder "
+            "(dataset.labels_from_folders=true labels by folder all the same)",
+            top,
+            len(manifest),
+        )
+    return replace(cfg, dataset=replace(cfg.dataset, labels_from_folders=labelled))
 
 
 def up_to_date(
@@ -130,6 +153,7 @@ def extract_images(
     """The extraction of `manifest`'s images with a model already built (the Python API hands
     its own); `cfg` says which layers, how, and where. Only what is not published yet, as it
     is, gets embedded (`storage.update`)."""
+    cfg = decided_labels(cfg, manifest)  # the Python API hands its own manifest
     engine = start_engine(cfg, model)
     try:
         # One OpenCV thread in this process, as in the loader's: decoding's parallelism is
@@ -174,7 +198,7 @@ def _extract(
     outputs = published_outputs(output_dir, list(info))
     result = _result(
         cfg, output_dir, info, outputs, len(manifest), len(plan.work), seconds, writer.sample,
-        _dataset_ref(cfg, manifest, metadata), metadata,
+        _dataset_ref(cfg, manifest, metadata), metadata, run.copies,
     )  # fmt: skip
     result.metrics.update({f"images.{k}": v for k, v in plan.counts.items()})
     result.tags.update(engine.tags())
@@ -193,6 +217,7 @@ class _Extraction:
     manifest: pd.DataFrame
     metadata: dict[str, Any]
     info: dict[str, LayerInfo]
+    copies: tuple[int, float] | None = None  # calibration copies embedded, and their seconds
 
     @property
     def output_dir(self) -> Path:
@@ -264,7 +289,8 @@ class _Extraction:
         spec = calibration_spec(cfg)
         schemas = layer_schemas(self.info, False, copies_metadata(self.metadata, cfg), sourced=True)
         picked = calibration_sample(len(self.manifest), spec["images"], cfg.seed)
-        embed_copies(
+        started = time.perf_counter()
+        made = embed_copies(
             self.hooks,
             self.manifest.iloc[picked],
             CopyPlan(cfg.calibration, cfg.seed, self.preprocess, cfg.batch_size),
@@ -274,6 +300,8 @@ class _Extraction:
             loader_options(cfg, device, len(picked)),
             {"values": self.values, "calibration": spec},
         )
+        before = self.copies or (0, 0.0)
+        self.copies = (before[0] + made, before[1] + time.perf_counter() - started)
 
 
 def _dataset_ref(
@@ -310,11 +338,16 @@ def _result(
     sample: tuple[np.ndarray, list[str] | None] | None,
     dataset: DatasetRef,
     metadata: dict[str, Any],
+    copies: tuple[int, float] | None = None,
 ) -> ExtractResult:
+    """What the run did; `seconds` is all its work, `copies` the calibration copies' share of
+    it (how many, in how many seconds), which the images' rate leaves out."""
     written = next(iter(outputs.values())).rows
     failures = images - written
-    rate = processed / seconds if seconds else 0.0
-    summary = _summary(output_dir, written, failures, processed, seconds)
+    made, copy_seconds = copies or (0, 0.0)
+    model_seconds = max(seconds - copy_seconds, 0.0)
+    rate = processed / model_seconds if model_seconds else 0.0
+    summary = _summary(output_dir, written, failures, processed, model_seconds, copies)
     log.info("%s", summary)
     last = list(info)[-1]
     figures = {}
@@ -331,6 +364,7 @@ def _result(
             "failures": failures,
             "seconds": seconds,
             "images_per_s": rate,
+            **({"calibration_copies": made, "calibration_seconds": copy_seconds} if made else {}),
             **{f"dim.{name}": layer.dim for name, layer in info.items()},
         },
         documents=_documents(info, outputs, metadata),
@@ -358,14 +392,24 @@ def _projection(sample: tuple[np.ndarray, list[str] | None], title: str) -> Any:
     return projection_figure(sample[0], sample[1], title)
 
 
-def _summary(output_dir: Path, written: int, failures: int, processed: int, seconds: float) -> str:
-    """The run's last line: the whole set, then what this run computed."""
+def _summary(
+    output_dir: Path,
+    written: int,
+    failures: int,
+    processed: int,
+    seconds: float,
+    copies: tuple[int, float] | None = None,
+) -> str:
+    """The run's last line: the whole set, then what this run computed: the images (`seconds`
+    theirs alone) and the calibration copies (how many, in how many seconds), each apart."""
     rate = processed / seconds if seconds else 0.0
     this_run = (
         f"{processed} images run through the model in {seconds:.1f} s, {rate:.1f} images/s"
         if processed
         else f"nothing new to embed, {seconds:.1f} s"
     )
+    if copies is not None and copies[0]:
+        this_run += f"; {copies[0]} calibration copies in {copies[1]:.1f} s"
     return (
         f"{written} embedded, {failures} failed"
         + (f", see {output_dir / FAILURES_FILE}" if failures else "")

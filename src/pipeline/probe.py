@@ -18,15 +18,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.config import PipelineConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import LABEL_KEYS, ConfigError
 from pipeline.progress import Folds, step
 from pipeline.results import DatasetRef, StageResult, write_headline
 from pipeline.storage.contract import Embeddings, embeddings_input, existing_embeddings
 from pipeline.storage.inputs import read_layer
 
 log = logging.getLogger(__name__)
-# What to set for labels, in every message about too few of them.
-LABEL_KEYS = "dataset.labels_from_folders=true or dataset.label_column"
 
 
 def probe_scores(
@@ -104,7 +102,7 @@ def read_labelled(cfg: PipelineConfig) -> tuple[Path, Embeddings, list[int], Dat
     labelled = [i for i, label in enumerate(embeddings.labels or []) if label is not None]
     if not labelled:
         raise ConfigError(
-            f"{source} has no labels to probe: extract from a dataset with labels ({LABEL_KEYS})"
+            f"no labels: set {LABEL_KEYS} and extract again ({source} has none to probe)"
         )
     if len(labelled) < len(embeddings.ids):
         log.info(

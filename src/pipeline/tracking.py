@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///outputs/mlflow.db"
 ARTIFACT_ROOT = Path("outputs/mlartifacts")
 PARENT_RUN_FILE = "mlflow_parent_run_id"  # in the sweep folder, read by every job
+MAX_RUN_NAME = 250  # a sweep's parent run is named by its overrides, at most this long
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 # A server's deadlines. The first call decides whether it answers at all; every later call gets
 # its own. CALL_S is also MLflow's HTTP timeout (below), so a first call past its deadline still
@@ -373,10 +374,31 @@ def _parent_id(folder: Path) -> str | None:
     return marker.read_text().strip() if marker.is_file() else None
 
 
-def sweep_parent(settings: TrackingConfig, folder: Path) -> str | None:
+def sweep_name(folder: Path, overrides: list[str] | None = None) -> str:
+    """The parent run's name: what the sweep varies, as typed (`sweep layers=[blocks.1],[blocks.3]
+    pool=avg,max`), from its overrides or else those its folder's multirun.yaml saved; the
+    folder's name (its start time) when neither says."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    saved = folder / "multirun.yaml"
+    try:
+        if overrides is None:
+            overrides = list(OmegaConf.load(saved).hydra.overrides.task) if saved.is_file() else []
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except (OSError, ValueError, HydraException):
+        parsed = []
+    swept = [o.input_line or "" for o in parsed if o.is_sweep_override()]
+    name = f"sweep {' '.join(swept)}" if swept else f"sweep {folder.name}"
+    return name if len(name) <= MAX_RUN_NAME else name[: MAX_RUN_NAME - 3] + "..."
+
+
+def sweep_parent(
+    settings: TrackingConfig, folder: Path, overrides: list[str] | None = None
+) -> str | None:
     """The parent run of the sweep in `folder`: made by the sweep's start, or else by its first
-    job (a server may answer the jobs but not the start), one process at a time; None when it
-    cannot be made (start_run has said why)."""
+    job (a server may answer the jobs but not the start), one process at a time, named by what
+    the sweep's `overrides` vary; None when it cannot be made (start_run has said why)."""
     if parent := _parent_id(folder):
         return parent
     lock = Lock(folder / f"{PARENT_RUN_FILE}.lock")
@@ -387,7 +409,7 @@ def sweep_parent(settings: TrackingConfig, folder: Path) -> str | None:
         run = start_run(
             settings,
             "sweep",
-            f"sweep {folder.name}",
+            sweep_name(folder, overrides),
             {"sweep_dir": str(folder)},
             "each job tries again to make it, and is not tracked without it",
         )
@@ -425,7 +447,8 @@ def start_sweep(config: DictConfig) -> None:
     run in this process, in joblib workers or on cluster nodes that share the folder."""
     settings = _settings(config)
     if settings is not None:
-        sweep_parent(settings, Path(config.hydra.sweep.dir))
+        overrides = list(config.hydra.overrides.task)
+        sweep_parent(settings, Path(config.hydra.sweep.dir), overrides)
 
 
 def end_sweep_job(config: DictConfig, job_return: Any) -> None:

@@ -418,7 +418,7 @@ DOWNSTREAM = [
         )
     ],
     ("probe", "no rows", "hold no images"),
-    ("probe", "labels all null", "has no labels to probe"),
+    ("probe", "labels all null", "no labels: set dataset.labels_from_folders=true or"),
     ("probe", "labels of one class, the rest null", "dataset.labels_from_folders=true or"),
 ]
 

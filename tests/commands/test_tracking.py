@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -19,10 +20,11 @@ from mlflow import MlflowClient
 
 from pipeline.storage.contract import read_manifest, read_metadata
 
-from conftest import N_PHOTOS, TINY_MODEL, run_cli
+from conftest import N_PHOTOS, REPO, TINY_MODEL, run_cli
 
 pytestmark = pytest.mark.slow
 
+TRACKING_PAGE = REPO / "docs" / "tracking.md"
 TRACKED_TINY = [a for a in TINY_MODEL if a != "tracking=none"] + ["model.input_size=[3,64,64]"]
 
 
@@ -81,6 +83,7 @@ def test_sweep_is_a_parent_run_with_a_child_per_job(tmp_path: Path, photos: Path
     [parent] = [r for r in runs if r.data.tags["stage"] == "sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.status == "FINISHED" and len(runs) == 4
+    assert parent.info.run_name == "sweep layers=[blocks.0],[blocks.1],[global_pool]"  # what
     assert sorted(c.data.params["layers"] for c in children) == [
         "['blocks.0']",
         "['blocks.1']",
@@ -292,4 +295,12 @@ def test_the_mlflow_ui_shows_named_runs_a_grouped_sweep_and_lineage(
     assert (tmp_path / "mlflow_runs.png").stat().st_size > 10_000  # for a person to look at
     dom = _browser(page, "--dump-dom", profile=tmp_path / "p2")
     assert "Training runs" in dom  # the runs table, not the GenAI overview
+    assert parent.info.run_name in dom and downstream.info.run_name in dom
+
+    # The page docs/tracking.md sends a user to: the runs, in MLflow 3's "Model training" mode.
+    [documented] = re.findall(r"<(http://127\.0\.0\.1:5000/[^>]+)>", TRACKING_PAGE.read_text())
+    assert f"/experiments/{extract.info.experiment_id}/" in documented  # its id in a new store
+    shown = documented.replace("http://127.0.0.1:5000", mlflow_server)
+    dom = _browser(shown, "--dump-dom", profile=tmp_path / "p3")
+    assert ">Runs<" in dom and "Evaluation runs" not in dom  # not a GenAI page's side bar
     assert parent.info.run_name in dom and downstream.info.run_name in dom

@@ -101,7 +101,8 @@ def _n(image_id: str) -> int:
 
 
 def _staged_dirs(out: Path) -> list[Path]:
-    return [p for p in staging_root(out).iterdir() if p.is_dir() and p.name != "locks"]
+    root = staging_root(out)
+    return [p for p in root.iterdir() if p.is_dir() and p.name != "locks"] if root.is_dir() else []
 
 
 def test_parts_carry_the_digest_of_their_bytes_and_bounded_row_groups(

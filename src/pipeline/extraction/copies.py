@@ -88,11 +88,11 @@ def embed_copies(
     device: torch.device,
     options: dict[str, Any],
     about: dict[str, Any],
-) -> None:
+) -> int:
     """Make `plan.calibration.copies` near-duplicates of each sampled image (manifest rows),
     embed them with the same hooks, and write one part per layer under `folder` (in staging,
     then published inside each layer's folder), its manifest saying `about` them and which
-    images they were made from. Images that fail are left out."""
+    images they were made from. Images that fail are left out. Returns how many copies."""
     copies = plan.calibration.copies
     transform = augment.CopyTransform(
         build_transform(plan.preprocess), copies, plan.seed, plan.calibration.flip
@@ -125,3 +125,4 @@ def embed_copies(
             [write_part(table, path / part_name(0))],
             {**about, "sources": sorted(set(sources))},
         )
+    return len(ids)

@@ -87,6 +87,8 @@ def extraction_metadata(
             "kind": cfg.dataset.kind.value,
             "root": str(Path(cfg.dataset.root or ".").expanduser().resolve()),
             "truth": str(Path(t).expanduser().resolve()) if (t := cfg.dataset.truth) else None,
+            # Whether the labels are the images' folder names: `auto` as it was decided.
+            "labels_from_folders": cfg.dataset.labels_from_folders,
         },
         "preprocess": {**preprocess.as_dict(), "decode": decode.value},
         "config_hash": config_hash(cfg),

@@ -61,10 +61,12 @@ def load_manifest(dataset: DatasetConfig) -> pd.DataFrame:
 def folder_manifest(
     root: Path,
     extensions: Sequence[str],
-    labels_from_folders: bool,
+    labels_from_folders: bool | str,
     allow_outside_root: bool = False,
 ) -> pd.DataFrame:
-    """Every entry under `root` named with one of `extensions`, recursively, sorted by id.
+    """Every entry under `root` named with one of `extensions`, recursively, sorted by id;
+    labelled by the name of the folder each sits in when `labels_from_folders` is true, or
+    "auto" and every entry sits in a sub-folder (`folder_labels`).
 
     What cannot be an image is listed all the same, so that it becomes a failure row with its
     reason instead of vanishing: a folder named x.jpg, a FIFO, a broken symlink or a symlink
@@ -119,10 +121,19 @@ def folder_manifest(
             "error": [e for _, e, _ in rows],
         }
     )
-    if labels_from_folders:
+    if folder_labels(labels_from_folders, manifest["image_id"]):
         manifest["label"] = [Path(i).parent.name for i, _, _ in rows]
     manifest.attrs["skipped"] = dict(sorted(skipped.items()))
     return manifest
+
+
+def folder_labels(labels_from_folders: bool | str, image_ids: Iterable[str]) -> bool:
+    """Whether a folder's images are labelled by their folder: as `labels_from_folders` says,
+    and for "auto" when every image sits in a sub-folder of the root (the usual layout of a
+    labelled set, `cats/1.jpg`, `dogs/2.jpg`); one image at the top level, and none is."""
+    if labels_from_folders == "auto":
+        return all("/" in image_id for image_id in image_ids)
+    return bool(labels_from_folders)
 
 
 def table_manifest(

@@ -2,6 +2,7 @@
 instruction, and kept apart from what is published until `publish.py` swaps it in.
 
     <output_dir's parent>/.<output_dir name>.staging/
+        runs.lock                    shared by the runs in here; the last one out removes the folder
         locks/<layer>.lock           held by the run writing <layer> (released by the OS if it dies)
         <key>.lock                   held by the run staging into <key>/
         <key>/run.json               the layers <key> stages
@@ -15,11 +16,14 @@ instruction, and kept apart from what is published until `publish.py` swaps it i
 `<key>` names what decides the staged bytes (config, layers, batch and chunk size), not the image
 list: a chunk's ledger says which images, and which files, its rows are of, so a rerun after the
 folder grew still reuses them. Staging sits beside the output folder, not in it: the output
-folder holds published results only (what DVC hashes and readers read).
+folder holds published results only (what DVC hashes and readers read). A run that ends with no
+other run in the staging folder and nothing there worth keeping (lock files only: no staged
+chunks a rerun resumes, no publish a rerun finishes) removes the folder (`tidy`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -44,6 +48,7 @@ TRASH_PREFIX = ".trash-"
 IMAGES_DIR = "images"
 PUBLISH_DIR = "publish"
 RUN_FILE = "run.json"
+RUNS_LOCK = "runs.lock"  # shared by the runs using a staging folder, exclusive to remove it
 
 
 @dataclass(frozen=True)
@@ -91,18 +96,31 @@ class Lock:
         self.path = path
         self._file: IO[str] | None = None
 
-    def acquire(self, wait: bool) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        file = self.path.open("a+")
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
+    def acquire(self, wait: bool, shared: bool = False) -> bool:
+        """Take the lock (`shared`: alongside other shared holders, never an exclusive one);
+        without `wait`, False at once while another process holds it. A lock file may be
+        removed by a process that holds it (`tidy`): a lock got on a file no longer at `path`
+        is let go, and taken again on the file there now."""
+        mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                file = self.path.open("a+")
+            except FileNotFoundError:  # its folder was removed meanwhile
+                continue
+            try:
+                fcntl.flock(file, mode)
+            except BlockingIOError:
+                file.close()
+                return False
+            if _same_file(file, self.path):
+                break
             file.close()
-            return False
-        file.seek(0)
-        file.truncate()
-        file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n")
-        file.flush()
+        if not shared:
+            file.seek(0)
+            file.truncate()
+            file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n")
+            file.flush()
         self._file = file
         _held.add(self)
         return True
@@ -120,9 +138,20 @@ class Lock:
             self._file = None
 
 
+def _same_file(file: IO[str], path: Path) -> bool:
+    """`file` is still the file at `path` (not one removed, or replaced, since it was opened)."""
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(file.fileno())
+    return (opened.st_dev, opened.st_ino) == (now.st_dev, now.st_ino)
+
+
 class Staging:
     """The staged chunks of one run (use as a context manager: it holds the locks of the run's
-    layers, so no other run writes them meanwhile, whatever its config)."""
+    layers, so no other run writes them meanwhile, whatever its config; on leaving, the staging
+    folder is removed when no other run is in it and nothing in it is worth keeping)."""
 
     def __init__(self, output_dir: Path, key: str, layers: Sequence[str]) -> None:
         self.output_dir = output_dir
@@ -131,14 +160,15 @@ class Staging:
         self.layers = list(layers)
         self._locks = [self.root / "locks" / f"{layer}.lock" for layer in sorted(self.layers)]
         self._locks = [Lock(path) for path in self._locks] + [Lock(self.root / f"{key}.lock")]
+        self._inside = Lock(self.root / RUNS_LOCK)  # shared: this run is in the folder
 
     def __enter__(self) -> Staging:
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise OutputBusy(f"output_dir {self.output_dir} is a file: choose a folder")
-        for taken, lock in enumerate(self._locks):
+        self._inside.acquire(wait=True, shared=True)  # waits only while a run removes the folder
+        for lock in self._locks:
             if not lock.acquire(wait=False):
-                for held in self._locks[:taken]:
-                    held.release()
+                self.__exit__()
                 what = lock.path.stem if lock.path.parent.name == "locks" else "these layers"
                 raise OutputBusy(
                     f"another run ({lock.holder()}) is writing {what} to {self.output_dir}: "
@@ -162,6 +192,11 @@ class Staging:
     def __exit__(self, *_: object) -> None:
         for lock in reversed(self._locks):
             lock.release()
+        self._inside.release()
+        try:
+            tidy(self.root)
+        except OSError as err:  # a folder left behind is only untidy
+            log.debug("staging folder %s kept: %s", self.root, err)
 
     def _tidy_others(self) -> None:
         """Drop what no live run needs: trash, and the staged work of dead runs that wrote any
@@ -285,6 +320,44 @@ def recover(output_dir: Path) -> None:
             os.rename(path, output_dir)
         elif path.name.startswith(PUBLISHING):
             discard(path)
+
+
+def tidy(root: Path) -> None:
+    """Remove the staging folder `root` when no run is in it (none holds its runs lock) and it
+    holds lock files only: no staged chunks, no publish under way or to finish, not even a
+    failed run's folder. A run that starts meanwhile waits for the removal (its shared lock on
+    the exclusive one), then makes the folder afresh: the runs lock is removed last, so every
+    run that arrives while the rest goes finds it and waits."""
+    if not root.is_dir():
+        return
+    gate = Lock(root / RUNS_LOCK)
+    if not gate.acquire(wait=False):
+        return  # another run is in it, or removing it
+    try:
+        entries = list(root.iterdir())
+        locks = root / "locks"
+        inner = list(locks.iterdir()) if locks.is_dir() else []
+        if not all(_only_a_lock(p) for p in [*entries, *inner] if p != locks):
+            return
+        for path in [*inner, *entries]:
+            if path.name.startswith(TRASH_PREFIX):
+                shutil.rmtree(path, ignore_errors=True)
+            elif path == locks:
+                locks.rmdir()
+            elif path.name != RUNS_LOCK:
+                path.unlink()
+        gate.path.unlink()
+        with contextlib.suppress(OSError):  # a run that arrived since made its runs lock anew
+            root.rmdir()
+    finally:
+        gate.release()
+
+
+def _only_a_lock(path: Path) -> bool:
+    """What no one needs once no run holds it: a lock file, or trash."""
+    if path.name.startswith(TRASH_PREFIX):
+        return True
+    return path.name.endswith(".lock") and path.is_file() and not path.is_symlink()
 
 
 def staging_root(output_dir: Path) -> Path:
