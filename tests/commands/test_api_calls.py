@@ -51,9 +51,9 @@ def copies_made(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     made: list[int] = []
     real = pipeline.extract.embed_copies
 
-    def counted(hooks: object, picked: object, *args: object, **kwargs: object) -> None:
+    def counted(hooks: object, picked: object, *args: object, **kwargs: object) -> int:
         made.append(len(picked))  # type: ignore[arg-type]
-        real(hooks, picked, *args, **kwargs)
+        return real(hooks, picked, *args, **kwargs)
 
     monkeypatch.setattr(pipeline.extract, "embed_copies", counted)
     return made
