@@ -57,16 +57,24 @@ CONFIG_PATH = (
 
 
 def main(
-    stage: str, run: Callable[[PipelineConfig], Any], track: bool = True, config: str = "config"
+    stage: str,
+    run: Callable[[PipelineConfig], Any],
+    track: bool = True,
+    config: str = "config",
+    check: Callable[[PipelineConfig], object] | None = None,
 ) -> None:
     """Run `stage` as a command: `python -m pipeline.<stage> [overrides]`; `track=False` for
     commands that only print; `config` names the stage's own top config in conf/ when its
-    defaults differ (it builds on config.yaml)."""
+    defaults differ (it builds on config.yaml). `check` refuses what it can of the config and
+    its inputs (paths, values) before tracking and the stage's heavy libraries load: a config
+    error answers in a second, and leaves no MLflow run behind."""
 
     @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config)
     def task(cfg: DictConfig) -> None:
         with user_errors():
             config = typed(cfg)
+            if check is not None:
+                check(config)
             if not track or config.tracking.backend == "none":
                 run(config)  # nothing to record: MLflow is not even imported (seconds saved)
                 return
