@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from enum import Enum
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from pipeline.config import Engine, PipelineConfig, check_key, validate
+from pipeline.config import (
+    RECORDED_ONLY,
+    Engine,
+    PipelineConfig,
+    check_key,
+    key_type,
+    validate,
+)
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -363,6 +371,38 @@ def sweep_suffix() -> str:
     return "/" + ",".join(distinct) if distinct else ""
 
 
+# --- --help, from the schema and the presets: it lists what there is, so it cannot drift --------
+
+CHOSEN = "*"  # marks, in --help, the value or preset this command would run with
+
+
+def help_choices(key: str, _root_: DictConfig) -> str:
+    """`a|b*|c`: every value of `key`'s Enum in the schema a user may choose, the one in effect
+    marked (the default, or the command line's)."""
+    kind = key_type(key)
+    if not (isinstance(kind, type) and issubclass(kind, Enum)):
+        raise TypeError(f"help_choices: {key} is a {kind}, not an Enum")
+    current = OmegaConf.select(_root_, key, default=None)
+    current = current.value if isinstance(current, Enum) else current
+    return "|".join(
+        m.value + (CHOSEN if m.value == current else "") for m in kind if m not in RECORDED_ONLY
+    )
+
+
+def help_presets(_root_: DictConfig) -> str:
+    """A line per config group: its presets (conf/<group>/*.yaml, and the user's --config-dir),
+    the one in effect marked."""
+    folders = config_folders(sys.argv[1:])
+    chosen = OmegaConf.select(_root_, "hydra.runtime.choices", default=None) or {}
+    return "\n".join(
+        f"  {group}: "
+        + ", ".join(
+            name + (CHOSEN if name == chosen.get(group) else "") for name in presets(folders, group)
+        )
+        for group in GROUPS
+    )
+
+
 def register_resolvers() -> None:
     """The resolvers the YAML uses; also registered in any Hydra process (DVC's composition of
     params.yaml among them) by the plugin in `hydra_plugins/pipeline_resolvers`."""
@@ -371,6 +411,8 @@ def register_resolvers() -> None:
         "weights_name": weights_name,
         "sweep_suffix": sweep_suffix,
         "embeddings_key": embeddings_key,
+        "help_choices": help_choices,
+        "help_presets": help_presets,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)

@@ -1,15 +1,24 @@
 """Start-up: every command's `--help`, and a config error that needs no model, answer without
 loading torch, timm, MLflow, scikit-learn or faiss (each command runs in a subprocess under
-`python -X importtime`, which names every module it imports)."""
+`python -X importtime`, which names every module it imports); `--help` is made from the schema
+and the presets, so it lists every value and preset there is and marks the one in effect."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from enum import Enum
 from pathlib import Path
 
 import pytest
+import yaml
+
+from pipeline.app import CHOSEN, GROUPS
+from pipeline.config import RECORDED_ONLY, key_type
+
+from conftest import REPO, composed
 
 STAGES = ["cluster", "dedup", "probe", "report", "visualize", "layers"]
 COMMANDS = ["pipeline", *(f"pipeline.{stage}" for stage in STAGES)]
@@ -98,3 +107,52 @@ def test_a_config_error_loads_no_model_or_tracking(
     assert len(lines) == 1 and message.format(tmp=tmp_path) in lines[0], done.stderr
     assert not imported & MODEL_AND_TRACKING, sorted(imported & MODEL_AND_TRACKING)
     assert not (tmp_path / "outputs/mlflow.db").exists()  # no run was opened for it
+
+
+# --- --help from the schema --------------------------------------------------------------------
+
+ENUM_KEYS = ["pool", "precision", "decode", "cluster.method", "dedup.method"]
+
+
+def listed(text: str, key: str) -> list[str]:
+    """The values `key=a|b|c` lists in the help."""
+    found = re.search(rf"(?:^|\s){re.escape(key)}=(\S+)", text, re.MULTILINE)
+    assert found, f"{key}= is not in --help"
+    return found.group(1).split("|")
+
+
+def presets_listed(text: str, group: str) -> list[str]:
+    found = re.search(rf"^\s+{group}: (.+)$", text, re.MULTILINE)
+    assert found, f"no {group} presets in --help"
+    return found.group(1).split(", ")
+
+
+def default_presets() -> dict[str, str]:
+    defaults = yaml.safe_load((REPO / "conf/config.yaml").read_text())["defaults"]
+    return {k: v for d in defaults if isinstance(d, dict) for k, v in d.items()}
+
+
+@pytest.mark.parametrize("overrides", [[], ["model=resnet18", "pool=gem", "engine=ray"]])
+def test_help_lists_every_choice_and_preset_and_marks_the_one_in_effect(
+    overrides: list[str], tmp_path: Path
+) -> None:
+    done, _ = run_timed("pipeline", "--help", *overrides, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    config = composed(*overrides)
+    for key in ENUM_KEYS:
+        kind = key_type(key)
+        assert issubclass(kind, Enum)
+        current = config
+        for part in key.split("."):
+            current = getattr(current, part)
+        expected = [
+            m.value + (CHOSEN if m is current else "") for m in kind if m not in RECORDED_ONLY
+        ]
+        assert listed(text, key) == expected, key
+    chosen = {**default_presets(), **dict(o.split("=") for o in overrides if "." not in o)}
+    chosen.pop("pool", None)
+    for group in GROUPS:
+        names = sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+        marked = [n + (CHOSEN if n == chosen[group] else "") for n in names]
+        assert presets_listed(text, group) == marked, group
