@@ -13,6 +13,7 @@ code. Tracking (and MLflow) is imported only here, when a stage runs as a comman
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -354,13 +355,7 @@ def sweep_suffix() -> str:
     jobs write the same file (pool, preprocessing, precision...); empty otherwise."""
     if not _in_sweep():
         return ""
-    # The sweep's own command line, with its comma lists, is saved beside the jobs.
-    primary = OmegaConf.load(Path(HydraConfig.get().sweep.dir) / "multirun.yaml")
-    swept = {
-        o.key_or_group
-        for o in OverridesParser.create().parse_overrides(list(primary.hydra.overrides.task))
-        if o.is_sweep_override()
-    }
+    swept = _swept_keys(Path(HydraConfig.get().sweep.dir) / "multirun.yaml")
     distinct = sorted(
         o
         for o in HydraConfig.get().overrides.task
@@ -369,6 +364,25 @@ def sweep_suffix() -> str:
         and not key.startswith(SHARED_FOLDER_PREFIXES)
     )
     return "/" + ",".join(distinct) if distinct else ""
+
+
+def _swept_keys(saved: Path) -> frozenset[str]:
+    """The keys the sweep's command line varies: its own command line, with its comma lists, is
+    saved beside the jobs. Read once per sweep (per version of the file): OmegaConf calls
+    `sweep_suffix` for every key that interpolates `extraction_name`, some 30 times a job, and
+    each parse took 0.1-0.5 s (Hydra's override parser)."""
+    status = saved.stat()
+    return _parse_swept_keys(str(saved), status.st_mtime_ns, status.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_swept_keys(saved: str, mtime_ns: int, size: int) -> frozenset[str]:
+    primary = OmegaConf.load(saved)
+    return frozenset(
+        o.key_or_group
+        for o in OverridesParser.create().parse_overrides(list(primary.hydra.overrides.task))
+        if o.is_sweep_override()
+    )
 
 
 # --- --help, from the schema and the presets: it lists what there is, so it cannot drift --------
