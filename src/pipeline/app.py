@@ -13,12 +13,14 @@ code. Tracking (and MLflow) is imported only here, when a stage runs as a comman
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from enum import Enum
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +36,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from pipeline.config import Engine, PipelineConfig, check_key, validate
+from pipeline.config import (
+    RECORDED_ONLY,
+    Engine,
+    PipelineConfig,
+    check_key,
+    key_type,
+    validate,
+)
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -59,16 +68,24 @@ CONFIG_PATH = (
 
 
 def main(
-    stage: str, run: Callable[[PipelineConfig], Any], track: bool = True, config: str = "config"
+    stage: str,
+    run: Callable[[PipelineConfig], Any],
+    track: bool = True,
+    config: str = "config",
+    check: Callable[[PipelineConfig], object] | None = None,
 ) -> None:
     """Run `stage` as a command: `python -m pipeline.<stage> [overrides]`; `track=False` for
     commands that only print; `config` names the stage's own top config in conf/ when its
-    defaults differ (it builds on config.yaml)."""
+    defaults differ (it builds on config.yaml). `check` refuses what it can of the config and
+    its inputs (paths, values) before tracking and the stage's heavy libraries load: a config
+    error answers in a second, and leaves no MLflow run behind."""
 
     @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config)
     def task(cfg: DictConfig) -> None:
         with user_errors():
             config = typed(cfg)
+            if check is not None:
+                check(config)
             if not track or config.tracking.backend == "none":
                 run(config)  # nothing to record: MLflow is not even imported (seconds saved)
                 return
@@ -371,13 +388,7 @@ def sweep_suffix() -> str:
     jobs write the same file (pool, preprocessing, precision...); empty otherwise."""
     if not _in_sweep():
         return ""
-    # The sweep's own command line, with its comma lists, is saved beside the jobs.
-    primary = OmegaConf.load(Path(HydraConfig.get().sweep.dir) / "multirun.yaml")
-    swept = {
-        o.key_or_group
-        for o in OverridesParser.create().parse_overrides(list(primary.hydra.overrides.task))
-        if o.is_sweep_override()
-    }
+    swept = _swept_keys(Path(HydraConfig.get().sweep.dir) / "multirun.yaml")
     distinct = sorted(
         o
         for o in HydraConfig.get().overrides.task
@@ -388,6 +399,57 @@ def sweep_suffix() -> str:
     return "/" + ",".join(distinct) if distinct else ""
 
 
+def _swept_keys(saved: Path) -> frozenset[str]:
+    """The keys the sweep's command line varies: its own command line, with its comma lists, is
+    saved beside the jobs. Read once per sweep (per version of the file): OmegaConf calls
+    `sweep_suffix` for every key that interpolates `extraction_name`, some 30 times a job, and
+    each parse took 0.1-0.5 s (Hydra's override parser)."""
+    status = saved.stat()
+    return _parse_swept_keys(str(saved), status.st_mtime_ns, status.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_swept_keys(saved: str, mtime_ns: int, size: int) -> frozenset[str]:
+    primary = OmegaConf.load(saved)
+    return frozenset(
+        o.key_or_group
+        for o in OverridesParser.create().parse_overrides(list(primary.hydra.overrides.task))
+        if o.is_sweep_override()
+    )
+
+
+# --- --help, from the schema and the presets: it lists what there is, so it cannot drift --------
+
+CHOSEN = "*"  # marks, in --help, the value or preset this command would run with
+
+
+def help_choices(key: str, _root_: DictConfig) -> str:
+    """`a|b*|c`: every value of `key`'s Enum in the schema a user may choose, the one in effect
+    marked (the default, or the command line's)."""
+    kind = key_type(key)
+    if not (isinstance(kind, type) and issubclass(kind, Enum)):
+        raise TypeError(f"help_choices: {key} is a {kind}, not an Enum")
+    current = OmegaConf.select(_root_, key, default=None)
+    current = current.value if isinstance(current, Enum) else current
+    return "|".join(
+        m.value + (CHOSEN if m.value == current else "") for m in kind if m not in RECORDED_ONLY
+    )
+
+
+def help_presets(_root_: DictConfig) -> str:
+    """A line per config group: its presets (conf/<group>/*.yaml, and the user's --config-dir),
+    the one in effect marked."""
+    folders = config_folders(sys.argv[1:])
+    chosen = OmegaConf.select(_root_, "hydra.runtime.choices", default=None) or {}
+    return "\n".join(
+        f"  {group}: "
+        + ", ".join(
+            name + (CHOSEN if name == chosen.get(group) else "") for name in presets(folders, group)
+        )
+        for group in GROUPS
+    )
+
+
 def register_resolvers() -> None:
     """The resolvers the YAML uses; also registered in any Hydra process (DVC's composition of
     params.yaml among them) by the plugin in `hydra_plugins/pipeline_resolvers`."""
@@ -396,6 +458,8 @@ def register_resolvers() -> None:
         "weights_name": weights_name,
         "sweep_suffix": sweep_suffix,
         "embeddings_key": embeddings_key,
+        "help_choices": help_choices,
+        "help_presets": help_presets,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)

@@ -12,23 +12,22 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-import sklearn
-from matplotlib.figure import Figure
-from sklearn.cluster import HDBSCAN, KMeans
-from sklearn.decomposition import PCA
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
-from pipeline import plots
 from pipeline.config import ClusterMethod, PipelineConfig
 from pipeline.errors import LABEL_KEYS, ConfigError
 from pipeline.progress import step
 from pipeline.results import DatasetRef, StageResult, write_headline
 from pipeline.search.vectors import normalise
-from pipeline.storage.contract import Embeddings, embeddings_input, existing_embeddings, images_root
-from pipeline.storage.inputs import read_layer
+
+# scikit-learn, pandas, pyarrow and matplotlib are imported where they are used: this module
+# runs as `python -m pipeline.cluster`, and its --help and config errors need none of them.
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from pipeline.storage.contract import Embeddings
 
 log = logging.getLogger(__name__)
 # Beyond these sizes a number or picture is computed on a random sample: silhouette costs
@@ -49,10 +48,10 @@ def cluster_vectors(
     seed: int = 0,
 ) -> np.ndarray:
     """A cluster number per row (-1: HDBSCAN's noise)."""
-    if pca_dim is not None and pca_dim < 1:
-        raise ConfigError(f"cluster.pca_dim must be at least 1 (or null: no PCA), got {pca_dim}")
-    if method is ClusterMethod.hdbscan and min_cluster_size < 2:
-        raise ConfigError(f"cluster.min_cluster_size must be at least 2, got {min_cluster_size}")
+    check_params(method, pca_dim, min_cluster_size)
+    from sklearn.cluster import HDBSCAN, KMeans
+    from sklearn.decomposition import PCA
+
     points = normalise(vectors)
     if pca_dim is not None:
         dim = min(pca_dim, *points.shape)
@@ -68,6 +67,13 @@ def cluster_vectors(
     return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(points)
 
 
+def check_params(method: ClusterMethod, pca_dim: int | None, min_cluster_size: int) -> None:
+    if pca_dim is not None and pca_dim < 1:
+        raise ConfigError(f"cluster.pca_dim must be at least 1 (or null: no PCA), got {pca_dim}")
+    if method is ClusterMethod.hdbscan and min_cluster_size < 2:
+        raise ConfigError(f"cluster.min_cluster_size must be at least 2, got {min_cluster_size}")
+
+
 def sample_rows(n: int, limit: int, seed: int) -> np.ndarray:
     """All row indices, or `limit` of them drawn at random (sorted), when there are more."""
     if n <= limit:
@@ -80,6 +86,10 @@ def cluster_metrics(
 ) -> dict:
     """Silhouette (cosine; on a random sample of SILHOUETTE_SAMPLE images beyond that), and
     agreement with the labels over the images that have one (a label may be null)."""
+    import pandas as pd
+    import sklearn
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+
     sizes = pd.Series(assignments).value_counts().sort_index()
     metrics: dict = {
         "n_images": len(assignments),
@@ -104,6 +114,8 @@ def contact_sheet(
     embeddings: Embeddings, assignments: np.ndarray, images_root: Path, per_cluster: int, title: str
 ) -> Figure:
     """A row of thumbnails per cluster (the first SHEET_ROWS clusters): what each holds."""
+    from pipeline import plots
+
     rows = []
     for cluster in sorted(set(assignments.tolist()))[:SHEET_ROWS]:
         members = np.flatnonzero(assignments == cluster)[:per_cluster]
@@ -134,6 +146,15 @@ def check_labels(
         )
     if not any(label is not None for label in labels or []):
         log.info("no labels: no NMI or ARI against them (%s, and extract again)", LABEL_KEYS)
+
+
+def check(cfg: PipelineConfig) -> None:
+    """What can be refused before anything is read (the command runs it before tracking)."""
+    from pipeline.storage.contract import existing_embeddings
+
+    existing_embeddings(cfg.embeddings)
+    params = cfg.cluster
+    check_params(params.method, params.pca_dim, params.min_cluster_size)
 
 
 def run(cfg: PipelineConfig) -> StageResult:
@@ -178,6 +199,9 @@ def run(cfg: PipelineConfig) -> StageResult:
 def read_inputs(cfg: PipelineConfig) -> tuple[Path, Embeddings, DatasetRef]:
     """The layer's folder, its embeddings (checked; at least 2 images), and them as the run's
     input."""
+    from pipeline.storage.contract import embeddings_input, existing_embeddings
+    from pipeline.storage.inputs import read_layer
+
     source = existing_embeddings(cfg.embeddings)
     embeddings = read_layer(source, cfg.verify)
     record = embeddings_input(source, embeddings.metadata)
@@ -210,6 +234,8 @@ def write_tables(
     headline_file: str | None,
 ) -> None:
     """assignments.parquet, metrics.json, sizes.json and the headline figures."""
+    import pandas as pd
+
     out.mkdir(parents=True, exist_ok=True)
     # Written only when the images are there: removed first, so an old sheet never stays
     # beside new assignments.
@@ -232,6 +258,9 @@ def write_figures(
 ) -> list[Path]:
     """projection.png (a sample of PROJECTION_POINTS at most), and the contact sheet when
     images_root holds the images."""
+    from pipeline import plots
+    from pipeline.storage.contract import images_root
+
     params = cfg.cluster
     shown = sample_rows(len(unit), PROJECTION_POINTS, params.seed)
     labels = [str(a) for a in assignments[shown]]
@@ -250,4 +279,4 @@ def write_figures(
 if __name__ == "__main__":
     from pipeline.app import main
 
-    main("cluster", run)
+    main("cluster", run, check=check)

@@ -40,6 +40,10 @@ class Pool(Enum):
     none = "none"  # recorded for layers whose output is already one vector per image
 
 
+# Values a layer's metadata records but a user does not choose: --help leaves them out.
+RECORDED_ONLY: frozenset[Enum] = frozenset({Pool.none})
+
+
 class Precision(Enum):
     auto = "auto"
     fp32 = "fp32"
@@ -326,6 +330,14 @@ def check_key(key: str) -> None:
         node = fields[part]
         if not dataclasses.is_dataclass(node):
             return
+
+
+def key_type(key: str) -> Any:
+    """The schema's type of `key` (dotted: `cluster.method`): a dataclass, an Enum, a builtin."""
+    node: Any = PipelineConfig
+    for part in key.split("."):
+        node = _field_types(node)[part]
+    return node
 
 
 def _field_types(schema: type) -> dict[str, Any]:

@@ -22,28 +22,25 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-from matplotlib.figure import Figure
 
-from pipeline import plots
 from pipeline.config import DedupConfig, PipelineConfig
 from pipeline.errors import ConfigError
 from pipeline.progress import step, tick
 from pipeline.results import DatasetRef, StageResult, write_headline
-from pipeline.search import neighbours
-from pipeline.search.calibration import Calibration, calibrate
-from pipeline.search.truth import truth_codes, truth_scores
 from pipeline.search.vectors import Whitening, fit_whitening, normalise
-from pipeline.storage.contract import (
-    Embeddings,
-    calibration_path,
-    embeddings_input,
-    existing_embeddings,
-    images_root,
-)
-from pipeline.storage.inputs import read_layer
+
+# pandas, pyarrow, faiss, SciPy and matplotlib are imported where they are used: this module
+# runs as `python -m pipeline.dedup`, and its --help and config errors need none of them.
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from pipeline.search import neighbours
+    from pipeline.search.calibration import Calibration
+    from pipeline.storage.contract import Embeddings
 
 log = logging.getLogger(__name__)
 APP_CONFIG = "dedup_app"  # conf/dedup_app.yaml: config.yaml, with the model's dedup_layer
@@ -62,6 +59,8 @@ OPTIONAL_OUTPUTS = (
 
 def exact_duplicates(ids: list[str], root: Path) -> pd.DataFrame:
     """Files with identical bytes, grouped by their SHA-256."""
+    import pandas as pd
+
     digests = {
         i: hashlib.sha256((root / i).read_bytes()).hexdigest()
         for i in tick(ids, "hashing the image files", unit="file")
@@ -73,6 +72,8 @@ def exact_duplicates(ids: list[str], root: Path) -> pd.DataFrame:
 
 def truth_groups(path: Path, id_column: str, group_column: str, ids: list[str]) -> pd.Series:
     """The true group of each embedded image (NaN where the manifest does not say)."""
+    import pandas as pd
+
     if not path.is_file():
         raise ConfigError(
             f"dedup.truth {path} does not exist: point it at a manifest with the "
@@ -97,6 +98,10 @@ def truth_groups(path: Path, id_column: str, group_column: str, ids: list[str]) 
 def top_pairs_figure(pairs: pd.DataFrame, ids: list[str], root: Path, title: str) -> Figure:
     """The given pairs side by side, their cosine similarity as the row title; with no pairs, a
     figure that says so (the file is still written, for DVC and for whoever looks)."""
+    from matplotlib.figure import Figure
+
+    from pipeline import plots
+
     if pairs.empty:
         figure = Figure(figsize=(5, 1))
         figure.text(0.5, 0.5, f"{title}: no pairs", ha="center", va="center")
@@ -138,6 +143,9 @@ def calibration_copies(
     """The copies the extraction embedded beside these embeddings (read and checked as the
     layer is); a ConfigError when they are `required` (threshold=auto) and missing, or when
     they belong to another extraction."""
+    from pipeline.storage.contract import calibration_path
+    from pipeline.storage.inputs import read_layer
+
     path = calibration_path(source)
     if not path.is_dir():
         if required:
@@ -208,6 +216,15 @@ def _check_params(params: DedupConfig) -> None:
         )
 
 
+def check(cfg: PipelineConfig) -> None:
+    """What can be refused before anything is read (the command runs it before tracking)."""
+    from pipeline.storage.contract import existing_embeddings
+
+    fixed_threshold(cfg.dedup.threshold)
+    _check_params(cfg.dedup)
+    existing_embeddings(cfg.embeddings)
+
+
 def run(cfg: PipelineConfig) -> StageResult:
     inputs = read_inputs(cfg)
     found = find_duplicates(inputs, cfg.dedup, cfg.seed)
@@ -240,6 +257,9 @@ class DedupInputs:
 def read_inputs(cfg: PipelineConfig) -> DedupInputs:
     """The settings, the embeddings, their calibration copies and the true groups, read and
     checked: a ConfigError here leaves the output folder as it was."""
+    from pipeline.storage.contract import embeddings_input, existing_embeddings
+    from pipeline.storage.inputs import read_layer
+
     params = cfg.dedup
     threshold = fixed_threshold(params.threshold)
     _check_params(params)
@@ -256,6 +276,8 @@ def read_inputs(cfg: PipelineConfig) -> DedupInputs:
 def known_truth(params: DedupConfig, embeddings: Embeddings) -> np.ndarray | None:
     """Each image's true group as a number, from dedup.truth or else the truth the extraction
     recorded for its dataset; None when neither names one."""
+    from pipeline.search.truth import truth_codes
+
     recorded = embeddings.metadata.get("dataset")
     truth = params.truth or (recorded.get("truth") if isinstance(recorded, dict) else None)
     if truth is None:
@@ -278,6 +300,11 @@ class Duplicates:
 
 def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Duplicates:
     """Whiten and normalise, calibrate the threshold on the copies, search, group."""
+    import pandas as pd
+
+    from pipeline.search import neighbours
+    from pipeline.search.calibration import calibrate
+
     vectors, copies = inputs.embeddings.vectors, inputs.copies
     with step("whitening and normalising" if params.whiten else "normalising"):
         unit, copies_unit, whitening = postprocess(vectors, copies, params, seed)
@@ -303,6 +330,8 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
 
 def search_pairs(unit: np.ndarray, threshold: float, params: DedupConfig) -> neighbours.Neighbours:
     """`neighbours.search` with dedup's settings; a setting it refuses is a ConfigError."""
+    from pipeline.search import neighbours
+
     try:
         return neighbours.search(
             unit,
@@ -322,6 +351,9 @@ def write_outputs(
 ) -> tuple[dict, list[Path]]:
     """Every file of the stage in `out`, cleared first of an earlier run's optional files; the
     metrics, and the files to record."""
+    from pipeline import plots
+    from pipeline.search.truth import truth_scores
+
     params, ids, name = cfg.dedup, inputs.embeddings.ids, inputs.source.stem
     clear_outputs(out)
     with step(f"writing {out}"):
@@ -364,6 +396,8 @@ def clear_outputs(out: Path) -> None:
 def write_pairs(out: Path, ids: list[str], found: Duplicates) -> None:
     """pairs.parquet (the pairs at or above the threshold) and groups.parquet (the images in a
     group)."""
+    import pandas as pd
+
     search = found.search
     pd.DataFrame(
         {
@@ -400,6 +434,8 @@ def search_metrics(inputs: DedupInputs, found: Duplicates, params: DedupConfig) 
 def pictures_root(configured: str | None, embeddings: Embeddings) -> Path | None:
     """Where the images are, for the exact-copy pass and the pictures; None, with a warning,
     when the folder named does not hold them."""
+    from pipeline.storage.contract import images_root
+
     root = images_root(configured, embeddings.metadata)
     if root is not None and not (root / embeddings.ids[0]).is_file():
         log.warning(
@@ -411,6 +447,8 @@ def pictures_root(configured: str | None, embeddings: Embeddings) -> Path | None
 
 def write_pr_curve(out: Path, curve: pd.DataFrame, threshold: float, name: str) -> list[Path]:
     """pr_curve.csv and pr_curve.png."""
+    from pipeline import plots
+
     curve.to_csv(out / "pr_curve.csv", index=False)
     figure = plots.pr_figure(curve, threshold, f"{name}: near-duplicate pairs")
     return [out / "pr_curve.csv", plots.save(figure, out / "pr_curve.png")]
@@ -454,6 +492,8 @@ def write_postprocessing(
     name: str,
 ) -> list[Path]:
     """whitening.npz, and the calibration curve as CSV and picture, when there are."""
+    from pipeline import plots
+
     written = []
     if whitening is not None:
         np.savez(
@@ -489,6 +529,8 @@ def whitening_metrics(whitening: Whitening | None, params: DedupConfig) -> dict[
 def around_threshold(candidates: pd.DataFrame, threshold: float, count: int) -> pd.DataFrame:
     """The pairs a person checks: the weakest kept above the threshold and the strongest
     left below it, half each, in order of similarity."""
+    import pandas as pd
+
     above = candidates[candidates["similarity"] >= threshold].tail(count // 2)
     below = candidates[candidates["similarity"] < threshold].head(count - len(above))
     return pd.concat([above, below])
@@ -497,4 +539,4 @@ def around_threshold(candidates: pd.DataFrame, threshold: float, count: int) -> 
 if __name__ == "__main__":
     from pipeline.app import main
 
-    main("dedup", run, config=APP_CONFIG)
+    main("dedup", run, config=APP_CONFIG, check=check)

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from pipeline.config import PipelineConfig
-from pipeline.extraction.hooks import list_layers
-from pipeline.extraction.models import build_model
-from pipeline.images.preprocess import resolve_preprocess
 from pipeline.results import StageResult
 
 
 def layer_table(cfg: PipelineConfig) -> list[dict]:
+    # torch and timm only now: this module runs as `python -m pipeline.layers`, and its --help
+    # and config errors need neither.
+    import torch
+
+    from pipeline.extraction.hooks import list_layers
+    from pipeline.extraction.models import build_model
+    from pipeline.images.preprocess import resolve_preprocess
+
     cfg.model.pretrained, cfg.model.checkpoint = False, None
     model = build_model(cfg.model)
     size = resolve_preprocess(model, cfg.model.input_size).input_size

@@ -10,19 +10,19 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_validate
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import LABEL_KEYS, ConfigError
 from pipeline.progress import Folds, step
 from pipeline.results import DatasetRef, StageResult, write_headline
-from pipeline.storage.contract import Embeddings, embeddings_input, existing_embeddings
-from pipeline.storage.inputs import read_layer
+
+# scikit-learn and pyarrow are imported where they are used: this module runs as
+# `python -m pipeline.probe`, and its --help and config errors need neither.
+if TYPE_CHECKING:
+    from pipeline.storage.contract import Embeddings
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,11 @@ def probe_scores(
             f"{len(classes)} label(s), the rarest with {counts.min(initial=len(labels))} "
             f"image(s): extract with more labelled images ({LABEL_KEYS})"
         )
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_validate
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     splits = StratifiedKFold(
         n_splits=int(min(folds, counts.min())), shuffle=True, random_state=seed
     )
@@ -61,6 +66,13 @@ def probe_scores(
         "n_classes": len(classes),
         "chance": float(counts.max() / counts.sum()),
     }
+
+
+def check(cfg: PipelineConfig) -> None:
+    """What can be refused before anything is read (the command runs it before tracking)."""
+    from pipeline.storage.contract import existing_embeddings
+
+    existing_embeddings(cfg.embeddings)
 
 
 def run(cfg: PipelineConfig) -> StageResult:
@@ -94,6 +106,9 @@ def run(cfg: PipelineConfig) -> StageResult:
 def read_labelled(cfg: PipelineConfig) -> tuple[Path, Embeddings, list[int], DatasetRef]:
     """The layer's folder, its embeddings (checked), the rows that have a label (the others are
     left out, and said to be), and the embeddings as the run's input."""
+    from pipeline.storage.contract import embeddings_input, existing_embeddings
+    from pipeline.storage.inputs import read_layer
+
     source = existing_embeddings(cfg.embeddings)
     embeddings = read_layer(source, cfg.verify)
     record = embeddings_input(source, embeddings.metadata)
@@ -116,4 +131,4 @@ def read_labelled(cfg: PipelineConfig) -> tuple[Path, Embeddings, list[int], Dat
 if __name__ == "__main__":
     from pipeline.app import main
 
-    main("probe", run)
+    main("probe", run, check=check)

@@ -16,15 +16,18 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-
-from pipeline import plots
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError
 from pipeline.progress import step, tick
 from pipeline.results import HEADLINE, StageResult
-from pipeline.storage.contract import CALIBRATION_DIR, read_metadata
+
+# pandas, pyarrow and matplotlib are imported where they are used: this module runs as
+# `python -m pipeline.report`, and its --help and config errors need none of them.
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 # metric column -> (stage folder key, file, keys in the file: the first one there is shown)
@@ -59,6 +62,8 @@ def pooling(metadata: dict) -> str:
 def layer_folders(folder: Path) -> list[Path]:
     """Every layer folder under an extraction's folder: its own, and those of sweep jobs in
     sub-folders (pool=gem, ...); not the calibration copies."""
+    from pipeline.storage.contract import CALIBRATION_DIR
+
     return sorted(
         p
         for p in folder.rglob("*.parquet")
@@ -66,15 +71,25 @@ def layer_folders(folder: Path) -> list[Path]:
     )
 
 
-def layer_table(cfg: PipelineConfig) -> tuple[pd.DataFrame, list[str]]:
-    """One row per extracted layer, and the commands that would fill its missing cells."""
-    folder = Path(cfg.output_dir)
+def extracted_layers(folder: Path) -> list[Path]:
+    """`layer_folders`, or a ConfigError when there are none."""
     files = layer_folders(folder)
     if not files:
         raise ConfigError(
             f"no layer embeddings in {folder}: run `python -m pipeline` (or a "
             "sweep over layers) for this model and dataset first"
         )
+    return files
+
+
+def layer_table(cfg: PipelineConfig) -> tuple[pd.DataFrame, list[str]]:
+    """One row per extracted layer, and the commands that would fill its missing cells."""
+    import pandas as pd
+
+    from pipeline.storage.contract import read_metadata
+
+    folder = Path(cfg.output_dir)
+    files = extracted_layers(folder)
     rows, missing = [], []
     dirs = {
         "cluster_dir": cfg.report.cluster_dir,
@@ -108,6 +123,8 @@ def layer_table(cfg: PipelineConfig) -> tuple[pd.DataFrame, list[str]]:
 
 
 def markdown(table: pd.DataFrame, title: str) -> str:
+    import pandas as pd
+
     shown = table.drop(columns="depth")
     cells = [
         [("-" if pd.isna(v) else f"{v:.3f}" if isinstance(v, float) else str(v)) for v in row]
@@ -132,9 +149,13 @@ LABELS = {
 }
 
 
-def figure(table: pd.DataFrame, title: str, note: str) -> plots.Figure:
+def figure(table: pd.DataFrame, title: str, note: str) -> Figure:
     """Each metric against layer depth, layers in model order; `note` says how the metrics
     were measured."""
+    import pandas as pd
+
+    from pipeline import plots
+
     columns = ["dim", *METRICS]
     fig, axes = plots.subplots(
         1, len(columns), figsize=(3.2 * len(columns), 3.4), layout="constrained"
@@ -156,7 +177,14 @@ def figure(table: pd.DataFrame, title: str, note: str) -> plots.Figure:
     return fig
 
 
+def check(cfg: PipelineConfig) -> None:
+    """What can be refused before anything is read (the command runs it before tracking)."""
+    extracted_layers(Path(cfg.output_dir))
+
+
 def run(cfg: PipelineConfig) -> StageResult:
+    from pipeline import plots
+
     with step(f"reading the layers under {cfg.output_dir} and their results"):
         table, missing = layer_table(cfg)
     out = Path(cfg.report.output_dir)
@@ -195,4 +223,4 @@ def measured_how(cfg: PipelineConfig, table: pd.DataFrame) -> str:
 if __name__ == "__main__":
     from pipeline.app import main
 
-    main("report", run)
+    main("report", run, check=check)

@@ -18,10 +18,14 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import json
 import logging
+import math
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -64,7 +68,7 @@ for _name, _value in {
     os.environ.setdefault(_name, _value)
 
 from mlflow import MlflowClient  # noqa: E402 - reads the variables above
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.utils.mlflow_tags import (  # noqa: E402
     MLFLOW_GIT_COMMIT,
@@ -85,6 +89,32 @@ def tracking_uri(settings: TrackingConfig) -> str:
 def is_local(uri: str) -> bool:
     """A SQLite store: a file on this machine, as opposed to a server."""
     return uri.startswith("sqlite:")
+
+
+# One client per store and process (MLflow opens the store, and a SQLite store checks its schema,
+# when a client first asks), each experiment looked up once: a sweep's jobs in one process share
+# them. Keyed with the working folder too: a relative SQLite path names another store there.
+_clients: dict[tuple[str, str], MlflowClient] = {}
+_experiments: dict[tuple[str, str, str], str] = {}
+
+
+def _client(uri: str) -> MlflowClient:
+    """This process's client of the store at `uri`; the first one opens the store, making a
+    new local store's tables one process at a time (`local_store_made_once`)."""
+    key = (uri, os.getcwd())
+    if key not in _clients:
+        with local_store_made_once(uri):
+            _clients[key] = MlflowClient(uri)
+    return _clients[key]
+
+
+def _experiment(client: MlflowClient, name: str) -> str:
+    """`_experiment_id`, looked up (or made) once per process and store."""
+    key = (client.tracking_uri, os.getcwd(), name)
+    if key not in _experiments:
+        with local_store_made_once(client.tracking_uri):
+            _experiments[key] = _experiment_id(client, name)
+    return _experiments[key]
 
 
 @atexit.register
@@ -108,10 +138,12 @@ class Run:
         client: MlflowClient | None = None,
         run_id: str | None = None,
         error: Exception | None = None,
+        experiment_id: str | None = None,
     ) -> None:
         self.client = client
         self.run_id = run_id
         self.error = error  # set: tracking is off
+        self.experiment_id = experiment_id
         self.deadline_s = None if client is None or is_local(client.tracking_uri) else CALL_S
 
     @property
@@ -162,13 +194,17 @@ class Run:
         for start in range(0, len(items), 100):  # MLflow's batch limit
             self.call("logging params", "log_batch", self.run_id, params=items[start : start + 100])
 
-    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+    def log_batch(self, metrics: Mapping[str, float], tags: Mapping[str, str]) -> None:
+        """Metrics and tags in one call; more only past MLflow's limits (1000 a call)."""
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-        for start in range(0, len(items), 1000):
-            self.call(
-                "logging metrics", "log_batch", self.run_id, metrics=items[start : start + 1000]
-            )
+        values = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        labels = [RunTag(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in tags.items()]
+        for i in range(max(math.ceil(len(values) / 900), math.ceil(len(labels) / 100))):
+            chunk = {
+                "metrics": values[900 * i : 900 * (i + 1)],
+                "tags": labels[100 * i : 100 * (i + 1)],
+            }
+            self.call("logging metrics and tags", "log_batch", self.run_id, **chunk)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():
@@ -221,9 +257,8 @@ def start_run(
     uri = tracking_uri(settings)
 
     def create() -> Run:
-        with local_store_made_once(uri):
-            client = MlflowClient(uri)
-            experiment_id = _experiment_id(client, settings.experiment)
+        client = _client(uri)
+        experiment_id = _experiment(client, settings.experiment)
         run = client.create_run(
             experiment_id,
             run_name=name,
@@ -235,7 +270,7 @@ def start_run(
                 **tags,
             },
         )
-        return Run(client, run.info.run_id)
+        return Run(client, run.info.run_id, experiment_id=experiment_id)
 
     gave_up = f"tracking gave up on this run: the server did not answer within {FIRST_CALL_S:.0f} s"
     try:
@@ -272,7 +307,7 @@ def tracked(
         "config.yaml",
     )
     try:
-        yield lambda result: record(run, settings, result)
+        yield lambda result: record(run, result)
     except BaseException as err:
         run.set_tags({"error": (str(err).splitlines() or [type(err).__name__])[0]})
         run.end("FAILED")
@@ -284,39 +319,51 @@ def tracked(
         )
 
 
-def record(run: Run, settings: TrackingConfig, result: StageResult) -> None:
-    """A stage's result: metrics, tags, inputs (linked to the runs that made them), documents,
-    artifacts and figures."""
+def record(run: Run, result: StageResult) -> None:
+    """A stage's result: metrics and tags in one call, inputs (linked to the runs that made
+    them), and its files, documents and figures in one call."""
     if not run.active:
         return
-    run.log_metrics(result.metrics)
-    run.set_tags(result.tags)
-    run.log_inputs(result.inputs)
+    tags = dict(result.tags)
     for source in (d for d in result.inputs if d.context == "embeddings"):
-        producer = _producer(run, settings, source)
+        producer = _producer(run, source)
         if producer:
-            run.set_tags({"source_run_id": producer})
-    for name, document in result.documents.items():
-        run.call(f"logging {name}", "log_dict", run.run_id, document, name)
+            tags["source_run_id"] = producer
+    run.log_batch(result.metrics, tags)
+    run.log_inputs(result.inputs)
+    if result.artifacts or result.documents or result.figures:
+        with tempfile.TemporaryDirectory(prefix="pipeline-artifacts-") as folder:
+            try:
+                _stage_artifacts(Path(folder), result)
+            except Exception as err:  # a file gone, a figure that fails to draw
+                run.fail(err, "while logging the artifacts")
+                return
+            run.call("logging the artifacts", "log_artifacts", run.run_id, folder)
+
+
+def _stage_artifacts(folder: Path, result: StageResult) -> None:
+    """The result's files, documents (as JSON, as MLflow's log_dict writes them) and figures
+    (drawn now, as log_figure saves them) in `folder`, under the file names they are logged as."""
     for path in result.artifacts:
-        run.call(f"logging {path.name}", "log_artifact", run.run_id, str(path))
+        shutil.copyfile(path, folder / path.name)
+    for name, document in result.documents.items():
+        (folder / name).write_text(json.dumps(document, indent=2))
     for name, draw in result.figures.items():
         import matplotlib.pyplot as plt
 
         figure = draw()
-        run.call(f"logging {name}", "log_figure", run.run_id, figure, name)
+        figure.savefig(folder / name)
         plt.close(figure)
 
 
-def _producer(run: Run, settings: TrackingConfig, source: DatasetRef) -> str | None:
+def _producer(run: Run, source: DatasetRef) -> str | None:
     """The extraction run whose output is this input (by content digest), if tracked."""
-    experiment = run.call("finding the experiment", "get_experiment_by_name", settings.experiment)
-    if experiment is None:
+    if run.experiment_id is None:
         return None
     found = run.call(
         "finding the extraction run",
         "search_runs",
-        [experiment.experiment_id],
+        [run.experiment_id],
         f"tags.`output.sha256` LIKE '%{source.digest}%'",
         max_results=1,
         order_by=["attributes.start_time DESC"],
@@ -336,6 +383,7 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+@functools.cache
 def git_tags() -> dict[str, str]:
     """The commit the code came from and whether the work tree had changes."""
 
@@ -460,7 +508,7 @@ def end_sweep_job(config: DictConfig, job_return: Any) -> None:
     parent = _parent_id(folder) if folder is not None else None
     if settings is None or parent is None:
         return
-    run = Run(MlflowClient(tracking_uri(settings)), parent)
+    run = Run(_client(tracking_uri(settings)), parent)
     failed = job_return.status.name == "FAILED"
     outcome = f"FAILED: {job_return._return_value}" if failed else "COMPLETED"
     run.set_tags({f"job.{HydraConfig.get().job.num}": outcome})
@@ -471,4 +519,4 @@ def end_sweep_job(config: DictConfig, job_return: Any) -> None:
 def end_sweep(config: DictConfig) -> None:
     settings, parent = _settings(config), _parent_id(Path(config.hydra.sweep.dir))
     if settings is not None and parent:
-        Run(MlflowClient(tracking_uri(settings)), parent).end("FINISHED")
+        Run(_client(tracking_uri(settings)), parent).end("FINISHED")

@@ -12,19 +12,19 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from pipeline import plots
 from pipeline.config import PipelineConfig, Pool
 from pipeline.errors import ConfigError
-from pipeline.extraction.devices import resolve_device
-from pipeline.extraction.hooks import LayerHooks
-from pipeline.extraction.models import build_model
-from pipeline.images.decode import decode_image
-from pipeline.images.preprocess import build_transform, resolve_preprocess
 from pipeline.results import StageResult
+
+# torch, timm and matplotlib are imported where they are used: this module runs as
+# `python -m pipeline.visualize`, and its --help and config errors need none of them.
+if TYPE_CHECKING:
+    import torch
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,17 @@ def as_maps(flat: torch.Tensor, shape: tuple[int, ...], prefix_tokens: int) -> t
 
 def strongest_channels(maps: torch.Tensor, count: int) -> list[int]:
     """The channels with the largest mean activation, strongest first."""
+    import torch
+
     means = maps.float().mean(dim=(1, 2))
     return torch.argsort(means, descending=True, stable=True)[:count].tolist()
 
 
 def feature_figure(
     picture: np.ndarray, maps: np.ndarray, channels: list[int], title: str, normalise: str
-) -> plots.Figure:
+) -> Figure:
+    from pipeline import plots
+
     columns = math.ceil(math.sqrt(len(channels) + 1))
     rows = math.ceil((len(channels) + 1) / columns)
     figure, axes = plots.subplots(
@@ -81,15 +85,11 @@ def feature_figure(
     return figure
 
 
-def run(cfg: PipelineConfig) -> StageResult:
+def check(cfg: PipelineConfig) -> list[Path]:
+    """The settings and the images, checked before the model is built: the images' paths."""
     v = cfg.visualize
     if v.normalise not in ("channel", "layer"):
         raise ConfigError(f"visualize.normalise is channel or layer, got {v.normalise!r}")
-    device = resolve_device(cfg.device)
-    model = build_model(cfg.model).to(device)
-    m = cfg.model
-    preprocess = resolve_preprocess(model, m.input_size, m.crop_pct, m.interpolation, m.mean, m.std)
-    transform = build_transform(preprocess)
     paths = [Path(p).expanduser() for p in ([v.image] if v.image else []) + v.images]
     if not paths:
         raise ConfigError("no image given: visualize.image=path/to/photo.jpg")
@@ -99,6 +99,26 @@ def run(cfg: PipelineConfig) -> StageResult:
             f"image {missing[0]} does not exist: check visualize.image= (the default is a "
             "demo photo: python -m pipeline.images.demo builds them)"
         )
+    return paths
+
+
+def run(cfg: PipelineConfig) -> StageResult:
+    import torch
+
+    from pipeline import plots
+    from pipeline.extraction.devices import resolve_device
+    from pipeline.extraction.hooks import LayerHooks
+    from pipeline.extraction.models import build_model
+    from pipeline.images.decode import decode_image
+    from pipeline.images.preprocess import build_transform, resolve_preprocess
+
+    v = cfg.visualize
+    paths = check(cfg)
+    device = resolve_device(cfg.device)
+    model = build_model(cfg.model).to(device)
+    m = cfg.model
+    preprocess = resolve_preprocess(model, m.input_size, m.crop_pct, m.interpolation, m.mean, m.std)
+    transform = build_transform(preprocess)
     batch = torch.stack([transform(image=decode_image(p.read_bytes()))["image"] for p in paths])
     mean, std = np.array(preprocess.mean), np.array(preprocess.std)
     shown: dict[str, dict[str, list[int]]] = {}
@@ -138,4 +158,4 @@ def run(cfg: PipelineConfig) -> StageResult:
 if __name__ == "__main__":
     from pipeline.app import main
 
-    main("visualize", run)
+    main("visualize", run, check=check)

@@ -4,20 +4,24 @@ ends the run FAILED; a sweep's parent run made once) and against a server that a
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput
 from mlflow.exceptions import MlflowException
+from omegaconf import OmegaConf
 
 from pipeline import tracking
 from pipeline.config import TrackingConfig
-from pipeline.results import DatasetRef
+from pipeline.results import DatasetRef, StageResult
 
 # What MLflow raised in a joblib sweep when both jobs logged the same dataset at once.
 UNIQUE_DATASET = (
@@ -85,6 +89,70 @@ def test_an_experiment_another_run_just_created_is_used(settings: TrackingConfig
     client.get_experiment_by_name = looked_too_early
     assert tracking._experiment_id(client, settings.experiment) == made
     assert len(looks) == 2
+
+
+def _figure() -> Figure:
+    figure = Figure()
+    figure.add_subplot().plot([1, 3, 2])
+    return figure
+
+
+def test_a_process_opens_its_store_once_and_logs_a_runs_files_in_one_call(
+    settings: TrackingConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What tracking costs a run beyond MLflow's import: one client (the store opened, its
+    schema checked) per process however many runs it records, as a sweep's jobs do; a stage's
+    metrics and tags in one call, its files, documents and figures in another."""
+    opened: list[str] = []
+    real_client, real_call = tracking.MlflowClient, tracking.Run.call
+    monkeypatch.setattr(
+        tracking, "MlflowClient", lambda uri: opened.append(uri) or real_client(uri)
+    )
+    calls: Counter[str] = Counter()
+
+    def counted(run: tracking.Run, action: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        calls[method] += 1
+        return real_call(run, action, method, *args, **kwargs)
+
+    monkeypatch.setattr(tracking.Run, "call", counted)
+    files = [tmp_path / "metrics.json", tmp_path / "sizes.json"]
+    for file in files:
+        file.write_text(json.dumps({"file": file.name}))
+    for i in range(3):
+        result = StageResult(
+            output_dir=tmp_path,
+            metrics={"nmi": 0.5, "ari": 0.25},
+            artifacts=files,
+            documents={"layers.json": {"layer": i}},
+            figures={"projection.png": _figure},
+            tags={"device": "cpu", "k": "3"},
+        )
+        with tracking.tracked(
+            settings, "cluster", f"cluster {i}", OmegaConf.create({"k": 3})
+        ) as record:
+            record(result)
+    assert opened == [settings.uri]
+    assert calls["log_artifacts"] == 3  # a run's files in one call
+    assert not calls["log_artifact"] + calls["log_dict"] + calls["log_figure"] + calls["set_tag"]
+    assert calls["log_batch"] == 3 * 2  # the params; the metrics with the tags
+    client = MlflowClient(settings.uri)
+    experiment = client.get_experiment_by_name(settings.experiment).experiment_id
+    runs = client.search_runs([experiment], order_by=["attributes.start_time"])
+    assert [r.info.run_name for r in runs] == ["cluster 0", "cluster 1", "cluster 2"]
+    for i, run in enumerate(runs):
+        assert run.info.status == "FINISHED" and run.data.params == {"k": "3"}
+        assert run.data.metrics == {"nmi": 0.5, "ari": 0.25}
+        assert {"device": "cpu", "k": "3"}.items() <= run.data.tags.items()
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert names == {
+            "config.yaml",
+            "metrics.json",
+            "sizes.json",
+            "layers.json",
+            "projection.png",
+        }
+        local = Path(client.download_artifacts(run.info.run_id, "layers.json", str(tmp_path)))
+        assert json.loads(local.read_text()) == {"layer": i}
 
 
 def _in_two_processes_at_once(target: Callable[..., None], *args: object) -> list[Any]:

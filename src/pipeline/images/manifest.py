@@ -16,12 +16,15 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import DatasetConfig, DatasetKind
 from pipeline.errors import ConfigError
+
+# pandas is imported where a manifest is made: `check_dataset` runs before the model's
+# libraries load, for a config error in a second.
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def build_demo_if_missing(dataset: DatasetConfig) -> None:
@@ -32,6 +35,17 @@ def build_demo_if_missing(dataset: DatasetConfig) -> None:
         from pipeline.images import demo  # only the demo needs scikit-image and scikit-learn
 
         demo.ensure(Path(dataset.root))
+
+
+def check_dataset(dataset: DatasetConfig) -> None:
+    """What `load_manifest` checks before it reads anything: the root is a folder, a manifest
+    file is there (dataset=demo is built when missing). The command runs it first, before the
+    model's libraries load."""
+    if dataset.kind is DatasetKind.demo:
+        return
+    _existing_dir(dataset.root)
+    if dataset.kind is not DatasetKind.folder:
+        _existing_manifest(Path(dataset.path).expanduser())
 
 
 def load_manifest(dataset: DatasetConfig) -> pd.DataFrame:
@@ -113,6 +127,8 @@ def folder_manifest(
             f"no images ({', '.join(sorted(suffixes))}) under {root}: "
             "check dataset.root or dataset.extensions"
         )
+    import pandas as pd
+
     rows = sorted(((*_utf8_id(r, e), r) for r, e in found.items()), key=lambda row: row[0])
     manifest = pd.DataFrame(
         {
@@ -150,8 +166,9 @@ def table_manifest(
     (a wrong root, most likely), a symlink only its own row. A name that is not valid UTF-8
     (a CSV in another encoding, a binary Parquet column) gets a readable id and a failure row.
     """
-    if not path.is_file():
-        raise ConfigError(f"manifest {path} does not exist: check dataset.path")
+    import pandas as pd
+
+    _existing_manifest(path)
     table = _read_table(path)
     if table.empty:
         raise ConfigError(f"manifest {path} lists no images: check dataset.path")
@@ -189,6 +206,8 @@ def labels(values: Iterable[Any], index: pd.Index) -> pd.Series:
     """A manifest's `label` column (on `index`) as the Parquet files hold it: strings, valid
     UTF-8 (bytes that are not are escaped, as ids are), None where a label is missing (an empty
     CSV cell, a null, NaN). Of object dtype: pandas would infer `str` and make None a NaN."""
+    import pandas as pd
+
     return pd.Series(
         [None if pd.isna(label) else _utf8_id(str(label), None)[0] for label in values],
         index=index,
@@ -202,6 +221,8 @@ PARQUET_MAGIC = b"PAR1"
 def _read_table(path: Path) -> pd.DataFrame:
     """A manifest file: Parquet (by its suffix or its first bytes), else CSV; anything else is
     a config error naming the file."""
+    import pandas as pd
+
     try:
         with path.open("rb") as file:
             parquet = path.suffix in (".parquet", ".pq") or file.read(4) == PARQUET_MAGIC
@@ -273,6 +294,11 @@ def _utf8_id(name: str, error: str | None) -> tuple[str, str | None]:
         escaped = os.fsencode(name).decode("utf-8", "backslashreplace")
         return escaped, "file name is not valid UTF-8: rename it"
     return name, error
+
+
+def _existing_manifest(path: Path) -> None:
+    if not path.is_file():
+        raise ConfigError(f"manifest {path} does not exist: check dataset.path")
 
 
 def _existing_dir(root: str | None) -> Path:

@@ -24,16 +24,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError
 from pipeline.progress import tick
 from pipeline.results import DatasetRef
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as ds  # imported by `_dataset`: it loads pandas (0.5 s) with it
 
 METADATA_KEY = b"pipeline"
 FAILURES_FILE = "failures.parquet"
@@ -227,6 +229,8 @@ def existing_embeddings(path: str) -> Path:
 
 
 def _dataset(path: str | Path) -> ds.Dataset:
+    import pyarrow.dataset as ds
+
     try:
         return ds.dataset(path, format="parquet")
     except (pa.ArrowInvalid, OSError) as err:
