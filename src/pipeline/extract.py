@@ -10,46 +10,40 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import pandas as pd
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import DatasetKind, Decode, Engine, PipelineConfig
-from pipeline.extraction.copies import (
-    CopyPlan,
-    calibration_sample,
-    copies_metadata,
-    embed_copies,
-    loader_options,
-)
-from pipeline.extraction.devices import computing, place_model, reusing_freed_memory
-from pipeline.extraction.engines import Engine as ExtractionEngine
-from pipeline.extraction.engines import start_engine
-from pipeline.extraction.hooks import HookPlan, LayerHooks, LayerInfo
-from pipeline.extraction.loop import embed_batches
-from pipeline.extraction.models import build_model, weights_provenance
 from pipeline.extraction.provenance import (
+    LayerInfo,
     calibration_spec,
     config_hash,
     extraction_metadata,
     layer_info,
     manifest_digest,
     values_key,
+    weights_provenance,
 )
-from pipeline.extraction.writer import ChunkWriter, chunk_rows, layer_schemas
-from pipeline.images.decode import opencv_threads
-from pipeline.images.gpu_decode import JpegDataset
-from pipeline.images.loader import ImageDataset
 from pipeline.images.manifest import build_demo_if_missing, load_manifest
-from pipeline.images.preprocess import Preprocess, build_transform, resolve_preprocess
 from pipeline.results import DatasetRef, StageResult
 from pipeline.storage import ledger, update
 from pipeline.storage.contract import FAILURES_FILE, layer_path, read_metadata
 from pipeline.storage.publish import LayerOutput, published_outputs
 from pipeline.storage.staging import Staging
 from pipeline.storage.update import Plan, copies_stale, judge_failures, publish_changes
+
+# torch, timm, albumentations and the model side (pipeline.extraction's engines, hooks, loop,
+# writer; the images' loader) are imported where the images are embedded: a run that finds
+# every layer published already (`up_to_date`) answers without loading them.
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from pipeline.extraction.engines import Engine as ExtractionEngine
+    from pipeline.extraction.hooks import HookPlan, LayerHooks
+    from pipeline.extraction.writer import ChunkWriter
+    from pipeline.images.loader import ImageDataset
+    from pipeline.images.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +60,6 @@ class ExtractResult(StageResult):
 
 def run(cfg: PipelineConfig) -> ExtractResult:
     """Extract every configured layer for every image of the dataset into `cfg.output_dir`."""
-    torch.manual_seed(cfg.seed)
     build_demo_if_missing(cfg.dataset)  # dataset=demo: the first run writes the demo images
     manifest = load_manifest(cfg.dataset)
     cfg = decided_labels(cfg, manifest)
@@ -80,6 +73,11 @@ def run(cfg: PipelineConfig) -> ExtractResult:
     manifest = ledger.with_identity(manifest, cfg.dataset.identity)  # one stat an image, once
     if (ready := up_to_date(cfg, manifest, weights)) is not None:
         return ready
+    import torch
+
+    from pipeline.extraction.models import build_model
+
+    torch.manual_seed(cfg.seed)
     model = build_model(cfg.model)
     return extract_images(model, manifest, cfg, weights)
 
@@ -153,6 +151,9 @@ def extract_images(
     """The extraction of `manifest`'s images with a model already built (the Python API hands
     its own); `cfg` says which layers, how, and where. Only what is not published yet, as it
     is, gets embedded (`storage.update`)."""
+    from pipeline.extraction.engines import start_engine
+    from pipeline.images.decode import opencv_threads
+
     cfg = decided_labels(cfg, manifest)  # the Python API hands its own manifest
     engine = start_engine(cfg, model)
     try:
@@ -171,6 +172,12 @@ def _extract(
     cfg: PipelineConfig,
     weights: dict[str, Any],
 ) -> ExtractResult:
+    import torch
+
+    from pipeline.extraction.devices import computing, place_model, reusing_freed_memory
+    from pipeline.extraction.hooks import HookPlan
+    from pipeline.images.preprocess import resolve_preprocess
+
     m = cfg.model
     preprocess = resolve_preprocess(model, m.input_size, m.crop_pct, m.interpolation, m.mean, m.std)
     place_model(model, engine.device)
@@ -237,6 +244,9 @@ class _Extraction:
     def stage_and_publish(self) -> tuple[Plan, ChunkWriter]:
         """Embed what the plan says is missing, chunk by chunk, then publish the layers it
         changes (with their calibration copies)."""
+        from pipeline.extraction.loop import embed_batches
+        from pipeline.extraction.writer import chunk_rows, layer_schemas
+
         cfg = self.cfg
         schemas = layer_schemas(self.info, "label" in self.manifest, self.metadata)
         rows = chunk_rows(cfg.save_every, cfg.batch_size, sum(i.dim for i in self.info.values()))
@@ -261,6 +271,8 @@ class _Extraction:
     ) -> tuple[Plan, ChunkWriter]:
         """What to embed, and the writer that stages it; stops at once when the outcomes reused
         already fail more images than `max_failure_rate` allows."""
+        from pipeline.extraction.writer import ChunkWriter
+
         cfg = self.cfg
         done = staging.resume(cfg.resume)
         plan = Plan.make(
@@ -285,6 +297,15 @@ class _Extraction:
 
     def make_copies(self, folder: Path) -> None:
         """The calibration copies of every layer, written under `folder`."""
+        from pipeline.extraction.copies import (
+            CopyPlan,
+            calibration_sample,
+            copies_metadata,
+            embed_copies,
+            loader_options,
+        )
+        from pipeline.extraction.writer import layer_schemas
+
         cfg, device = self.cfg, self.engine.device
         spec = calibration_spec(cfg)
         schemas = layer_schemas(self.info, False, copies_metadata(self.metadata, cfg), sourced=True)
@@ -316,6 +337,10 @@ def _work_dataset(
     work: pd.DataFrame, cfg: PipelineConfig, preprocess: Preprocess, decode: Decode
 ) -> ImageDataset:
     """The images to embed, as the loader reads them (JPEG bytes for the GPU's decoder)."""
+    from pipeline.images.gpu_decode import JpegDataset
+    from pipeline.images.loader import ImageDataset
+    from pipeline.images.preprocess import build_transform
+
     dataset_cls = JpegDataset if decode is Decode.gpu else ImageDataset
     return dataset_cls(
         work["path"].tolist(),

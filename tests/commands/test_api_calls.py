@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import pipeline.app
-import pipeline.extract
+import pipeline.extraction.copies
 from pipeline import api, embed
 from pipeline.storage.contract import read_embeddings, read_metadata
 
@@ -49,13 +49,14 @@ def builds(monkeypatch: pytest.MonkeyPatch) -> list[torch.nn.Module]:
 def copies_made(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many images' calibration copies each extraction embedded."""
     made: list[int] = []
-    real = pipeline.extract.embed_copies
+    real = pipeline.extraction.copies.embed_copies
 
     def counted(hooks: object, picked: object, *args: object, **kwargs: object) -> int:
         made.append(len(picked))  # type: ignore[arg-type]
         return real(hooks, picked, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.extract, "embed_copies", counted)
+    # extract imports it where the copies are made: patched at its home
+    monkeypatch.setattr(pipeline.extraction.copies, "embed_copies", counted)
     return made
 
 

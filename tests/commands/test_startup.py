@@ -1,7 +1,8 @@
-"""Start-up: every command's `--help`, and a config error that needs no model, answer without
-loading torch, timm, MLflow, scikit-learn or faiss (each command runs in a subprocess under
-`python -X importtime`, which names every module it imports); `--help` is made from the schema
-and the presets, so it lists every value and preset there is and marks the one in effect."""
+"""Start-up: every command's `--help`, a config error that needs no model and an extraction
+with nothing new to embed answer without loading torch, timm, MLflow, scikit-learn or faiss
+(each command runs in a subprocess under `python -X importtime`, which names every module it
+imports); `--help` is made from the schema and the presets, so it lists every value and preset
+there is and marks the one in effect."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import yaml
 from pipeline.app import CHOSEN, GROUPS
 from pipeline.config import RECORDED_ONLY, key_type
 
-from conftest import REPO, composed
+from conftest import REPO, TINY_MODEL, composed, run_cli
 
 STAGES = ["cluster", "dedup", "probe", "report", "visualize", "layers"]
 COMMANDS = ["pipeline", *(f"pipeline.{stage}" for stage in STAGES)]
@@ -107,6 +108,24 @@ def test_a_config_error_loads_no_model_or_tracking(
     assert len(lines) == 1 and message.format(tmp=tmp_path) in lines[0], done.stderr
     assert not imported & MODEL_AND_TRACKING, sorted(imported & MODEL_AND_TRACKING)
     assert not (tmp_path / "outputs/mlflow.db").exists()  # no run was opened for it
+
+
+@pytest.mark.slow
+def test_a_rerun_with_nothing_new_loads_no_model_library(tmp_path: Path, photos: Path) -> None:
+    """A finished extraction run again finds every layer published, without torch or timm."""
+    args = [
+        *TINY_MODEL,
+        "dataset=folder",
+        f"dataset.root={photos}",
+        "model.input_size=[3,32,32]",
+        f"output_dir={tmp_path}/out",
+    ]
+    first = run_cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    done, imported = run_timed("pipeline", *args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "nothing new to embed" in done.stdout + done.stderr
+    assert not imported & MODEL_AND_TRACKING, sorted(imported & MODEL_AND_TRACKING)
 
 
 # --- --help from the schema --------------------------------------------------------------------

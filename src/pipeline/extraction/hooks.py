@@ -8,7 +8,7 @@ import difflib
 import fnmatch
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from pipeline.config import Pool
 from pipeline.errors import ConfigError
+from pipeline.extraction.provenance import LayerInfo
 
 LOGITS = "logits"  # the model's final output, not a module
 GEM_EPS = 1e-6  # GeM raises activations to a power: negative ones are clamped to this
@@ -161,17 +162,6 @@ def rescaled(images: torch.Tensor, scale: float) -> torch.Tensor:
     return F.interpolate(
         images, scale_factor=scale, mode="bilinear", antialias=scale < 1, align_corners=False
     )
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """What one image's pass through a layer looks like."""
-
-    shape: tuple[int, ...]  # raw output, without the batch dimension
-    pool: Pool
-    dim: int
-    depth: int  # position in model.named_modules(); logits come after every module
-    params: dict[str, float] = field(default_factory=dict)  # the pooling's (pool_params)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from the Hugging Face hub (or its local cache) or from a local state dict.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib
 import importlib.resources
 import logging
@@ -25,6 +24,10 @@ from safetensors.torch import load_file as load_safetensors
 
 from pipeline.config import KeyMatch, ModelConfig
 from pipeline.errors import ConfigError
+from pipeline.extraction.provenance import checkpoint_path
+
+# Which weights a run used is its provenance, and lives there; pipeline.api finds it here too.
+from pipeline.extraction.provenance import weights_provenance as weights_provenance
 
 log = logging.getLogger(__name__)
 HUB_TIMEOUT_S = 3.0
@@ -72,35 +75,6 @@ def check_importable(target: str) -> None:
         raise ConfigError(
             f"cannot import {target}: is {err.name} installed or on PYTHONPATH?"
         ) from None
-
-
-def checkpoint_path(checkpoint: str) -> Path:
-    """A local path, or `pkg://package/path/in/it` for weights that ship inside a package."""
-    if not checkpoint.startswith("pkg://"):
-        return Path(checkpoint).expanduser()
-    package, _, inner = checkpoint.removeprefix("pkg://").partition("/")
-    try:
-        return Path(str(importlib.resources.files(package).joinpath(inner)))
-    except ModuleNotFoundError:
-        raise ConfigError(
-            f"model.checkpoint {checkpoint}: package {package!r} is not installed (pip install it)"
-        ) from None
-
-
-def weights_provenance(model: ModelConfig) -> dict[str, str | None]:
-    """Which weights made these embeddings, for the Parquet metadata and MLflow: a checkpoint
-    and its SHA-256, timm's pretrained weights and their hub id, or random init."""
-    if model.checkpoint is not None:
-        path = checkpoint_path(model.checkpoint)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-        return {"init": "checkpoint", "checkpoint": model.checkpoint, "sha256": digest}
-    if model.module is not None:
-        return {"init": "module", "target": str(model.module.get("_target_"))}
-    if model.pretrained:
-        cfg = timm.models.get_pretrained_cfg(model.name)
-        hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-        return {"init": "pretrained", "hub_id": hub_id or f"timm/{model.name}"}
-    return {"init": "random"}
 
 
 def create_timm_model(name: str, pretrained: bool, num_classes: int | None) -> torch.nn.Module:

@@ -1,25 +1,28 @@
-"""What an extraction's rows depend on and say of themselves: the config's hash, the values
-key a published layer is reused under, and the metadata every part carries."""
+"""What an extraction's rows depend on and say of themselves: the config's hash, the weights,
+the values key a published layer is reused under, and the metadata every part carries.
+
+It imports neither torch nor timm (nor pandas): an extraction whose layers are all published
+already (`extract.up_to_date`) needs only this, and answers without loading them."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import platform
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
-import timm
-import torch
+from pipeline.config import Decode, ModelConfig, PipelineConfig, Pool, Precision
+from pipeline.errors import ConfigError
 
-from pipeline.config import Decode, PipelineConfig, Pool, Precision
-from pipeline.extraction.hooks import LayerInfo
-from pipeline.images.preprocess import Preprocess
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from pipeline.images.preprocess import Preprocess
 
 # Keys that decide the embedding values of a layer; the rest say where or how fast a run goes,
 # or which layers (a layer's rows do not depend on which others are captured beside it).
@@ -37,6 +40,48 @@ HASHED_KEYS = (
     "max_image_pixels",
     "max_file_bytes",
 )
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What one image's pass through a layer looks like."""
+
+    shape: tuple[int, ...]  # raw output, without the batch dimension
+    pool: Pool
+    dim: int
+    depth: int  # position in model.named_modules(); logits come after every module
+    params: dict[str, float] = field(default_factory=dict)  # the pooling's (pool_params)
+
+
+def checkpoint_path(checkpoint: str) -> Path:
+    """A local path, or `pkg://package/path/in/it` for weights that ship inside a package."""
+    if not checkpoint.startswith("pkg://"):
+        return Path(checkpoint).expanduser()
+    package, _, inner = checkpoint.removeprefix("pkg://").partition("/")
+    try:
+        return Path(str(importlib.resources.files(package).joinpath(inner)))
+    except ModuleNotFoundError:
+        raise ConfigError(
+            f"model.checkpoint {checkpoint}: package {package!r} is not installed (pip install it)"
+        ) from None
+
+
+def weights_provenance(model: ModelConfig) -> dict[str, str | None]:
+    """Which weights made these embeddings, for the Parquet metadata and MLflow: a checkpoint
+    and its SHA-256, timm's pretrained weights and their hub id, or random init."""
+    if model.checkpoint is not None:
+        path = checkpoint_path(model.checkpoint)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        return {"init": "checkpoint", "checkpoint": model.checkpoint, "sha256": digest}
+    if model.module is not None:
+        return {"init": "module", "target": str(model.module.get("_target_"))}
+    if model.pretrained:
+        import timm  # only here: the hub id of its pretrained weights
+
+        cfg = timm.models.get_pretrained_cfg(model.name)
+        hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        return {"init": "pretrained", "hub_id": hub_id or f"timm/{model.name}"}
+    return {"init": "random"}
 
 
 def config_hash(cfg: PipelineConfig) -> str:
@@ -119,6 +164,10 @@ def manifest_digest(manifest: pd.DataFrame) -> str:
 
 
 def versions() -> dict[str, str]:
+    import numpy as np
+    import timm
+    import torch
+
     return {
         "pipeline": _own_version(),
         "torch": torch.__version__,

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.extraction.hooks import LayerInfo
+from pipeline.extraction.provenance import LayerInfo
 from pipeline.storage import ledger
 from pipeline.storage.contract import embedding_schema, embedding_table
 from pipeline.storage.staging import IMAGES_DIR, Chunk, Staging
