@@ -70,10 +70,13 @@ class Neighbours:
                 )
             if not self.params["recall_reached"]:
                 line += f" (min_recall {self.params['min_recall']} NOT reached at the cap)"
+        ranged = self.params.get("rows_range_searched", 0)
+        if ranged:
+            line += f"; {ranged:,} rows range-searched"
         settings = {
             key: value
             for key, value in self.params.items()
-            if key in ("nlist", "nprobe", "ef_search", "dtype")
+            if key in ("nlist", "nprobe", "quantizer_dim", "ef_search", "dtype")
         }
         if settings:
             line += " [" + ", ".join(f"{key}={value}" for key, value in settings.items()) + "]"

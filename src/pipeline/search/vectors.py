@@ -1,11 +1,15 @@
-"""Vector math the downstream stages share."""
+"""Vector math the downstream stages share: normalising, PCA-whitening, and rows transformed in
+place a chunk at a time (a large set is never copied whole)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+
+# Values transformed at once by `map_rows_in_place` (each chunk's input and output): 64 MiB.
+MAP_CHUNK_VALUES = 16 * 2**20
 
 
 def normalise(vectors: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -27,8 +31,10 @@ class Whitening:
     shrinkage: float
 
     def apply(self, vectors: np.ndarray) -> np.ndarray:
-        centred = vectors.astype(np.float32) - self.mean.astype(np.float32)
-        return normalise(centred @ self.projection.astype(np.float32))
+        """normalise((x - mean) @ projection), as a new float32 array (the input is read only)."""
+        centred = np.subtract(vectors, self.mean, dtype=np.float32)
+        projected = centred @ self.projection.astype(np.float32, copy=False)
+        return normalise(projected, out=projected)
 
 
 def fit_whitening(vectors: np.ndarray, dim: int | None = None, shrinkage: float = 0.5) -> Whitening:
@@ -62,6 +68,40 @@ def fit_whitening(vectors: np.ndarray, dim: int | None = None, shrinkage: float 
     # A direction no vector varies along (all variances zero) stays zero, not infinite.
     scale = np.divide(1.0, np.sqrt(shrunk), out=np.zeros_like(shrunk), where=shrunk > 0)
     return Whitening(mean.astype(np.float32), (axes * scale).astype(np.float32), shrinkage)
+
+
+def map_rows_in_place(
+    vectors: np.ndarray,
+    transform: Callable[[np.ndarray], np.ndarray],
+    dim: int,
+    chunk_values: int | None = None,
+) -> np.ndarray:
+    """`transform` applied to `vectors` (N, D) a chunk of rows at a time, its (rows, dim) float32
+    results written back into the same memory (dim <= D): the (N, dim) result is a C-ordered
+    view of the front of `vectors`' buffer, whose values are gone. A chunk's rows are read by
+    `transform` before its output is written, and row i's output never reaches past row i's
+    input, so no row is overwritten before it is read. Memory beyond `vectors`: what
+    `transform` makes of a chunk of `chunk_values` values (default MAP_CHUNK_VALUES). Arrays that are not writable float32 in C order are
+    transformed into a new array instead (chunk by chunk all the same)."""
+    n, width = vectors.shape
+    if dim > width:
+        raise ValueError(f"rows of {width} values cannot hold {dim} in place")
+    in_place = (
+        vectors.dtype == np.float32 and vectors.flags.c_contiguous and vectors.flags.writeable
+    )
+    out = (
+        vectors.reshape(-1)[: n * dim].reshape(n, dim)
+        if in_place
+        else np.empty((n, dim), np.float32)
+    )
+    step = max(1, (chunk_values or MAP_CHUNK_VALUES) // max(1, width))
+    for start in range(0, n, step):
+        result = transform(vectors[start : start + step])
+        expected = (min(step, n - start), dim)
+        if result.shape != expected:
+            raise ValueError(f"transform returned shape {result.shape}, not {expected}")
+        out[start : start + expected[0]] = result
+    return out
 
 
 def non_finite_rows(layers: Mapping[str, np.ndarray]) -> dict[int, str]:
