@@ -6,6 +6,7 @@ memory and the recall it reports, against the issue's bound (peak <= 1.5x the em
     python benchmarks/dedup_scale_bench.py --rows 100000,1000000 --dim 1280   # growth exponent
     python benchmarks/dedup_scale_bench.py --quick          # 20,000 x 256: about a minute
     python benchmarks/dedup_scale_bench.py --src /old/checkout/src ...   # another version's code
+    python benchmarks/dedup_scale_bench.py --keep /big/disk/layers ...   # layers written once
 
 Data (`dedup_bench.EmbeddingLike`): rows like a CNN's pooled embeddings (positive mean, a
 power-law spectrum, classes / subclasses / scenes), in parts of 2,048 rows as an extraction
@@ -110,8 +111,11 @@ def rss_gb(pid: int) -> float:
     return int(match.group(1)) / 2**20 if match else 0.0
 
 
-def run_dedup(layer: Path, out: Path, src: Path, max_rss_gb: float, extra: list[str]) -> dict:
-    """`python -m pipeline.dedup` on the layer in a subprocess: wall seconds, peak GB, its log."""
+def run_dedup(
+    layer: Path, out: Path, src: Path, max_rss_gb: float, timeout: float, extra: list[str]
+) -> dict:
+    """`python -m pipeline.dedup` on the layer in a subprocess: wall seconds, peak GB, its log;
+    stopped past `max_rss_gb` of resident memory or `timeout` seconds."""
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(src)}
     command = [
         sys.executable,
@@ -126,26 +130,29 @@ def run_dedup(layer: Path, out: Path, src: Path, max_rss_gb: float, extra: list[
     log = out.parent / "dedup.log"
     with log.open("w") as sink:
         child = subprocess.Popen(command, cwd=out.parent, env=env, stdout=sink, stderr=sink)
-        killed: list[float] = []
+        killed: list[str] = []
+        done = threading.Event()
 
-        def watch() -> None:
-            while child.poll() is None:
+        def watch() -> None:  # never waits for the child: wait4 below reaps it, once
+            while not done.wait(0.2):
                 rss = rss_gb(child.pid)
-                if rss > max_rss_gb:
-                    killed.append(rss)
-                    child.send_signal(signal.SIGKILL)
+                late = time.perf_counter() - start > timeout
+                if rss > max_rss_gb or late:
+                    why = "not done" if late else f"stopped at {rss:.1f} GB RSS"
+                    killed.append(f"{why} after {time.perf_counter() - start:.0f} s")
+                    os.kill(child.pid, signal.SIGKILL)
                     return
-                time.sleep(0.2)
 
         watchdog = threading.Thread(target=watch, daemon=True)
         watchdog.start()
         _, status, usage = os.wait4(child.pid, 0)
+        done.set()
         child.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
     text = log.read_text()
     row = {"seconds": seconds, "peak_gb": usage.ru_maxrss / 2**20, "returncode": child.returncode}
     if killed:
-        row["killed"] = f"stopped at {killed[0]:.1f} GB RSS after {seconds:.0f} s"
+        row["killed"] = killed[0]
     elif child.returncode != 0:
         row["failed"] = text.strip().splitlines()[-1] if text.strip() else "no output"
     row["phases"] = phases(text)
@@ -173,16 +180,27 @@ def planted_scores(out: Path, groups: list[list[str]]) -> dict:
     return {"planted": hits / max(1, len(planted)), "other_pairs": len(pairs) - hits}
 
 
+def kept_layer(n: int, dim: int, args: argparse.Namespace, tmp: Path) -> tuple[Path, list, dict]:
+    """The layer to run on: written into `tmp`, or (--keep) reused from the folder of layers
+    kept from an earlier run with the same size and seed, written there the first time."""
+    name = f"bench-{n}x{dim}-seed{args.seed}"
+    folder = args.keep or tmp
+    layer, groups_file = folder / f"{name}.parquet", folder / f"{name}.groups.json"
+    if args.keep and groups_file.is_file():
+        return layer, json.loads(groups_file.read_text()), {"written_s": 0.0}
+    made = time.perf_counter()
+    size, groups = write_layer(layer, n, dim, args.seed)
+    groups_file.write_text(json.dumps(groups))
+    return layer, groups, {"layer_mb": size / 1e6, "written_s": time.perf_counter() - made}
+
+
 def measure(n: int, dim: int, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        layer = Path(tmp) / "bench.parquet"
-        made = time.perf_counter()
-        size, groups = write_layer(layer, n, dim, args.seed)
-        made = time.perf_counter() - made
+        layer, groups, row = kept_layer(n, dim, args, Path(tmp))
         out = Path(tmp) / "out"
-        row = {"n": n, "dim": dim, "layer_mb": size / 1e6, "written_s": made}
-        row["load_start"] = os.getloadavg()[0]
-        row |= run_dedup(layer, out, args.src, args.max_rss_gb, args.override)
+        out.mkdir()
+        row |= {"n": n, "dim": dim, "load_start": os.getloadavg()[0]}
+        row |= run_dedup(layer, out, args.src, args.max_rss_gb, args.timeout, args.override)
         row["load_end"] = os.getloadavg()[0]
         row["bound_gb"] = 1.5 * n * dim * 4 / 2**30 + 1
         if "killed" not in row and "failed" not in row:
@@ -203,6 +221,8 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where the layer is written")
     parser.add_argument("--src", type=Path, default=REPO / "src", help="the code to run")
     parser.add_argument("--max-rss-gb", type=float, default=9.0)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds, then stopped")
+    parser.add_argument("--keep", type=Path, default=None, help="keep and reuse layers here")
     parser.add_argument("--override", action="append", default=[], help="a dedup override")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
