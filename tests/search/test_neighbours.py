@@ -133,6 +133,26 @@ def test_a_sixty_copy_group_is_found_whole_at_k10(sixty_copies: np.ndarray, meth
     assert len(a) >= len(sixty_copies) * 10 // 2
 
 
+def test_ivf_range_searches_the_lists_it_probes(
+    sixty_copies: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IVF lists a big group's pairs from the lists its rows probe, never by reading all rows
+    for each (its pair recall on the sample says what that found)."""
+
+    searched = []
+    exact_range = exact._range_rows
+
+    def spy(unit: np.ndarray, rows: np.ndarray, threshold: float) -> tuple:
+        searched.extend(rows.tolist())
+        return exact_range(unit, rows, threshold)
+
+    monkeypatch.setattr(exact, "_range_rows", spy)
+    found = ivf(sixty_copies, 10, 0.85, sample=50)
+    assert len(found.pairs_a) == 61 * 60 // 2 and found.params["rows_range_searched"] == 61
+    # Only the recall sample's own truth is range-searched exactly: its group rows, if any.
+    assert len(searched) < 61 and found.pair_recall in (None, 1.0)
+
+
 def test_exact_torch_finds_the_group_in_bf16(sixty_copies: np.ndarray) -> None:
     found = exact_torch(sixty_copies, 10, 0.85, device="cpu", dtype=torch.bfloat16)
     assert len(found.pairs_a) == 1830

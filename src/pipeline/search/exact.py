@@ -253,15 +253,21 @@ def knn_chunked(
 
 
 def list_and_range_pairs(
-    unit: np.ndarray, rows: np.ndarray, knn_i: np.ndarray, knn_d: np.ndarray, threshold: float
+    unit: np.ndarray,
+    rows: np.ndarray,
+    knn_i: np.ndarray,
+    knn_d: np.ndarray,
+    threshold: float,
+    range_rows: Callable[[np.ndarray], tuple[np.ndarray, ...]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs >= threshold of `rows` (a < b, each once, most similar first): from their k-nearest
     lists, except for rows whose k-th neighbour is still >= threshold: those may have
-    more, so an exact range search lists all of theirs."""
+    more, so a range search lists all of theirs (exact, over all rows, unless `range_rows`
+    (rows -> (rows, others, similarities)) searches otherwise: IVF, in the lists it probes)."""
     more = knn_d[:, -1] >= threshold
     hit = (knn_d >= threshold) & ~more[:, None]
     a = np.repeat(rows, knn_i.shape[1]).reshape(knn_i.shape)[hit]
-    ra, rb, rs = _range_rows(unit, rows[more], threshold)
+    ra, rb, rs = (range_rows or (lambda r: _range_rows(unit, r, threshold)))(rows[more])
     return unique_pairs(
         np.concatenate([a, ra]),
         np.concatenate([knn_i[hit], rb]),

@@ -81,8 +81,9 @@ def map_rows_in_place(
     view of the front of `vectors`' buffer, whose values are gone. A chunk's rows are read by
     `transform` before its output is written, and row i's output never reaches past row i's
     input, so no row is overwritten before it is read. Memory beyond `vectors`: what
-    `transform` makes of a chunk of `chunk_values` values (default MAP_CHUNK_VALUES). Arrays that are not writable float32 in C order are
-    transformed into a new array instead (chunk by chunk all the same)."""
+    `transform` makes of a chunk of `chunk_values` values (default MAP_CHUNK_VALUES). Arrays
+    that are not writable float32 in C order are transformed into a new array instead (chunk
+    by chunk all the same)."""
     n, width = vectors.shape
     if dim > width:
         raise ValueError(f"rows of {width} values cannot hold {dim} in place")
