@@ -20,8 +20,9 @@ and `found` (`Neighbours`, what a search returns); this module names them all.
 Pairs come from a range search, not only from the top k: a row whose k-th neighbour is still at
 or above the threshold may have more, so its whole neighbourhood above the threshold is searched
 (exactly over all rows; by IVF over the lists the row probes, the pair recall on the sample
-saying what that missed). A group of 60 copies of one image therefore yields all 60*59/2 pairs even with k=10.
-Groups are connected components of those pairs (`groups`), never all pairs of a component.
+saying what that missed). A group of 60 copies of one image therefore yields all 60*59/2 pairs
+even with k=10. Groups are connected components of those pairs (`groups`), never all pairs of
+a component.
 
 Memory: the embeddings are read in place (float32, C order) and never copied whole; similarities
 are computed a block at a time. IVF copies its k-means training sample projected (40 rows per
