@@ -133,9 +133,13 @@ def run_dedup(
         killed: list[str] = []
         done = threading.Event()
 
+        highest = [0.0, 0.0]  # GB, seconds in
+
         def watch() -> None:  # never waits for the child: wait4 below reaps it, once
             while not done.wait(0.2):
                 rss = rss_gb(child.pid)
+                if rss > highest[0]:
+                    highest[:] = [rss, time.perf_counter() - start]
                 late = time.perf_counter() - start > timeout
                 if rss > max_rss_gb or late:
                     why = "not done" if late else f"stopped at {rss:.1f} GB RSS"
@@ -151,6 +155,7 @@ def run_dedup(
     seconds = time.perf_counter() - start
     text = log.read_text()
     row = {"seconds": seconds, "peak_gb": usage.ru_maxrss / 2**20, "returncode": child.returncode}
+    row["peak_at_s"] = highest[1]  # when the sampled resident memory was highest
     if killed:
         row["killed"] = killed[0]
     elif child.returncode != 0:

@@ -38,8 +38,9 @@ from pipeline.search.exact import (
 from pipeline.search.found import Neighbours, checked, take
 from pipeline.search.vectors import normalise
 
-# Probe-list entries searched at once (their argsort and the rows probing them): bound host memory.
-QUERY_PROBES = 1 << 24
+# Probe-list entries searched at once (their argsort, the rows probing them, the rows' result
+# heaps: 8 bytes an entry, 12 x (k + 1) / nprobe a row per thread): bound host memory.
+QUERY_PROBES = 1 << 22
 
 # IVF parameters from N: nlist ~ 4 sqrt(N) lists of ~sqrt(N)/4 vectors; k-means trained on 40
 # points per list (faiss warns below 39) for 10 iterations (more moved recall@10 by < 0.001 on
@@ -247,7 +248,13 @@ class _InvertedLists:
         """For each list some of the rows `xq` probe: which of them (positions in xq), and the
         list's members; lists with no member left out."""
         nlist = len(self.centroids)
-        probes = blas_knn(self.quantized(xq), self.centroids, nprobe)[1].reshape(-1)
+        # Projected a chunk at a time: all rows at once would be N x IVF_PCA_DIM floats more.
+        probes = np.concatenate(
+            [
+                blas_knn(chunk, self.centroids, nprobe)[1]
+                for chunk in _projected_chunks(xq, np.arange(len(xq)), self.projection)
+            ]
+        ).reshape(-1)
         by_list = np.argsort(probes, kind="stable")
         starts = np.concatenate([[0], np.cumsum(np.bincount(probes, minlength=nlist))])
         return [
