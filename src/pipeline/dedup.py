@@ -25,16 +25,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
-from pipeline import plots
 from pipeline.config import DedupConfig, PipelineConfig
 from pipeline.errors import ConfigError
 from pipeline.results import DatasetRef, StageResult, write_headline
-from pipeline.search import neighbours
 from pipeline.search.calibration import Calibration, calibrate
 from pipeline.search.truth import truth_codes, truth_scores
 from pipeline.search.vectors import Whitening, fit_whitening, map_rows_in_place, normalise
@@ -46,6 +44,11 @@ from pipeline.storage.contract import (
     images_root,
 )
 from pipeline.storage.inputs import read_layer
+
+if TYPE_CHECKING:  # faiss (the search) and matplotlib (the pictures) load when a run needs them
+    from matplotlib.figure import Figure
+
+    from pipeline.search import neighbours
 
 log = logging.getLogger(__name__)
 APP_CONFIG = "dedup_app"  # conf/dedup_app.yaml: config.yaml, with the model's dedup_layer
@@ -97,6 +100,10 @@ def truth_groups(path: Path, id_column: str, group_column: str, ids: list[str]) 
 def top_pairs_figure(pairs: pd.DataFrame, ids: list[str], root: Path, title: str) -> Figure:
     """The given pairs side by side, their cosine similarity as the row title; with no pairs, a
     figure that says so (the file is still written, for DVC and for whoever looks)."""
+    from matplotlib.figure import Figure
+
+    from pipeline import plots
+
     if pairs.empty:
         figure = Figure(figsize=(5, 1))
         figure.text(0.5, 0.5, f"{title}: no pairs", ha="center", va="center")
@@ -294,6 +301,8 @@ class Duplicates:
 def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Duplicates:
     """Whiten and normalise, calibrate the threshold on the copies, search, group. The
     embeddings' vectors are whitened in place (`postprocess`): read them again to use them."""
+    from pipeline.search import neighbours
+
     vectors, copies = inputs.embeddings.vectors, inputs.copies
     with step("whiten"):
         unit, copies_unit, whitening = postprocess(vectors, copies, params, seed)
@@ -318,6 +327,8 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
 
 def search_pairs(unit: np.ndarray, threshold: float, params: DedupConfig) -> neighbours.Neighbours:
     """`neighbours.search` with dedup's settings; a setting it refuses is a ConfigError."""
+    from pipeline.search import neighbours
+
     try:
         return neighbours.search(
             unit,
@@ -361,7 +372,7 @@ def write_outputs(
         title = f"{name}: pairs nearest the threshold {found.threshold:.3f}"
         shown = around_threshold(found.candidates, found.threshold, params.top_pairs)
         figure = top_pairs_figure(shown, ids, root, title)
-        artifacts.append(plots.save(figure, out / "top_pairs.png"))
+        artifacts.append(save_figure(figure, out / "top_pairs.png"))
     return metrics, artifacts
 
 
@@ -422,9 +433,18 @@ def pictures_root(configured: str | None, embeddings: Embeddings) -> Path | None
 
 def write_pr_curve(out: Path, curve: pd.DataFrame, threshold: float, name: str) -> list[Path]:
     """pr_curve.csv and pr_curve.png."""
+    from pipeline import plots
+
     curve.to_csv(out / "pr_curve.csv", index=False)
     figure = plots.pr_figure(curve, threshold, f"{name}: near-duplicate pairs")
     return [out / "pr_curve.csv", plots.save(figure, out / "pr_curve.png")]
+
+
+def save_figure(figure: Figure, path: Path) -> Path:
+    """`plots.save`, matplotlib loaded only now."""
+    from pipeline import plots
+
+    return plots.save(figure, path)
 
 
 def summarise(found: Duplicates, metrics: dict, calibrated: bool, out: Path) -> str:
@@ -465,6 +485,8 @@ def write_postprocessing(
     name: str,
 ) -> list[Path]:
     """whitening.npz, and the calibration curve as CSV and picture, when there are."""
+    from pipeline import plots
+
     written = []
     if whitening is not None:
         np.savez(
