@@ -7,8 +7,10 @@ pipeline.search.neighbours, and of imagededup's CNN.find_duplicates on encodings
 Data: N unit vectors of dim 256. The background is clustered like image embeddings (N/1000
 centres, cosine ~0.4 within a cluster; --background isotropic for i.i.d. Gaussian directions,
 where the k nearest neighbours of a row are noise at cosine ~0.25 and no index beats a full scan
-on recall@k). 1% of the rows are in planted groups: a background row (0.25% of them) and 1-5
-noisy copies of it (cosine 0.94-0.995 to it).
+on recall@k; --background embedding for `EmbeddingLike`'s rows, normalised and whitened as
+`python -m pipeline.dedup` whitens them by default). 1% of the rows are in planted groups: a
+background row (0.25% of them) and 1-5 noisy copies of it (cosine 0.94-0.995 to it; for
+`embedding`, the generator's own copies).
 
 Each (method, N) runs in a fresh subprocess that makes the data, resets the kernel's high-water
 mark of resident memory (/proc/self/clear_refs), searches, and reads the mark back: peak memory
@@ -47,9 +49,107 @@ PLANTED_SHARE = 0.01  # of the rows, in planted groups (a source and 1-5 copies:
 CHECK_QUERIES = 1000
 
 
+class EmbeddingLike:
+    """Rows like a CNN's pooled image embeddings, made a chunk at a time (a million rows of 1280
+    values never have to be in memory at once), the same whatever the chunks.
+
+    What makes them like embeddings: a positive mean (pooled activations are non-negative:
+    cosine ~0.75 between unrelated rows before whitening), variance falling off as a power of
+    the principal axis (i^-alpha), and structure at several scales: N/1000 classes, each of 10
+    subclasses, each of 10 scenes of ~10 rows (a class's photos, of one kind of scene, of one
+    scene), each level varying less than the one above and over a flatter spectrum (coarse
+    differences along the leading axes, fine ones spread over many): after whitening a row's
+    nearest neighbours are its scene's other rows, at cosine ~0.5 against ~0.25 for its 50th
+    nearest. Near-duplicates (`copies`) are a row plus a fifth to three fifths of a row's own
+    variation, the fine-scale kind: the copies a crop or a re-compression makes.
+
+    Rows are in scene order (as a folder per class holds them); `chunk(start, stop)` makes rows
+    [start, stop) and each one's scene."""
+
+    SCALES = (1.0, 0.7, 0.5, 0.4)  # class, subclass, scene, row
+    ALPHAS = (1.2, 1.0, 0.8, 0.6)  # each level's variance ~ i^-alpha along axis i
+    FANOUT = 10  # subclasses per class, scenes per subclass
+    ROWS_PER_CLASS = 1000
+    BLOCK = 4096  # scene and subclass centres are made in blocks of this many, each seeded
+
+    def __init__(self, n: int, dim: int, seed: int = 0) -> None:
+        self.n, self.dim, self.seed = n, dim, seed
+        rng = np.random.default_rng([seed, 0])
+        axis = np.arange(1, dim + 1, dtype=np.float32)
+        self.spectra = [s * axis ** (-a / 2) for s, a in zip(self.SCALES, self.ALPHAS, strict=True)]
+        self.mean = np.abs(rng.standard_normal(dim, dtype=np.float32)) * 3 / np.sqrt(axis)
+        classes = max(1, n // self.ROWS_PER_CLASS)
+        self.scenes = np.sort(rng.integers(0, classes * self.FANOUT**2, n))
+        self.classes = rng.standard_normal((classes, dim), dtype=np.float32) * self.spectra[0]
+        self._made: dict[tuple[int, int], np.ndarray] = {}
+
+    def _centres(self, level: int, ids: np.ndarray) -> np.ndarray:
+        """Subclass (level 1) or scene (level 2) centres of `ids`, made in seeded blocks."""
+        out = np.empty((len(ids), self.dim), np.float32)
+        for block in np.unique(ids // self.BLOCK):
+            key = (level, int(block))
+            if key not in self._made:  # consecutive chunks share blocks: the last is kept
+                rng = np.random.default_rng([self.seed, *key])
+                centres = rng.standard_normal((self.BLOCK, self.dim), dtype=np.float32)
+                self._made = {k: v for k, v in self._made.items() if k[0] != level}
+                self._made[key] = centres * self.spectra[level]
+            mine = ids // self.BLOCK == block
+            out[mine] = self._made[key][ids[mine] % self.BLOCK]
+        return out
+
+    def chunk(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [start, stop) (float32, not normalised) and their scenes."""
+        scenes = self.scenes[start:stop]
+        rng = np.random.default_rng([self.seed, 3, start])
+        x = rng.standard_normal((len(scenes), self.dim), dtype=np.float32) * self.spectra[3]
+        x += self.mean
+        x += self.classes[scenes // self.FANOUT**2]
+        x += self._centres(1, scenes // self.FANOUT)
+        x += self._centres(2, scenes)
+        return x, scenes
+
+    def copies(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A near-duplicate of each of `rows`: 0.2-0.6 of a row's own variation added."""
+        scale = rng.uniform(0.2, 0.6, (len(rows), 1)).astype(np.float32)
+        noise = rng.standard_normal(rows.shape, dtype=np.float32) * self.spectra[3]
+        return rows + scale * noise
+
+
+def embedding_rows(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n `EmbeddingLike` rows as `python -m pipeline.dedup` searches them by default
+    (normalised, whitened with its defaults, normalised) and each row's planted group: 1% of
+    the rows are copies (1-5 each) of 0.25% of the others, replacing the rows at the end."""
+    from pipeline.search.vectors import fit_whitening
+
+    data = EmbeddingLike(n, dim, seed)
+    rng = np.random.default_rng(seed)
+    copies = rng.integers(1, 6, size=max(1, round(PLANTED_SHARE * n / 4)))
+    copies = copies[np.cumsum(copies) < n // 2]
+    n_base = n - int(copies.sum())
+    x = np.empty((n, dim), np.float32)
+    for start in range(0, n_base, 1 << 16):
+        x[start : min(n_base, start + (1 << 16))] = data.chunk(
+            start, min(n_base, start + (1 << 16))
+        )[0]
+    sources = rng.choice(n_base, len(copies), replace=False)
+    group = np.full(n, -1)
+    group[sources] = np.arange(len(copies))
+    src_rows = np.repeat(sources, copies)
+    x[n_base:] = data.copies(x[src_rows], rng)
+    group[n_base:] = group[src_rows]
+    unit(x, out=x)
+    sample = x[np.sort(rng.choice(n, min(n, 20_000), replace=False))]
+    whitening = fit_whitening(sample, None, 0.5)
+    for start in range(0, n, 1 << 14):
+        x[start : start + (1 << 14)] = whitening.apply(x[start : start + (1 << 14)])
+    return x, group
+
+
 def planted_data(n: int, dim: int, seed: int, background: str) -> tuple[np.ndarray, np.ndarray]:
     """n unit vectors (float32) and each row's planted group (-1 outside any): PLANTED_SHARE of
     the rows are in groups of a background row and its 1-5 noisy copies, appended at the end."""
+    if background == "embedding":
+        return embedding_rows(n, dim, seed)
     rng = np.random.default_rng(seed)
     copies = rng.integers(1, 6, size=max(1, round(PLANTED_SHARE * n / 4)))
     copies = copies[np.cumsum(copies) < n // 2]  # tiny n: the copies never crowd out the rest
@@ -74,8 +174,8 @@ def planted_data(n: int, dim: int, seed: int, background: str) -> tuple[np.ndarr
     return x, group
 
 
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+def unit(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    return np.divide(x, np.linalg.norm(x, axis=1, keepdims=True), out=out)
 
 
 def planted_pairs(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -240,7 +340,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--threshold", type=float, default=0.85)
-    parser.add_argument("--background", choices=("clustered", "isotropic"), default="clustered")
+    parser.add_argument(
+        "--background", choices=("clustered", "isotropic", "embedding"), default="clustered"
+    )
     parser.add_argument("--exact-max", type=int, default=EXACT_RUN_MAX_N)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="N=3,000: a few seconds")

@@ -30,7 +30,7 @@ from pipeline.config import DedupConfig, PipelineConfig
 from pipeline.errors import ConfigError
 from pipeline.progress import step, tick
 from pipeline.results import DatasetRef, StageResult, write_headline
-from pipeline.search.vectors import Whitening, fit_whitening, normalise
+from pipeline.search.vectors import MIN_WHITENED, Whitening, postprocess, whitening_metrics
 
 # pandas, pyarrow, faiss, SciPy and matplotlib are imported where they are used: this module
 # runs as `python -m pipeline.dedup`, and its --help and config errors need none of them.
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 APP_CONFIG = "dedup_app"  # conf/dedup_app.yaml: config.yaml, with the model's dedup_layer
-MIN_WHITENED = 16  # fewer embeddings than this cannot estimate a whitening worth applying
 # Written only by some runs: removed first, so a folder never mixes two runs' results.
 OPTIONAL_OUTPUTS = (
     "exact_duplicates.parquet",
@@ -68,31 +67,6 @@ def exact_duplicates(ids: list[str], root: Path) -> pd.DataFrame:
     }
     table = pd.DataFrame({"image_id": list(digests), "sha256": list(digests.values())})
     return table[table["sha256"].duplicated(keep=False)].reset_index(drop=True)
-
-
-def truth_groups(path: Path, id_column: str, group_column: str, ids: list[str]) -> pd.Series:
-    """The true group of each embedded image (NaN where the manifest does not say)."""
-    import pandas as pd
-
-    if not path.is_file():
-        raise ConfigError(
-            f"dedup.truth {path} does not exist: point it at a manifest with the "
-            "true groups, or set dedup.truth=null"
-        )
-    manifest = pd.read_csv(path, dtype=str) if path.suffix != ".parquet" else pd.read_parquet(path)
-    missing = [c for c in (id_column, group_column) if c not in manifest]
-    if missing:
-        raise ConfigError(
-            f"dedup.truth {path} has no column {missing[0]!r}: set "
-            "dedup.truth_id_column / dedup.truth_group_column"
-        )
-    groups = pd.Series(ids).map(manifest.set_index(id_column)[group_column])
-    if groups.isna().all():
-        raise ConfigError(
-            f"dedup.truth {path} names none of the embedded images: point it at this "
-            "dataset's manifest, or leave it null"
-        )
-    return groups
 
 
 def top_pairs_figure(pairs: pd.DataFrame, ids: list[str], root: Path, title: str) -> Figure:
@@ -169,30 +143,6 @@ def calibration_copies(
         )
     sources = np.array([rows[s] for s in copies.sources])
     return Copies(copies.vectors, sources, len(set(copies.sources)))
-
-
-def postprocess(
-    vectors: np.ndarray, copies: Copies | None, params: DedupConfig, seed: int
-) -> tuple[np.ndarray, np.ndarray | None, Whitening | None]:
-    """The embeddings and copies as the search compares them: PCA-whitened (fitted on up to
-    `whiten_sample` embeddings, and the copies, whose variations whitening then weighs down)
-    and L2-normalised; plain L2-normalised when whitening is off or the set too small."""
-    fit = vectors
-    if len(fit) > params.whiten_sample:
-        rows = np.random.default_rng(seed).choice(len(fit), params.whiten_sample, replace=False)
-        fit = fit[np.sort(rows)]
-    if copies is not None:
-        fit = np.concatenate([fit, copies.vectors])
-    whitening = None
-    if params.whiten and len(fit) >= MIN_WHITENED:
-        whitening = fit_whitening(normalise(fit), params.whiten_dim, params.whiten_shrinkage)
-    elif params.whiten:
-        log.info("not whitened: %d embeddings are too few to fit it (%d)", len(fit), MIN_WHITENED)
-
-    def transform(x: np.ndarray) -> np.ndarray:
-        return whitening.apply(normalise(x)) if whitening else normalise(x)
-
-    return transform(vectors), transform(copies.vectors) if copies else None, whitening
 
 
 def _check_params(params: DedupConfig) -> None:
@@ -276,7 +226,7 @@ def read_inputs(cfg: PipelineConfig) -> DedupInputs:
 def known_truth(params: DedupConfig, embeddings: Embeddings) -> np.ndarray | None:
     """Each image's true group as a number, from dedup.truth or else the truth the extraction
     recorded for its dataset; None when neither names one."""
-    from pipeline.search.truth import truth_codes
+    from pipeline.search.truth import truth_codes, truth_groups
 
     recorded = embeddings.metadata.get("dataset")
     truth = params.truth or (recorded.get("truth") if isinstance(recorded, dict) else None)
@@ -307,7 +257,9 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
 
     vectors, copies = inputs.embeddings.vectors, inputs.copies
     with step("whitening and normalising" if params.whiten else "normalising"):
-        unit, copies_unit, whitening = postprocess(vectors, copies, params, seed)
+        unit, copies_unit, whitening = postprocess(
+            vectors, copies.vectors if copies else None, params, seed
+        )
     calibration = None
     if copies is not None and len(unit) > 1:
         with step(f"calibrating on {len(copies.vectors):,} copies"):
@@ -515,15 +467,6 @@ def write_postprocessing(
             plots.save(figure, out / "calibration_curve.png"),
         ]
     return written
-
-
-def whitening_metrics(whitening: Whitening | None, params: DedupConfig) -> dict[str, float]:
-    if whitening is None:
-        return {"whiten_dim": 0}
-    return {
-        "whiten_dim": whitening.projection.shape[1],
-        "whiten_shrinkage": params.whiten_shrinkage,
-    }
 
 
 def around_threshold(candidates: pd.DataFrame, threshold: float, count: int) -> pd.DataFrame:

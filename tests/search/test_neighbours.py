@@ -1,17 +1,19 @@
 """Neighbour search: the exact paths (faiss, torch on the CPU in fp32, fp16 and bf16 with the fp32
-re-check) agree with brute force; range search finds a 60-copy group whole at k=10; the recall an
-approximate search reports matches brute force; min_recall widens the search; the embeddings
-are not copied; bad arguments and tiny inputs behave."""
+re-check, and the faiss-index path a GPU takes, run with a CPU index) agree with brute force;
+range search finds a 60-copy group whole at k=10; the recall an approximate search reports
+matches brute force, with its quantizer in the full space or on principal axes; min_recall
+widens the search; the embeddings are not copied; bad arguments and tiny inputs behave."""
 
 from __future__ import annotations
 
 import tracemalloc
 
+import faiss
 import numpy as np
 import pytest
 import torch
 
-from pipeline.search import approximate, neighbours
+from pipeline.search import approximate, exact, neighbours
 from pipeline.search.neighbours import exact_cpu, exact_torch, groups, hnsw, ivf, search
 
 
@@ -68,6 +70,13 @@ def small() -> np.ndarray:
     "run",
     [
         pytest.param(exact_cpu, id="faiss"),
+        # What a GPU with faiss-gpu runs (exact_faiss_gpu), with a CPU flat index in its place.
+        pytest.param(
+            lambda x, k, t: exact.exact_index(
+                x, k, t, faiss.IndexFlatIP(x.shape[1]), "cpu", "flat index"
+            ),
+            id="faiss-index",
+        ),
         pytest.param(lambda x, k, t: exact_torch(x, k, t, device="cpu"), id="torch-cpu-fp32"),
         # fp16 (what CUDA uses) and bf16 products are off by up to ~0.001 and ~0.008: only the
         # fp32 re-check makes these pairs exact. A small block forces many blocks.
@@ -124,6 +133,26 @@ def test_a_sixty_copy_group_is_found_whole_at_k10(sixty_copies: np.ndarray, meth
     assert len(a) >= len(sixty_copies) * 10 // 2
 
 
+def test_ivf_range_searches_the_lists_it_probes(
+    sixty_copies: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IVF lists a big group's pairs from the lists its rows probe, never by reading all rows
+    for each (its pair recall on the sample says what that found)."""
+
+    searched = []
+    exact_range = exact._range_rows
+
+    def spy(unit: np.ndarray, rows: np.ndarray, threshold: float) -> tuple:
+        searched.extend(rows.tolist())
+        return exact_range(unit, rows, threshold)
+
+    monkeypatch.setattr(exact, "_range_rows", spy)
+    found = ivf(sixty_copies, 10, 0.85, sample=50)
+    assert len(found.pairs_a) == 61 * 60 // 2 and found.params["rows_range_searched"] == 61
+    # Only the recall sample's own truth is range-searched exactly: its group rows, if any.
+    assert len(searched) < 61 and found.pair_recall in (None, 1.0)
+
+
 def test_exact_torch_finds_the_group_in_bf16(sixty_copies: np.ndarray) -> None:
     found = exact_torch(sixty_copies, 10, 0.85, device="cpu", dtype=torch.bfloat16)
     assert len(found.pairs_a) == 1830
@@ -151,6 +180,38 @@ def test_reported_recall_matches_brute_force(planted_20k: np.ndarray) -> None:
     # The planted pairs sit in the same list: found, and the sampled pair recall says so.
     assert pair_set(found) == truth
     assert found.pair_recall == 1.0 and found.params["sample_pairs"] > 0
+
+
+def test_ivf_on_principal_axes_reports_recall_that_matches_brute_force(
+    planted_20k: np.ndarray,
+) -> None:
+    """The quantizer on the rows' 16 leading principal axes (as 1280-dim rows get 128): the
+    lists and probes come from the projection, the scan is exact in the full 64 dimensions."""
+    k, threshold = 10, 0.9
+    found = ivf(planted_20k, k, threshold, nprobe=2, pca_dim=16, min_recall=0.01, sample=1000)
+    assert found.params["quantizer_dim"] == 16 and found.params["nprobe"] == 2
+    top, truth = brute_force(planted_20k, k, threshold)
+    per_row = (found.knn_similarities >= top[:, -1:] - approximate.SIM_TOL).sum(axis=1) / k
+    assert 0.3 < per_row.mean() < 0.99
+    assert abs(found.recall_at_k - per_row.mean()) < 4 * per_row.std() / np.sqrt(1000)
+    # Every listed similarity is the exact one, from the full space.
+    listed = np.einsum("ij,ikj->ik", planted_20k, planted_20k[found.knn_indices])
+    np.testing.assert_allclose(listed, found.knn_similarities, atol=1e-5)
+    assert pair_set(found) <= truth  # at nprobe=2 a few copies sit in lists not probed
+    widened = ivf(planted_20k, k, threshold, nprobe=1, pca_dim=16, min_recall=0.99)
+    assert widened.recall_at_k >= 0.99 and widened.params["recall_reached"]
+    assert "quantizer_dim=16" in widened.summary() and pair_set(widened) == truth
+
+
+def test_spherical_kmeans_gives_unit_centroids_and_refills_empty_lists() -> None:
+    rng = np.random.default_rng(0)
+    points = unit(np.repeat(rng.standard_normal((3, 8)), 50, axis=0))  # 3 distinct points
+    centroids = approximate.spherical_kmeans(points, 5, 4, rng)
+    assert centroids.shape == (5, 8) and centroids.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1, atol=1e-6)
+    # Each of the 3 points is a centroid; the lists left empty restart from rows.
+    best = (points @ centroids.T).max(axis=1)
+    np.testing.assert_allclose(best, 1, atol=1e-6)
 
 
 def test_min_recall_widens_nprobe(planted_20k: np.ndarray) -> None:
@@ -194,6 +255,43 @@ def test_auto_states_its_switch_point(
     large = search(planted_20k[:3000], 10, 0.9, device="cpu")
     assert large.method_used == "ivf" and "N=3,000 > EXACT_CPU_MAX_N=1,000" in large.reason
     assert f"recall@10 {large.recall_at_k:.4f}" in large.summary()
+
+
+def test_auto_lowers_its_switch_point_for_long_rows(
+    planted_20k: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exact search costs N^2 x dim: above EXACT_CPU_DIM dimensions fewer rows get it."""
+    assert neighbours.exact_cpu_max_n(256) == neighbours.EXACT_CPU_MAX_N
+    assert neighbours.exact_cpu_max_n(1024) == neighbours.EXACT_CPU_MAX_N // 2
+    monkeypatch.setattr(neighbours, "EXACT_CPU_MAX_N", 2000)
+    wide = np.hstack([planted_20k[:1500]] * 16) / 4  # 1024 dims, still unit rows
+    found = search(wide, 10, 0.9, device="cpu")
+    assert found.method_used == "ivf"
+    assert "N=1,500 > EXACT_CPU_MAX_N=2,000, 1,000 at dim 1024" in found.reason
+    assert found.params["quantizer_dim"] == approximate.IVF_PCA_DIM
+    assert search(wide[:1000], 10, 0.9, device="cpu").method_used == "exact"
+
+
+def test_a_gpu_with_faiss_gpu_searches_through_its_flat_index(
+    small: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """device=cuda where faiss has GPU support: exact_faiss_gpu, here with a CPU flat index in
+    place of the GPU's (the same code otherwise); the result is the CPU's exact search."""
+    made = []
+
+    def cpu_index(dim: int, device: str) -> faiss.Index:
+        made.append(device)
+        return faiss.IndexFlatIP(dim)
+
+    monkeypatch.setattr(neighbours, "_cuda_available", lambda: True)
+    monkeypatch.setattr(exact, "faiss_gpus", lambda: 1)
+    monkeypatch.setattr(exact, "gpu_flat_index", cpu_index)
+    found = search(small, 10, 0.8, device="cuda:1")
+    assert made == ["cuda:1"] and found.method_used == "exact" and found.device == "cuda:1"
+    assert "(faiss GPU)" in found.reason and found.reason in found.summary()
+    cpu = exact_cpu(small, 10, 0.8)
+    np.testing.assert_allclose(found.knn_similarities, cpu.knn_similarities, atol=1e-5)
+    assert pair_set(found) == pair_set(cpu)
 
 
 @pytest.mark.parametrize("method", ["exact", "ivf"])
@@ -255,8 +353,21 @@ def test_groups_are_connected_components() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(exact.faiss_gpus() == 0, reason="needs faiss with GPU support and a GPU")
+def test_faiss_gpu_exact_equals_cpu_exact(small: np.ndarray, sixty_copies: np.ndarray) -> None:
+    for x in (small, sixty_copies):
+        cpu = exact_cpu(x, 10, 0.8)
+        gpu = exact.exact_faiss_gpu(x, 10, 0.8, device="cuda")
+        np.testing.assert_allclose(gpu.knn_similarities, cpu.knn_similarities, atol=1e-5)
+        assert pair_set(gpu) == pair_set(cpu)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_exact_equals_cpu_exact(small: np.ndarray, sixty_copies: np.ndarray) -> None:
+def test_gpu_exact_equals_cpu_exact(
+    small: np.ndarray, sixty_copies: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(exact, "faiss_gpus", lambda: 0)  # the torch path, even with faiss-gpu
     for x in (small, sixty_copies):
         cpu = exact_cpu(x, 10, 0.8)
         gpu = search(x, 10, 0.8, method="auto", device="cuda")

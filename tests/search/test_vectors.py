@@ -1,11 +1,12 @@
-"""PCA-whitening against values computed by hand, and the invariants it promises."""
+"""PCA-whitening against values computed by hand, and the invariants it promises; rows
+transformed in place, chunk by chunk, into their own memory."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.search.vectors import fit_whitening, normalise
+from pipeline.search.vectors import fit_whitening, map_rows_in_place, normalise
 
 # Variance 8/3 along x, 2/3 along y, no covariance: the principal axes are x and y.
 CROSS = np.array([[2.0, 0.0], [-2.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
@@ -68,3 +69,36 @@ def test_refit_gives_the_same_projection_and_bad_input_is_refused() -> None:
         fit_whitening(vectors[:1])
     with pytest.raises(ValueError, match="shrinkage"):
         fit_whitening(vectors, shrinkage=1.5)
+
+
+@pytest.mark.parametrize("dim", [6, 3])
+def test_rows_are_mapped_in_place_chunk_by_chunk(dim: int) -> None:
+    """The (N, dim) result is the front of the input's own buffer, equal to the transform of
+    all rows at once, however the chunks fall (7 values: a chunk of one row)."""
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((50, 6)).astype(np.float32)
+    reference = vectors.copy()
+    whitening = fit_whitening(normalise(reference), dim=dim)
+
+    def transform(x: np.ndarray) -> np.ndarray:
+        return whitening.apply(normalise(x))
+
+    out = map_rows_in_place(vectors, transform, dim, chunk_values=7)
+    assert out.shape == (50, dim) and out.flags.c_contiguous
+    assert np.shares_memory(out, vectors) and out.ctypes.data == vectors.ctypes.data
+    np.testing.assert_allclose(out, transform(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_rows_that_cannot_be_overwritten_are_mapped_into_a_new_array() -> None:
+    vectors = np.arange(12, dtype=np.float64).reshape(4, 3)
+    frozen = np.arange(12, dtype=np.float32).reshape(4, 3)
+    frozen.flags.writeable = False
+    for rows in (vectors, frozen, np.asfortranarray(frozen)):
+        out = map_rows_in_place(rows, lambda x: np.asarray(x[:, :2] * 2, np.float32), 2, 3)
+        assert not np.shares_memory(out, rows) and out.dtype == np.float32
+        np.testing.assert_array_equal(out, np.asarray(rows)[:, :2] * 2)
+    np.testing.assert_array_equal(vectors, np.arange(12).reshape(4, 3))  # untouched
+    with pytest.raises(ValueError, match="cannot hold 4"):
+        map_rows_in_place(frozen, lambda x: x, 4)
+    with pytest.raises(ValueError, match=r"transform returned shape \(1, 3\), not \(4, 3\)"):
+        map_rows_in_place(vectors.astype(np.float32), lambda x: x[:1], 3)

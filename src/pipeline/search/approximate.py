@@ -1,17 +1,27 @@
 """Approximate search on the CPU: inverted lists from spherical k-means searched list by list
 with BLAS (`ivf`), or a faiss HNSW graph (`hnsw`). Each widens its search (nprobe, efSearch) until
 recall@k, measured on a random sample of queries against the exact search, reaches `min_recall`,
-and reports that recall and the share of the sample's pairs above the threshold it found. Pairs
-come from the same exact range search as the exact methods'.
+and reports that recall and the share of the sample's pairs above the threshold it found. A row
+with k neighbours above the threshold has its pairs listed by a range search: HNSW's the exact
+methods' (all rows), IVF's over the lists the row probes (an exact one reads all N rows for each:
+at 1M x 1280, 1,677 such rows cost as much as the whole scan).
 
-Memory: IVF reads the embeddings in place and copies its k-means training sample (40 rows per
-list: 16% of the rows at N=1M); HNSW is the exception: faiss stores its own copy of the vectors.
+IVF's coarse quantizer (the k-means centroids, each row's list and each query's probes) works on
+the rows projected onto their IVF_PCA_DIM leading principal axes when they have more dimensions
+than that: training and assignment cost a fraction of what they cost in the full space (1280
+dimensions: k-means alone took minutes at 1M rows), and the lists follow the directions the data
+varies most along. The lists are then scanned in the full space, so every similarity is exact
+and recall is lost only to the probes.
+
+Memory: IVF reads the embeddings in place; its training sample is copied projected (40 rows per
+list: 16% of the rows at N=1M, IVF_PCA_DIM values each), and nothing of size N x dim is
+allocated. HNSW is the exception: faiss stores its own copy of the vectors.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import faiss
@@ -27,9 +37,11 @@ from pipeline.search.exact import (
     list_and_range_pairs,
 )
 from pipeline.search.found import Neighbours, checked, take
+from pipeline.search.vectors import normalise
 
-# Probe-list entries searched at once (their argsort and the rows probing them): bound host memory.
-QUERY_PROBES = 1 << 24
+# Probe-list entries searched at once (their argsort, the rows probing them, the rows' result
+# heaps: 8 bytes an entry, 12 x (k + 1) / nprobe a row per thread): bound host memory.
+QUERY_PROBES = 1 << 22
 
 # IVF parameters from N: nlist ~ 4 sqrt(N) lists of ~sqrt(N)/4 vectors; k-means trained on 40
 # points per list (faiss warns below 39) for 10 iterations (more moved recall@10 by < 0.001 on
@@ -40,6 +52,12 @@ IVF_TRAIN_PER_LIST = 40
 IVF_KMEANS_ITER = 10
 IVF_NPROBE_START = 8
 IVF_MAX_SCAN = 8
+# The quantizer's space: rows of more dimensions are projected onto this many principal axes
+# (uncentred: inner products are what they keep), fitted on IVF_PCA_SAMPLE of the rows.
+IVF_PCA_DIM = 128
+IVF_PCA_SAMPLE = 20_000
+# Values projected at once (a chunk of rows gathered for it: 64 MiB).
+PROJECT_VALUES = 1 << 24
 
 # HNSW (method="hnsw" only). On the benchmark's clustered vectors it reached recall@10 0.9896 at
 # 50k in 80 s and 0.972 at 200k in 325 s (efSearch at its cap, 1024; it also missed 0.3% of the
@@ -62,6 +80,7 @@ def ivf(
     *,
     nlist: int | None = None,
     nprobe: int | None = None,
+    pca_dim: int | None = None,
     min_recall: float = 0.99,
     sample: int = 1000,
     seed: int = 0,
@@ -71,15 +90,17 @@ def ivf(
     lists whose centroids are nearest to it. The comparison runs list by list (the rows probing
     a list against its members, one BLAS product each) and reads the embeddings in place, where
     a faiss IndexIVFFlat would hold a second copy of them and scan them query by query (10 s vs
-    6 s on 200k x 256). nprobe (default IVF_NPROBE_START) doubles until recall@k on `sample`
-    random queries reaches `min_recall`, or until it reaches nlist / IVF_MAX_SCAN."""
+    6 s on 200k x 256). The quantizer works on the rows projected onto `pca_dim` principal axes
+    (default IVF_PCA_DIM) when they have more dimensions; the scan, in the full space. nprobe
+    (default IVF_NPROBE_START) doubles until recall@k on `sample` random queries reaches
+    `min_recall`, or until it reaches nlist / IVF_MAX_SCAN."""
     unit = checked(unit, k, threshold)
     n = len(unit)
     if n < 2:
         return Neighbours.none(n, k, threshold, "ivf", "cpu", "ivf on cpu")
     # faiss needs 39 training points per centroid; a tiny N gets fewer, bigger lists.
     nlist = nlist or max(1, min(round(IVF_LISTS_PER_SQRT_N * math.sqrt(n)), n // 39))
-    lists = _InvertedLists.build(unit, nlist, seed)
+    lists = _InvertedLists.build(unit, nlist, seed, pca_dim or IVF_PCA_DIM)
     start = min(nlist, nprobe or IVF_NPROBE_START)
     cap = max(start, nlist // IVF_MAX_SCAN)
     return _approximate(
@@ -88,10 +109,11 @@ def ivf(
         threshold,
         Neighbours.none(n, k, threshold, "ivf", "cpu", "ivf on cpu"),
         lambda rows, probes: lists.knn(unit, rows, probes, k),
-        _Widening("nprobe", start, cap, {"nlist": nlist}),
+        _Widening("nprobe", start, cap, {"nlist": nlist, "quantizer_dim": lists.dim}),
         min_recall,
         sample,
         seed,
+        lambda rows, probes: lists.range(unit, rows, probes, threshold),
     )
 
 
@@ -144,61 +166,71 @@ def hnsw(
 
 @dataclass(frozen=True)
 class _InvertedLists:
-    """Rows grouped by nearest centroid: list l holds rows members[lims[l]:lims[l + 1]]."""
+    """Rows grouped by nearest centroid: list l holds rows members[lims[l]:lims[l + 1]]. The
+    centroids live in the quantizer's space: the rows' own, or (`projection`, D x d) their
+    leading principal axes, where rows are projected and L2-normalised."""
 
     centroids: np.ndarray
     members: np.ndarray
     lims: np.ndarray
+    projection: np.ndarray | None = None
+
+    @property
+    def dim(self) -> int:
+        """The quantizer's dimensions."""
+        return self.centroids.shape[1]
+
+    def quantized(self, x: np.ndarray) -> np.ndarray:
+        """Rows in the quantizer's space (themselves when it is theirs)."""
+        return _projected(x, self.projection)
 
     @classmethod
-    def build(cls, unit: np.ndarray, nlist: int, seed: int) -> _InvertedLists:
+    def build(cls, unit: np.ndarray, nlist: int, seed: int, pca_dim: int) -> _InvertedLists:
         n, dim = unit.shape
-        rng = np.random.default_rng(seed)
+        # A stream of its own: the recall sample, drawn with `seed`, must not be the rows the
+        # k-means starts from (they would sit on centroids, and their recall flatter the rest).
+        rng = np.random.default_rng([seed, 1])
+        projection = _principal_axes(unit, pca_dim, rng) if pca_dim < dim else None
         size = IVF_TRAIN_PER_LIST * nlist
-        train = unit if size >= n else unit[np.sort(rng.choice(n, size, replace=False))]
-        kmeans = faiss.Kmeans(
-            dim,
-            nlist,
-            niter=IVF_KMEANS_ITER,
-            spherical=True,
-            seed=seed,
-            max_points_per_centroid=IVF_TRAIN_PER_LIST,
-        )
+        rows = np.arange(n) if size >= n else np.sort(rng.choice(n, size, replace=False))
+        if projection is None:  # the sample itself: a copy of 40 rows per list at most
+            train = unit if size >= n else unit[rows]
+        else:
+            train = np.concatenate(list(_projected_chunks(unit, rows, projection)))
         with step(f"ivf: k-means of {len(train):,} rows into {nlist:,} lists"):
-            kmeans.train(train)
-        assign = blas_knn(unit, kmeans.centroids, 1, "ivf: rows to their lists")[1][:, 0]
+            centroids = spherical_kmeans(train, nlist, IVF_KMEANS_ITER, rng)
+        del train
+        with bar("ivf: rows to their lists", n, "row") as placed:
+            assign = np.concatenate(
+                [
+                    blas_knn(chunk, centroids, 1, placed)[1][:, 0]
+                    for chunk in _projected_chunks(unit, np.arange(n), projection)
+                ]
+            )
         lims = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=nlist))])
-        return cls(kmeans.centroids, np.argsort(assign, kind="stable"), lims)
+        return cls(centroids, np.argsort(assign, kind="stable"), lims, projection)
 
     def knn(
         self, unit: np.ndarray, rows: np.ndarray, nprobe: int, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Each of `rows`' k nearest other rows among the members of its nprobe nearest lists:
         list by list, the rows probing it against its members, one BLAS product each."""
-        nlist = len(self.centroids)
         k1 = min(k + 1, len(unit))  # one more: a row finds itself in its own list
         workers = faiss.omp_get_max_threads()
 
         def search(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             xq = take(unit, q)
-            probes = blas_knn(xq, self.centroids, nprobe, "ivf: rows to the lists they probe")
-            probes = probes[1].reshape(-1)
-            by_list = np.argsort(probes, kind="stable")
-            starts = np.concatenate([[0], np.cumsum(np.bincount(probes, minlength=nlist))])
-            probed = np.flatnonzero(np.diff(starts))
+            probed = self._probed(xq, nprobe)
             heaps = [faiss.ResultHeap(len(q), k1, keep_max=True) for _ in range(workers)]
 
             def scan(worker: int) -> None:
-                for lst in probed[worker::workers]:
-                    members = self.members[self.lims[lst] : self.lims[lst + 1]]
-                    if len(members) == 0:
-                        continue
-                    probing = by_list[starts[lst] : starts[lst + 1]] // nprobe
+                for probing, members in probed[worker::workers]:
                     sims, idx = faiss.knn(xq[probing], unit[members], min(k1, len(members)), IP)
                     heaps[worker].add_result_subset(probing, sims, members[idx])
                     scanned.update(len(probing))
 
-            with bar(f"ivf search (nprobe {nprobe})", len(probes), "probe") as scanned:
+            probes = sum(len(probing) for probing, _ in probed)
+            with bar(f"ivf search (nprobe {nprobe})", probes, "probe") as scanned:
                 in_threads(scan, range(workers))
             for other in heaps[1:]:
                 heaps[0].add_result(other.D, other.I)
@@ -207,6 +239,43 @@ class _InvertedLists:
 
         # The rows' probe lists and their argsort stay within QUERY_PROBES entries.
         return knn_chunked(rows, k, search, max(1, QUERY_PROBES // nprobe))
+
+    def range(
+        self, unit: np.ndarray, rows: np.ndarray, nprobe: int, threshold: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every (row, other, similarity) with similarity >= threshold and `other` in one of the
+        row's nprobe lists: the range search of rows with k neighbours above the threshold,
+        where the exact one would read all N rows for each (1,677 rows of 1M x 1280: 2e12
+        multiply-adds, as much as the whole scan)."""
+        parts = [(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))]
+        for start in range(0, len(rows), max(1, QUERY_PROBES // nprobe)):
+            q = rows[start : start + max(1, QUERY_PROBES // nprobe)]
+            xq = take(unit, q)
+            for probing, members in self._probed(xq, nprobe):
+                sims = xq[probing] @ unit[members].T
+                r, c = np.nonzero(sims >= threshold)
+                parts.append((q[probing[r]], members[c], sims[r, c]))
+        a, b, sims = (np.concatenate(part) for part in zip(*parts, strict=True))
+        return a[a != b], b[a != b], sims[a != b]
+
+    def _probed(self, xq: np.ndarray, nprobe: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each list some of the rows `xq` probe: which of them (positions in xq), and the
+        list's members; lists with no member left out."""
+        nlist = len(self.centroids)
+        # Projected a chunk at a time: all rows at once would be N x IVF_PCA_DIM floats more.
+        probes = np.concatenate(
+            [
+                blas_knn(chunk, self.centroids, nprobe, "ivf: rows to the lists they probe")[1]
+                for chunk in _projected_chunks(xq, np.arange(len(xq)), self.projection)
+            ]
+        ).reshape(-1)
+        by_list = np.argsort(probes, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(np.bincount(probes, minlength=nlist))])
+        return [
+            (by_list[starts[lst] : starts[lst + 1]] // nprobe, members)
+            for lst in np.flatnonzero(np.diff(starts))
+            if len(members := self.members[self.lims[lst] : self.lims[lst + 1]])
+        ]
 
 
 @dataclass(frozen=True)
@@ -230,11 +299,13 @@ def _approximate(
     min_recall: float,
     sample: int,
     seed: int,
+    range_rows: Callable[[np.ndarray, int], tuple[np.ndarray, ...]] | None = None,
 ) -> Neighbours:
     """Run `knn(rows, effort)` at the least effort whose recall@k on a random sample of queries
     reaches min_recall, then on all rows; report the recall measured on that output. Widening is
     tried on the sample only: it is cheap there, and a query's results do not depend on the
-    other queries."""
+    other queries. Rows with k neighbours above the threshold get `range_rows(rows, effort)`
+    (default: the exact range search); the pair recall on the sample measures what it found."""
     n = len(unit)
     rng = np.random.default_rng(seed)
     queries = np.sort(rng.choice(n, min(sample, n), replace=False))
@@ -248,7 +319,8 @@ def _approximate(
         effort = min(widening.cap, 2 * effort)
     rows = np.arange(n)
     knn_d, knn_i = knn(rows, effort)
-    a, b, s = list_and_range_pairs(unit, rows, knn_i, knn_d, threshold)
+    ranged = (lambda more: range_rows(more, effort)) if range_rows else None
+    a, b, s = list_and_range_pairs(unit, rows, knn_i, knn_d, threshold, ranged)
     recall = _recall_at_k(knn_d[queries], knn_i[queries], exact_d)
     true_a, true_b, _ = list_and_range_pairs(unit, queries, exact_i, exact_d, threshold)
     true_keys = true_a * n + true_b
@@ -268,6 +340,61 @@ def _approximate(
             **found.params,
         },
     )
+
+
+def spherical_kmeans(
+    points: np.ndarray, k: int, niter: int, rng: np.random.Generator
+) -> np.ndarray:
+    """k unit centroids of the rows of `points` by spherical k-means (Lloyd's iterations on
+    inner products, from k distinct rows at random), the assignment by `blas_knn` (one faiss
+    thread per worker: faiss.Kmeans's OpenMP loops took twice as long as one thread on the
+    shared 2-core machine), each centroid the normalised sum of its rows; a list left empty
+    restarts from a random row. float32, (k, dim)."""
+    n = len(points)
+    centroids = normalise(points[np.sort(rng.choice(n, k, replace=False))].astype(np.float32))
+    for _ in range(niter):
+        assign = blas_knn(points, centroids, 1)[1][:, 0]
+        order = np.argsort(assign, kind="stable")
+        counts = np.bincount(assign, minlength=k)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        filled = counts > 0
+        sums = np.add.reduceat(points[order], starts[filled], axis=0)
+        centroids[filled] = normalise(sums)
+        empty = np.flatnonzero(~filled)
+        centroids[empty] = normalise(points[rng.choice(n, len(empty), replace=False)])
+    return centroids
+
+
+def _projected(x: np.ndarray, projection: np.ndarray | None) -> np.ndarray:
+    """Rows projected onto the principal axes and L2-normalised; themselves without them."""
+    if projection is None:
+        return x
+    projected = x @ projection
+    return normalise(projected, out=projected)
+
+
+def _projected_chunks(
+    unit: np.ndarray, rows: np.ndarray, projection: np.ndarray | None
+) -> Iterator[np.ndarray]:
+    """`rows` of `unit` in the quantizer's space, a chunk of PROJECT_VALUES values at a time."""
+    step = max(1, PROJECT_VALUES // unit.shape[1])
+    for start in range(0, len(rows), step):
+        yield _projected(take(unit, rows[start : start + step]), projection)
+
+
+def _principal_axes(unit: np.ndarray, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """The `dim` leading eigenvectors (D x dim, float32) of the rows' uncentred second moment,
+    estimated on IVF_PCA_SAMPLE of them: the subspace that keeps most of their inner products."""
+    n = len(unit)
+    rows = (
+        np.arange(n)
+        if n <= IVF_PCA_SAMPLE
+        else np.sort(rng.choice(n, IVF_PCA_SAMPLE, replace=False))
+    )
+    x = take(unit, rows)
+    moment = (x.T @ x).astype(np.float64)
+    _, axes = np.linalg.eigh(moment)
+    return np.ascontiguousarray(axes[:, ::-1][:, :dim], dtype=np.float32)
 
 
 def _recall_at_k(found_d: np.ndarray, found_i: np.ndarray, exact_d: np.ndarray) -> float:

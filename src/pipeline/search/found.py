@@ -70,10 +70,13 @@ class Neighbours:
                 )
             if not self.params["recall_reached"]:
                 line += f" (min_recall {self.params['min_recall']} NOT reached at the cap)"
+        ranged = self.params.get("rows_range_searched", 0)
+        if ranged:
+            line += f"; {ranged:,} rows range-searched"
         settings = {
             key: value
             for key, value in self.params.items()
-            if key in ("nlist", "nprobe", "ef_search", "dtype")
+            if key in ("nlist", "nprobe", "quantizer_dim", "ef_search", "dtype")
         }
         if settings:
             line += " [" + ", ".join(f"{key}={value}" for key, value in settings.items()) + "]"
@@ -84,15 +87,13 @@ class Neighbours:
         union of the k-nearest lists and the range pairs; (a, b, similarity), a < b, each once,
         most similar first."""
         n, k = self.knn_indices.shape
-        a = np.repeat(np.arange(n), k)
-        b = self.knn_indices.reshape(-1)
-        found = b >= 0
-        return unique_pairs(
-            np.concatenate([a[found], self.pairs_a]),
-            np.concatenate([b[found], self.pairs_b]),
-            np.concatenate([self.knn_similarities.reshape(-1)[found], self.similarity]),
-            n,
-        )
+        found = self.knn_indices.reshape(-1) >= 0
+        # Each array made and dropped in turn: N x k of them at once would be 2 GB at 1M x 10.
+        a = np.concatenate([np.repeat(np.arange(n), k)[found], self.pairs_a])
+        b = np.concatenate([self.knn_indices.reshape(-1)[found], self.pairs_b])
+        s = np.concatenate([self.knn_similarities.reshape(-1)[found], self.similarity])
+        del found
+        return unique_pairs(a, b, s, n)
 
     def with_results(
         self, knn_i: np.ndarray, knn_d: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.ndarray
@@ -116,13 +117,19 @@ class Neighbours:
 def unique_pairs(
     a: np.ndarray, b: np.ndarray, s: np.ndarray, n: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Unordered pairs as a < b, each once, most similar first."""
-    lo, hi = np.minimum(a, b).astype(np.int64), np.maximum(a, b).astype(np.int64)
-    keys = lo * n + hi
+    """Unordered pairs as a < b, each once, most similar first. One int64 key a pair (lo * n +
+    hi) and its sort order are all that is held beside the input: 10M pairs, 160 MB."""
+    keys = np.minimum(a, b).astype(np.int64)
+    keys *= n
+    keys += np.maximum(a, b)
     by_key = np.argsort(keys, kind="stable")  # np.unique(return_index) was 5x slower here
-    first = by_key[np.r_[True, np.diff(keys[by_key]) != 0]] if len(keys) else by_key
-    order = first[np.argsort(-s[first], kind="stable")]
-    return lo[order], hi[order], s[order].astype(np.float32)
+    if len(keys):
+        ordered = keys[by_key]
+        by_key = by_key[np.r_[True, ordered[1:] != ordered[:-1]]]  # each key's first
+        del ordered
+    order = by_key[np.argsort(-s[by_key], kind="stable")]
+    keys = keys[order]
+    return keys // n, keys % n, s[order].astype(np.float32)
 
 
 def no_knn(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:

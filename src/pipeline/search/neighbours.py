@@ -5,10 +5,13 @@ approximate, with the approximation's recall measured on a sample of queries and
 
 `search(..., method="auto")` chooses (and says why, in `Neighbours.reason`):
 
-- a CUDA device: exact, blocked torch matrix products in fp16 with an fp32 re-check;
-- CPU and N <= EXACT_CPU_MAX_N: exact, faiss's blocked BLAS search;
-- CPU and larger N: IVF (inverted lists from spherical k-means), searched list by list with BLAS,
-  nprobe widened until recall@k on a sample of queries reaches `min_recall`.
+- a CUDA device: exact, by faiss's GPU flat index where the faiss package has GPU support, else
+  blocked torch matrix products in fp16 with an fp32 re-check;
+- CPU and N <= EXACT_CPU_MAX_N (fewer above EXACT_CPU_DIM dimensions: `exact_cpu_max_n`):
+  exact, faiss's blocked BLAS search;
+- CPU and larger N: IVF (inverted lists from spherical k-means on the rows' leading principal
+  axes), scanned list by list with BLAS in the full space, nprobe widened until recall@k on a
+  sample of queries reaches `min_recall`.
 
 The methods live beside this module: `exact` (faiss BLAS on the CPU, torch on a GPU, and the
 blocked kernels all methods share), `approximate` (IVF and HNSW with their recall measurement)
@@ -16,16 +19,20 @@ and `found` (`Neighbours`, what a search returns); this module names them all.
 
 Pairs come from a range search, not only from the top k: a row whose k-th neighbour is still at
 or above the threshold may have more, so its whole neighbourhood above the threshold is searched
-(exactly). A group of 60 copies of one image therefore yields all 60*59/2 pairs even with k=10.
-Groups are connected components of those pairs (`groups`), never all pairs of a component.
+(exactly over all rows; by IVF over the lists the row probes, the pair recall on the sample
+saying what that missed). A group of 60 copies of one image therefore yields all 60*59/2 pairs
+even with k=10. Groups are connected components of those pairs (`groups`), never all pairs of
+a component.
 
 Memory: the embeddings are read in place (float32, C order) and never copied whole; similarities
-are computed a block at a time. IVF copies its k-means training sample (40 rows per list: 16% of
-the rows at N=1M); HNSW is the exception: faiss stores its own copy of the vectors.
+are computed a block at a time. IVF copies its k-means training sample projected (40 rows per
+list, IVF_PCA_DIM values each); HNSW and the faiss GPU index are the exceptions: faiss stores its
+own copy of the vectors (the GPU's, in device memory).
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -34,11 +41,13 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from pipeline.search import exact
 from pipeline.search.approximate import hnsw, ivf
 from pipeline.search.exact import exact_cpu, exact_torch
 from pipeline.search.found import Neighbours, checked
 
 __all__ = [
+    "EXACT_CPU_DIM",
     "EXACT_CPU_MAX_N",
     "METHODS",
     "Neighbours",
@@ -58,8 +67,11 @@ METHODS = ("auto", "exact", "ivf", "hnsw")
 # itself, 22-31 s with other processes busy on it (load ~4), 254 s at 200k (loaded), and grows
 # as N^2 (~2 h at 1M); IVF at recall@10 >= 0.99 took 7 s at 50k, 28 s at 200k, 106 s at 1M
 # (loaded). Up to 100k exact stays within ~2 minutes even on the loaded machine and loses
-# nothing, so it is kept there; beyond, its cost runs away.
+# nothing, so it is kept there; beyond, its cost runs away. Its cost grows as N^2 x dim: above
+# EXACT_CPU_DIM dimensions the switch point falls as 1 / sqrt(dim) (44,721 rows at 1280), so the
+# exact search stays within the same time (at 100k x 1280 it took 476 s on the loaded machine).
 EXACT_CPU_MAX_N = 100_000
+EXACT_CPU_DIM = 256
 
 
 def search(
@@ -87,31 +99,45 @@ def search(
     if sample < 1:
         raise ValueError(f"sample must be at least 1 query, got {sample}")
     device = resolve_device(device)
-    method, reason = _choose(method, device, len(unit))
+    method, reason = _choose(method, device, *unit.shape)
     if method != "exact" and device != "cpu":
         raise ValueError(f"method={method!r} runs on the CPU (faiss-cpu); got device={device!r}")
-    if method == "exact":
-        found = (
-            exact_cpu(unit, k, threshold)
-            if device == "cpu"
-            else exact_torch(unit, k, threshold, device=device)
-        )
+    if method == "exact" and device == "cpu":
+        found = exact_cpu(unit, k, threshold)
+    elif method == "exact" and exact.faiss_gpus() > 0:
+        found = exact.exact_faiss_gpu(unit, k, threshold, device=device)
+    elif method == "exact":
+        found = exact_torch(unit, k, threshold, device=device)
     elif method == "ivf":
         found = ivf(unit, k, threshold, min_recall=min_recall, sample=sample, seed=seed)
     else:
         found = hnsw(unit, k, threshold, min_recall=min_recall, sample=sample, seed=seed)
-    return replace(found, reason=reason)
+    # On a GPU the kernel's own line says which (faiss GPU, or torch and its dtype).
+    return replace(found, reason=reason if device == "cpu" else f"{reason}; {found.reason}")
 
 
-def _choose(method: str, device: str, n: int) -> tuple[str, str]:
-    """The method to run on `device` for n rows, and why: "auto" by the switch points."""
+def _choose(method: str, device: str, n: int, dim: int = EXACT_CPU_DIM) -> tuple[str, str]:
+    """The method to run on `device` for n rows of `dim` values, and why: "auto" by the switch
+    points."""
     if method != "auto":
         return method, f"{method} on {device}: method={method!r} requested"
     if device != "cpu":
         return "exact", f"exact on {device}: a CUDA device is available (used at any N)"
-    if n <= EXACT_CPU_MAX_N:
-        return "exact", f"exact on CPU: N={n:,} <= EXACT_CPU_MAX_N={EXACT_CPU_MAX_N:,}"
-    return "ivf", f"ivf on CPU: N={n:,} > EXACT_CPU_MAX_N={EXACT_CPU_MAX_N:,}, no CUDA device"
+    most = exact_cpu_max_n(dim)
+    switch = f"EXACT_CPU_MAX_N={EXACT_CPU_MAX_N:,}" + (
+        f", {most:,} at dim {dim}" if most != EXACT_CPU_MAX_N else ""
+    )
+    if n <= most:
+        return "exact", f"exact on CPU: N={n:,} <= {switch}"
+    return "ivf", f"ivf on CPU: N={n:,} > {switch}, no CUDA device"
+
+
+def exact_cpu_max_n(dim: int) -> int:
+    """The most rows method=auto searches exactly on the CPU at `dim` values a row: the exact
+    search costs N^2 x dim, so above EXACT_CPU_DIM the switch point falls as 1 / sqrt(dim)."""
+    if dim <= EXACT_CPU_DIM:
+        return EXACT_CPU_MAX_N
+    return int(EXACT_CPU_MAX_N * math.sqrt(EXACT_CPU_DIM / dim))
 
 
 def resolve_device(device: str) -> str:

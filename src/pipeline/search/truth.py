@@ -1,15 +1,42 @@
-"""Found pairs scored against the true groups of near-duplicates: which pairs share a group, how
+"""The true groups of near-duplicates (read from a manifest), and found pairs scored against
+them: which pairs share a group, how
 many true pairs there are (counted, never listed: a group of g images holds g(g-1)/2), precision,
 recall and F1 at a threshold, average precision, and the curve over thresholds."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
+from pipeline.errors import ConfigError
 from pipeline.search.calibration import average_precision
 
 PR_THRESHOLDS = np.round(np.arange(-1.0, 1.0, 0.01), 2)
+
+
+def truth_groups(path: Path, id_column: str, group_column: str, ids: list[str]) -> pd.Series:
+    """The true group of each embedded image (NaN where the manifest does not say)."""
+    if not path.is_file():
+        raise ConfigError(
+            f"dedup.truth {path} does not exist: point it at a manifest with the "
+            "true groups, or set dedup.truth=null"
+        )
+    manifest = pd.read_csv(path, dtype=str) if path.suffix != ".parquet" else pd.read_parquet(path)
+    missing = [c for c in (id_column, group_column) if c not in manifest]
+    if missing:
+        raise ConfigError(
+            f"dedup.truth {path} has no column {missing[0]!r}: set "
+            "dedup.truth_id_column / dedup.truth_group_column"
+        )
+    groups = pd.Series(ids).map(manifest.set_index(id_column)[group_column])
+    if groups.isna().all():
+        raise ConfigError(
+            f"dedup.truth {path} names none of the embedded images: point it at this "
+            "dataset's manifest, or leave it null"
+        )
+    return groups
 
 
 def truth_codes(groups: pd.Series) -> np.ndarray:

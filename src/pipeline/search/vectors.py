@@ -1,11 +1,23 @@
-"""Vector math the downstream stages share."""
+"""Vector math the downstream stages share: normalising, PCA-whitening, and rows transformed in
+place a chunk at a time (a large set is never copied whole)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.config import DedupConfig
+
+log = logging.getLogger(__name__)
+MIN_WHITENED = 16  # fewer embeddings than this cannot estimate a whitening worth applying
+
+# Values transformed at once by `map_rows_in_place` (each chunk's input and output): 64 MiB.
+MAP_CHUNK_VALUES = 16 * 2**20
 
 
 def normalise(vectors: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -27,8 +39,10 @@ class Whitening:
     shrinkage: float
 
     def apply(self, vectors: np.ndarray) -> np.ndarray:
-        centred = vectors.astype(np.float32) - self.mean.astype(np.float32)
-        return normalise(centred @ self.projection.astype(np.float32))
+        """normalise((x - mean) @ projection), as a new float32 array (the input is read only)."""
+        centred = np.subtract(vectors, self.mean, dtype=np.float32)
+        projected = centred @ self.projection.astype(np.float32, copy=False)
+        return normalise(projected, out=projected)
 
 
 def fit_whitening(vectors: np.ndarray, dim: int | None = None, shrinkage: float = 0.5) -> Whitening:
@@ -64,6 +78,41 @@ def fit_whitening(vectors: np.ndarray, dim: int | None = None, shrinkage: float 
     return Whitening(mean.astype(np.float32), (axes * scale).astype(np.float32), shrinkage)
 
 
+def map_rows_in_place(
+    vectors: np.ndarray,
+    transform: Callable[[np.ndarray], np.ndarray],
+    dim: int,
+    chunk_values: int | None = None,
+) -> np.ndarray:
+    """`transform` applied to `vectors` (N, D) a chunk of rows at a time, its (rows, dim) float32
+    results written back into the same memory (dim <= D): the (N, dim) result is a C-ordered
+    view of the front of `vectors`' buffer, whose values are gone. A chunk's rows are read by
+    `transform` before its output is written, and row i's output never reaches past row i's
+    input, so no row is overwritten before it is read. Memory beyond `vectors`: what
+    `transform` makes of a chunk of `chunk_values` values (default MAP_CHUNK_VALUES). Arrays
+    that are not writable float32 in C order are transformed into a new array instead (chunk
+    by chunk all the same)."""
+    n, width = vectors.shape
+    if dim > width:
+        raise ValueError(f"rows of {width} values cannot hold {dim} in place")
+    in_place = (
+        vectors.dtype == np.float32 and vectors.flags.c_contiguous and vectors.flags.writeable
+    )
+    out = (
+        vectors.reshape(-1)[: n * dim].reshape(n, dim)
+        if in_place
+        else np.empty((n, dim), np.float32)
+    )
+    step = max(1, (chunk_values or MAP_CHUNK_VALUES) // max(1, width))
+    for start in range(0, n, step):
+        result = transform(vectors[start : start + step])
+        expected = (min(step, n - start), dim)
+        if result.shape != expected:
+            raise ValueError(f"transform returned shape {result.shape}, not {expected}")
+        out[start : start + expected[0]] = result
+    return out
+
+
 def non_finite_rows(layers: Mapping[str, np.ndarray]) -> dict[int, str]:
     """Rows with a NaN or Inf in any of the layers' (N, D) matrices, each with the first such
     layer: what must become a failure, never a row that looks fine."""
@@ -72,3 +121,43 @@ def non_finite_rows(layers: Mapping[str, np.ndarray]) -> dict[int, str]:
         for row in np.flatnonzero(~np.isfinite(rows).all(axis=1)):
             found.setdefault(int(row), name)
     return found
+
+
+def postprocess(
+    vectors: np.ndarray, copies: np.ndarray | None, params: DedupConfig, seed: int
+) -> tuple[np.ndarray, np.ndarray | None, Whitening | None]:
+    """The embeddings and copies as the search compares them: PCA-whitened (fitted on up to
+    `whiten_sample` embeddings, and the copies, whose variations whitening then weighs down)
+    and L2-normalised; plain L2-normalised when whitening is off or the set too small.
+
+    The embeddings are transformed in place, a chunk of rows at a time, into the front of their
+    own buffer (`map_rows_in_place`): the result is a view of `vectors`, whose values are gone,
+    and a million rows of 1280 floats need no second 5 GB copy."""
+    fit = vectors
+    if len(fit) > params.whiten_sample:
+        rows = np.random.default_rng(seed).choice(len(fit), params.whiten_sample, replace=False)
+        fit = fit[np.sort(rows)]
+    if copies is not None:
+        fit = np.concatenate([fit, copies])
+    whitening = None
+    if params.whiten and len(fit) >= MIN_WHITENED:
+        whitening = fit_whitening(normalise(fit), params.whiten_dim, params.whiten_shrinkage)
+    elif params.whiten:
+        log.info("not whitened: %d embeddings are too few to fit it (%d)", len(fit), MIN_WHITENED)
+    del fit
+
+    def transform(x: np.ndarray) -> np.ndarray:
+        return whitening.apply(normalise(x)) if whitening else normalise(x)
+
+    dim = whitening.projection.shape[1] if whitening else vectors.shape[1]
+    unit = map_rows_in_place(vectors, transform, dim)
+    return unit, None if copies is None else transform(copies), whitening
+
+
+def whitening_metrics(whitening: Whitening | None, params: DedupConfig) -> dict[str, float]:
+    if whitening is None:
+        return {"whiten_dim": 0}
+    return {
+        "whiten_dim": whitening.projection.shape[1],
+        "whiten_shrinkage": params.whiten_shrinkage,
+    }
