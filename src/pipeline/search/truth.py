@@ -1,7 +1,7 @@
 """The true groups of near-duplicates (read from a manifest), and found pairs scored against
-them: which pairs share a group, how
-many true pairs there are (counted, never listed: a group of g images holds g(g-1)/2), precision,
-recall and F1 at a threshold, average precision, and the curve over thresholds."""
+them: which pairs share a group, how many true pairs there are (counted, never listed: a group
+of g images holds g(g-1)/2), precision, recall and F1 at a threshold, average precision, and the
+curve over thresholds."""
 
 from __future__ import annotations
 
