@@ -1,16 +1,25 @@
 """python -m pipeline.cluster [overrides]: group one layer's embeddings into clusters.
 
-Reads the layer's Parquet file, L2-normalises, optionally reduces with PCA, clusters with k-means
-(k from config, or the number of labels) or HDBSCAN, and writes `assignments.parquet`
+Reads the layer's Parquet file and clusters its L2-normalised rows, optionally reduced with PCA,
+with k-means (k from config, or the number of labels) or HDBSCAN, and writes `assignments.parquet`
 (`image_id`, `cluster`), `metrics.json` (silhouette; NMI and adjusted Rand index against the
 labels when there are labels), `sizes.json` (images per cluster), `projection.png` and
 `contact_sheet.png`.
+
+Every image is assigned, but what is fitted is fitted on a sample, so that a million rows of
+1280 floats cost one copy of the layer in memory and minutes on two cores: PCA is fitted on up
+to `cluster.sample` images; k-means (faiss, seeded by k-means++) is trained on up to
+`cluster.sample` and every image then goes to its nearest centroid; HDBSCAN, on PCA components
+(HDBSCAN_DIM unless `cluster.pca_dim` says), clusters up to `cluster.hdbscan_sample` images and
+every other image takes the cluster (or the noise) of its nearest clustered neighbour. Rows are
+normalised where they are read, a chunk at a time, never the layer as a whole.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +46,18 @@ PROJECTION_POINTS = 20_000
 SHEET_ROWS = 40  # clusters shown in the contact sheet
 SILHOUETTE_MIB = 64  # memory for the silhouette's distance chunks
 CONTACT_SHEET = "contact_sheet.png"
+# Values normalised, projected or assigned at once: 64 MiB of float32, whatever the layer's size.
+CHUNK_VALUES = 16 * 2**20
+# k-means: Lloyd iterations (faiss's default); starts, each from its own k-means++ seeding, the
+# lowest objective kept (each costs a training: 20-25 s for 100,000 x 1280 and k=100 here); the
+# rows k-means++ draws its seeds from (in float64: scikit-learn's float32 path is ~6x slower),
+# at least 3 per cluster, as scikit-learn's MiniBatchKMeans seeds from 3 x its batch of 1024.
+KMEANS_ITER = 25
+KMEANS_STARTS = 3
+KMEANS_SEED_ROWS = 3 * 1024
+# HDBSCAN's density estimates need few dimensions (and its cost grows with them): without
+# cluster.pca_dim it runs on this many PCA components.
+HDBSCAN_DIM = 32
 
 
 def cluster_vectors(
@@ -46,32 +67,130 @@ def cluster_vectors(
     pca_dim: int | None = None,
     min_cluster_size: int = 5,
     seed: int = 0,
+    sample: int = 100_000,
+    hdbscan_sample: int = 20_000,
 ) -> np.ndarray:
-    """A cluster number per row (-1: HDBSCAN's noise)."""
-    check_params(method, pca_dim, min_cluster_size)
-    from sklearn.cluster import HDBSCAN, KMeans
-    from sklearn.decomposition import PCA
-
-    points = normalise(vectors)
-    if pca_dim is not None:
-        dim = min(pca_dim, *points.shape)
-        points = PCA(n_components=dim, random_state=seed).fit_transform(points)
-    if method is ClusterMethod.hdbscan:
-        # `points` is this function's own copy, so HDBSCAN may work in it.
-        return HDBSCAN(min_cluster_size=min_cluster_size, copy=False).fit_predict(points)
-    if k is None or not 1 <= k <= len(points):
+    """A cluster number per row (-1: HDBSCAN's noise), for the rows' directions (each is
+    L2-normalised as it is read; `vectors` is left as it is). PCA and k-means are fitted on up
+    to `sample` rows, HDBSCAN on up to `hdbscan_sample`; every row is assigned."""
+    check_params(method, pca_dim, min_cluster_size, sample, hdbscan_sample)
+    n = len(vectors)
+    if method is ClusterMethod.kmeans and (k is None or not 1 <= k <= n):
         raise ConfigError(
-            f"k-means needs 1 <= cluster.k <= {len(points)} (the images), got {k}"
+            f"k-means needs 1 <= cluster.k <= {n} (the images), got {k}"
             + ("; the embeddings have no labels to count" if k is None else "")
         )
-    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(points)
+    if method is ClusterMethod.hdbscan and pca_dim is None and vectors.shape[1] > HDBSCAN_DIM:
+        pca_dim = HDBSCAN_DIM
+    if pca_dim is not None:
+        points, unit = reduce(vectors, pca_dim, sample, seed), False
+    else:
+        points, unit = vectors, True  # normalised chunk by chunk where they are read
+    if method is ClusterMethod.hdbscan:
+        return hdbscan_clusters(points, unit, min_cluster_size, hdbscan_sample, seed)
+    return kmeans_clusters(points, unit, k, max(sample, k), seed)
 
 
-def check_params(method: ClusterMethod, pca_dim: int | None, min_cluster_size: int) -> None:
+def chunks(n: int, dim: int) -> Iterator[slice]:
+    """Row ranges of about CHUNK_VALUES values each: what is computed at once."""
+    step = max(1, CHUNK_VALUES // max(1, dim))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+def rows_of(points: np.ndarray, rows: np.ndarray | slice, unit: bool) -> np.ndarray:
+    """Those rows as float32, L2-normalised when `unit`: a copy of them only (a range of rows
+    that needs no change is a view)."""
+    taken = points[rows]
+    if taken.dtype != np.float32 or (unit and isinstance(rows, slice)):
+        taken = taken.astype(np.float32)  # a view of the caller's rows: never written to
+    return normalise(taken, out=taken) if unit else taken
+
+
+def reduce(vectors: np.ndarray, dim: int, sample: int, seed: int) -> np.ndarray:
+    """The normalised rows' first `dim` principal components (float32), PCA fitted on up to
+    `sample` of them and applied a chunk at a time."""
+    from sklearn.decomposition import PCA
+
+    fitted = rows_of(vectors, sample_rows(len(vectors), sample, seed), unit=True)
+    pca = PCA(n_components=min(dim, *fitted.shape), random_state=seed).fit(fitted)
+    out = np.empty((len(vectors), pca.n_components_), np.float32)
+    for rows in chunks(*vectors.shape):
+        out[rows] = pca.transform(rows_of(vectors, rows, unit=True))
+    return out
+
+
+def kmeans_clusters(points: np.ndarray, unit: bool, k: int, sample: int, seed: int) -> np.ndarray:
+    """faiss k-means trained on up to `sample` rows from KMEANS_STARTS k-means++ seedings
+    (scikit-learn's), the lowest objective kept; each row then assigned to its nearest
+    centroid."""
+    import faiss
+    from sklearn.cluster import kmeans_plusplus
+
+    train = rows_of(points, sample_rows(len(points), sample, seed), unit)
+    best = None
+    for start in range(KMEANS_STARTS):
+        seeds = train[sample_rows(len(train), max(KMEANS_SEED_ROWS, 3 * k), seed + 1 + start)]
+        centres, _ = kmeans_plusplus(seeds.astype(np.float64), k, random_state=seed + start)
+        kmeans = faiss.Kmeans(
+            train.shape[1],
+            k,
+            niter=KMEANS_ITER,
+            seed=seed + start,
+            # Train on all of `train`: it is the sample already (and faiss need not warn that
+            # a cluster has few points: k may be the labels' count of a small set).
+            max_points_per_centroid=len(train),
+            min_points_per_centroid=1,
+        )
+        kmeans.train(train, init_centroids=centres.astype(np.float32))
+        if best is None or kmeans.obj[-1] < best.obj[-1]:
+            best = kmeans
+    del train
+    assignments = np.empty(len(points), np.int64)
+    for rows in chunks(*points.shape):
+        assignments[rows] = best.index.search(rows_of(points, rows, unit), 1)[1][:, 0]
+    return assignments
+
+
+def hdbscan_clusters(
+    points: np.ndarray, unit: bool, min_cluster_size: int, sample: int, seed: int
+) -> np.ndarray:
+    """scikit-learn's HDBSCAN on up to `sample` rows; every other row takes the cluster (or
+    the noise, -1) of its nearest clustered row (faiss, exact)."""
+    import faiss
+    from sklearn.cluster import HDBSCAN
+
+    fitted_rows = sample_rows(len(points), sample, seed)
+    fitted = rows_of(points, fitted_rows, unit)
+    # `fitted` is this function's own copy, so HDBSCAN may work in it.
+    found = HDBSCAN(min_cluster_size=min_cluster_size, copy=False).fit_predict(fitted)
+    if len(fitted_rows) == len(points):
+        return found
+    log.info(
+        "HDBSCAN clustered %d of %d images (cluster.hdbscan_sample); each other image takes "
+        "the cluster of its nearest clustered one",
+        len(fitted_rows),
+        len(points),
+    )
+    index = faiss.IndexFlatL2(fitted.shape[1])
+    index.add(fitted)
+    assignments = np.empty(len(points), np.int64)
+    for rows in chunks(*points.shape):
+        assignments[rows] = found[index.search(rows_of(points, rows, unit), 1)[1][:, 0]]
+    assignments[fitted_rows] = found
+    return assignments
+
+
+def check_params(
+    method: ClusterMethod, pca_dim: int | None, min_cluster_size: int, sample: int, hdbscan: int
+) -> None:
     if pca_dim is not None and pca_dim < 1:
         raise ConfigError(f"cluster.pca_dim must be at least 1 (or null: no PCA), got {pca_dim}")
     if method is ClusterMethod.hdbscan and min_cluster_size < 2:
         raise ConfigError(f"cluster.min_cluster_size must be at least 2, got {min_cluster_size}")
+    for key, value in (("sample", sample), ("hdbscan_sample", hdbscan)):
+        if value < 2:
+            raise ConfigError(f"cluster.{key} must be at least 2, got {value}")
 
 
 def sample_rows(n: int, limit: int, seed: int) -> np.ndarray:
@@ -84,10 +203,11 @@ def sample_rows(n: int, limit: int, seed: int) -> np.ndarray:
 def cluster_metrics(
     vectors: np.ndarray, assignments: np.ndarray, labels: list[str | None] | None, seed: int = 0
 ) -> dict:
-    """Silhouette (cosine; on a random sample of SILHOUETTE_SAMPLE images beyond that), and
-    agreement with the labels over the images that have one (a label may be null)."""
+    """Silhouette (cosine, so the rows need not be normalised; on a random sample of
+    SILHOUETTE_SAMPLE images beyond that), and agreement with the labels over the images that
+    have one (a label may be null)."""
     import pandas as pd
-    import sklearn
+    from sklearn import config_context
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
     sizes = pd.Series(assignments).value_counts().sort_index()
@@ -99,14 +219,16 @@ def cluster_metrics(
     rows = sample_rows(len(assignments), SILHOUETTE_SAMPLE, seed)
     if 2 <= len(np.unique(assignments[rows])) < len(rows):
         # sklearn computes distances in chunks of up to `working_memory` MiB (default 1 GiB).
-        with sklearn.config_context(working_memory=SILHOUETTE_MIB):
+        with config_context(working_memory=SILHOUETTE_MIB):
             silhouette = silhouette_score(vectors[rows], assignments[rows], metric="cosine")
         metrics["silhouette"] = float(silhouette)
-    labelled = [i for i, label in enumerate(labels or []) if label is not None]
-    if labelled:
-        known = [labels[i] for i in labelled]
-        metrics["nmi"] = float(normalized_mutual_info_score(known, assignments[labelled]))
-        metrics["ari"] = float(adjusted_rand_score(known, assignments[labelled]))
+    # Labels as codes (-1: none): the scores depend only on which images share a label.
+    codes = pd.factorize(pd.Series(labels, dtype=object))[0] if labels else np.array([], int)
+    labelled = np.flatnonzero(codes >= 0)
+    if len(labelled):
+        known, found = codes[labelled], assignments[labelled]
+        metrics["nmi"] = float(normalized_mutual_info_score(known, found))
+        metrics["ari"] = float(adjusted_rand_score(known, found))
     return metrics
 
 
@@ -154,7 +276,9 @@ def check(cfg: PipelineConfig) -> None:
 
     existing_embeddings(cfg.embeddings)
     params = cfg.cluster
-    check_params(params.method, params.pca_dim, params.min_cluster_size)
+    check_params(
+        params.method, params.pca_dim, params.min_cluster_size, params.sample, params.hdbscan_sample
+    )
 
 
 def run(cfg: PipelineConfig) -> StageResult:
@@ -170,17 +294,18 @@ def run(cfg: PipelineConfig) -> StageResult:
             params.pca_dim,
             params.min_cluster_size,
             params.seed,
+            params.sample,
+            params.hdbscan_sample,
         )
     with step("scoring the clusters"):
-        unit = normalise(embeddings.vectors)
-        metrics = cluster_metrics(unit, assignments, embeddings.labels, params.seed)
+        metrics = cluster_metrics(embeddings.vectors, assignments, embeddings.labels, params.seed)
     sizes = metrics.pop("sizes")  # a table, not a metric: beside the metrics, not in them
     out = Path(params.output_dir)
     with step(f"writing {out}"):
         write_tables(out, embeddings, assignments, metrics, sizes, params.headline_file)
     title = f"{source.stem}: {params.method.value}, {metrics['n_clusters']} clusters"
     with step("drawing the pictures"):
-        figures = write_figures(out, unit, embeddings, assignments, title, cfg)
+        figures = write_figures(out, embeddings, assignments, title, cfg)
     summary = (
         f"{metrics['n_images']} images in {metrics['n_clusters']} clusters"
         + (f" (NMI {metrics['nmi']:.3f}, ARI {metrics['ari']:.3f})" if "nmi" in metrics else "")
@@ -250,7 +375,6 @@ def write_tables(
 
 def write_figures(
     out: Path,
-    unit: np.ndarray,
     embeddings: Embeddings,
     assignments: np.ndarray,
     title: str,
@@ -262,11 +386,10 @@ def write_figures(
     from pipeline.storage.contract import images_root
 
     params = cfg.cluster
-    shown = sample_rows(len(unit), PROJECTION_POINTS, params.seed)
+    shown = sample_rows(len(assignments), PROJECTION_POINTS, params.seed)
     labels = [str(a) for a in assignments[shown]]
-    figures = [
-        plots.save(plots.projection_figure(unit[shown], labels, title), out / "projection.png")
-    ]
+    unit = rows_of(embeddings.vectors, shown, unit=True)
+    figures = [plots.save(plots.projection_figure(unit, labels, title), out / "projection.png")]
     root = images_root(cfg.images_root, embeddings.metadata)
     if root is not None and (root / embeddings.ids[0]).is_file():
         sheet = contact_sheet(embeddings, assignments, root, params.sheet_images, title)

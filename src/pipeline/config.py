@@ -167,6 +167,8 @@ class ClusterConfig:
     k: int | None = MISSING
     pca_dim: int | None = MISSING
     min_cluster_size: int = MISSING
+    sample: int = MISSING  # PCA and k-means are fitted on at most this many images
+    hdbscan_sample: int = MISSING  # HDBSCAN clusters at most this many; the others join them
     seed: int = MISSING
     sheet_images: int = MISSING
     output_dir: str = MISSING
@@ -199,6 +201,7 @@ class ProbeConfig:
     folds: int = MISSING
     c: float = MISSING
     max_iter: int = MISSING
+    sample: int = MISSING  # cross-validated up to this many images; beyond, trained on as many
     seed: int = MISSING
     output_dir: str = MISSING
     headline_file: str | None = MISSING  # the figures DVC compares (results.HEADLINE)

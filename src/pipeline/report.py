@@ -216,7 +216,7 @@ def measured_how(cfg: PipelineConfig, table: pd.DataFrame) -> str:
     truth = "the true groups" if on == {"truth"} else "calibration copies where no truth"
     return (
         f"dedup AP, and F1 at each layer's threshold, against {truth}; "
-        f"probe: {cfg.probe.folds}-fold CV"
+        f"probe: {cfg.probe.folds}-fold CV (held out beyond {cfg.probe.sample} images)"
     )
 
 

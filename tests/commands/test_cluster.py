@@ -41,6 +41,42 @@ def test_separated_clusters_are_recovered(method: ClusterMethod) -> None:
     assert metrics["silhouette"] > 0.5 and sum(metrics["sizes"].values()) == 120
 
 
+@pytest.mark.parametrize("method", [ClusterMethod.kmeans, ClusterMethod.hdbscan])
+def test_fitted_on_a_sample_every_row_is_assigned(method: ClusterMethod) -> None:
+    """Beyond `sample` (k-means) or `hdbscan_sample` rows, the clusters are fitted on a sample
+    and every other row joins its nearest: the planted clusters are still recovered whole."""
+    vectors, labels = planted(per=250)
+    assignments = cluster_vectors(
+        vectors, method, k=4, pca_dim=8, min_cluster_size=5, sample=100, hdbscan_sample=100
+    )
+    metrics = cluster_metrics(vectors, assignments, labels)
+    assert len(assignments) == 1000 and metrics["n_clusters"] == 4
+    assert metrics["nmi"] > 0.99 and metrics["ari"] > 0.99
+
+
+def test_clustering_copies_no_more_than_a_chunk_and_its_samples(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The layer is normalised, projected and assigned a chunk at a time, never copied whole:
+    numpy's peak beyond the input is the samples and one chunk (tracemalloc sees numpy's
+    buffers), and the input is left as it was."""
+    import tracemalloc
+
+    vectors, _ = planted(n_clusters=4, per=10_000, dim=64)  # 10 MiB
+    before = vectors.copy()
+    monkeypatch.setattr(cluster, "CHUNK_VALUES", 64 * 1000)
+    for method in (ClusterMethod.kmeans, ClusterMethod.hdbscan):
+        cluster_vectors(vectors[:100], method, k=4)  # what importing the libraries allocates
+        tracemalloc.start()
+        cluster_vectors(vectors, method, k=4, sample=2000, hdbscan_sample=1000)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        # the assignments (8 bytes a row) and PCA's 32 components (HDBSCAN: 128 bytes a row)
+        kept = len(vectors) * (8 + (128 if method is ClusterMethod.hdbscan else 0))
+        assert peak - kept < vectors.nbytes / 4, (method, peak)
+    np.testing.assert_array_equal(vectors, before)
+
+
 def test_kmeans_needs_a_k() -> None:
     with pytest.raises(ConfigError, match="no labels to count"):
         cluster_vectors(planted()[0], ClusterMethod.kmeans, k=None)
@@ -52,6 +88,8 @@ def test_kmeans_needs_a_k() -> None:
         (ClusterMethod.kmeans, {"k": 0}, "cluster.k"),
         (ClusterMethod.kmeans, {"k": 2, "pca_dim": 0}, "cluster.pca_dim"),
         (ClusterMethod.hdbscan, {"k": None, "min_cluster_size": 1}, "cluster.min_cluster_size"),
+        (ClusterMethod.kmeans, {"k": 2, "sample": 1}, "cluster.sample"),
+        (ClusterMethod.hdbscan, {"k": None, "hdbscan_sample": 0}, "cluster.hdbscan_sample"),
     ],
 )
 def test_bad_settings_are_config_errors(

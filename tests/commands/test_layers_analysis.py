@@ -14,13 +14,14 @@ import torchvision
 from PIL import Image
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from pipeline import probe
 from pipeline.images.decode import decode_image
 from pipeline.images.preprocess import Preprocess, build_transform
-from pipeline.probe import probe_scores
+from pipeline.probe import holdout_scores, probe_scores
 from pipeline.storage.contract import read_embeddings
 from pipeline.visualize import as_maps, strongest_channels
 
-from conftest import PHOTOS_BY_LABEL, TINY_MODEL, run_cli
+from conftest import PHOTOS_BY_LABEL, TINY_MODEL, composed, run_cli, write_layer
 
 
 def test_probe_scores_separable_labels_high_and_shuffled_near_chance() -> None:
@@ -33,6 +34,57 @@ def test_probe_scores_separable_labels_high_and_shuffled_near_chance() -> None:
     assert separable["folds"] == 5 and separable["chance"] == 0.25
     shuffled = probe_scores(vectors, list(rng.permutation(labels)))
     assert abs(shuffled["accuracy"] - 0.25) < 0.12
+
+
+def separable(n: int, dim: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Four well-separated classes, as codes 0-3, in turn."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((4, dim)) * 4
+    codes = np.arange(n) % 4
+    return (centres[codes] + rng.standard_normal((n, dim))).astype(np.float32), codes
+
+
+def test_probe_beyond_its_sample_is_trained_on_it_and_scored_on_the_rest() -> None:
+    vectors, codes = separable(2000)
+    codes[1::5] = -1  # no label (as many of each class): left out of both parts
+    scores = holdout_scores(vectors, codes, train_size=400, folds=5)
+    assert scores["train_images"] == 400 and scores["test_images"] == 1200
+    assert scores["n_images"] == 1600 and scores["n_classes"] == 4 and scores["chance"] == 0.25
+    assert scores["accuracy"] > 0.97 and scores["f1_macro"] > 0.97 and scores["folds"] == 5
+    assert 0 <= scores["accuracy_std"] < 0.05
+    shuffled = holdout_scores(vectors, np.random.default_rng(1).permutation(codes), 400)
+    assert abs(shuffled["accuracy"] - 0.25) < 0.08
+
+
+def test_held_out_probe_copies_its_sample_and_a_chunk_not_the_layer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The held-out images are standardised and predicted a chunk at a time: numpy's peak is
+    the training sample (float64 in the solver) and a chunk, not a copy of the layer."""
+    import tracemalloc
+
+    vectors, codes = separable(40_000, dim=64)  # 10 MiB
+    monkeypatch.setattr(probe, "CHUNK_VALUES", 64 * 500)
+    holdout_scores(vectors[:200], codes[:200], train_size=100)  # the libraries' imports
+    tracemalloc.start()
+    holdout_scores(vectors, codes, train_size=1000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    labels = len(vectors) * 8 * 4  # codes, split rows, predictions: 8 bytes a row each
+    assert peak - labels < vectors.nbytes / 4, peak
+
+
+def test_probe_run_holds_out_beyond_probe_sample(tmp_path: Path) -> None:
+    vectors, codes = separable(300)
+    ids = [f"{i}.png" for i in range(300)]
+    layer = write_layer(tmp_path / "l.parquet", vectors, ids, [f"c{c}" for c in codes])
+    settings = ["tracking=none", f"embeddings={layer}", f"probe.output_dir={tmp_path / 'out'}"]
+    result = probe.run(composed(*settings, "probe.sample=100"))
+    assert result.metrics["train_images"] == 100 and result.metrics["test_images"] == 200
+    assert json.loads((tmp_path / "out/probe.json").read_text()) == result.metrics
+    # Up to probe.sample, cross-validation over all of them, as before.
+    result = probe.run(composed(*settings))
+    assert result.metrics == probe_scores(vectors, [f"c{c}" for c in codes])
 
 
 def test_token_outputs_become_patch_grid_maps() -> None:
