@@ -17,10 +17,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from packaging.requirements import Requirement
 from setuptools import find_namespace_packages
 from setuptools.config.pyprojecttoml import read_configuration
 
-from conftest import N_PHOTOS, REPO
+from conftest import N_PHOTOS, REPO, TINY_MODEL, run_cli
 
 # A preset of a tiny timm model with random weights (fast, offline), as a user would write one.
 TINY_PRESET = "defaults:\n  - timm\n  - _self_\nname: test_efficientnet\npretrained: false\n"
@@ -185,3 +186,46 @@ def test_an_editable_install_runs_the_clones_code_and_configs(tmp_path: Path) ->
     assert yaml.safe_load(composed.read_text()) == yaml.safe_load(
         (REPO / "params.yaml").read_text()
     )
+
+
+# What `pip install pipeline` leaves out, each for one use (pyproject.toml's extras).
+EXTRAS_ONLY = {"dvc", "ray", "hydra-joblib-launcher", "imagededup", "mkdocs", "pytest"}
+
+
+@pytest.mark.slow
+def test_extraction_and_the_stages_need_none_of_the_extras(tmp_path: Path, photos: Path) -> None:
+    """The default install (no extras) has no DVC or Ray, and needs neither: an extraction and a
+    stage run with both unimportable (a `sitecustomize` that blocks them, as if they were not
+    installed)."""
+    config = read_configuration(REPO / "pyproject.toml")["project"]
+    core = {Requirement(r).name for r in config["dependencies"]}
+    assert not core & EXTRAS_ONLY, core & EXTRAS_ONLY
+    assert {Requirement(r).name for r in config["optional-dependencies"]["dvc"]} == {"dvc"}
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "for name in ('dvc', 'ray'):\n"
+        "    sys.modules[name] = None  # import name: ModuleNotFoundError, as if not installed\n"
+    )
+    env = {"PYTHONPATH": str(blocker)}
+    for name in ("dvc", "ray"):
+        tried = subprocess.run(
+            [sys.executable, "-c", f"import {name}"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+        )
+        assert tried.returncode == 1 and "halted" in tried.stderr, tried.stderr
+    out = tmp_path / "out"
+    done = run_cli(
+        *TINY_MODEL, "dataset=folder", f"dataset.root={photos}", f"output_dir={out}",
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    clustered = run_cli(
+        *TINY_MODEL, f"embeddings={out}/global_pool.parquet", f"cluster.output_dir={tmp_path}/c",
+        cwd=tmp_path, module="pipeline.cluster", env=env,
+    )  # fmt: skip
+    assert clustered.returncode == 0, clustered.stderr
+    assert (tmp_path / "c/assignments.parquet").is_file()
