@@ -213,6 +213,9 @@ class ReportConfig:
     dedup_dir: str = MISSING
     probe_dir: str = MISSING
     output_dir: str = MISSING
+    cka_sample: int = MISSING  # linear CKA between the layers on this many images; 0: none
+    cka_seed: int = MISSING
+    cka_models: list[str] = MISSING  # other models' folders beside this one's (globs)
 
 
 @dataclass
@@ -282,6 +285,7 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"max_failure_rate is a fraction in [0, 1], got {cfg.max_failure_rate}")
     _at_least("calibration.images", cfg.calibration.images, 0)
     _at_least("calibration.copies", cfg.calibration.copies, 1)
+    _at_least("report.cka_sample", cfg.report.cka_sample, 0)
 
 
 def _at_least(key: str, value: int, least: int) -> None:
