@@ -192,6 +192,7 @@ class DedupConfig:
     truth_id_column: str = MISSING
     truth_group_column: str = MISSING
     top_pairs: int = MISSING
+    review_pairs: int = MISSING  # on review.html, nearest the threshold
     output_dir: str = MISSING
     headline_file: str | None = MISSING  # the figures DVC compares (results.HEADLINE)
 

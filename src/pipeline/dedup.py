@@ -11,8 +11,9 @@ above the threshold), `groups.parquet` (`image_id`, `group`: connected component
 precision, precision, recall and F1 over pairs when the true groups are known; the calibration's
 numbers on the copies), `pr_curve.csv` and `pr_curve.png` (against the truth, over thresholds),
 `calibration_curve.csv` and `calibration_curve.png` (on the copies), `whitening.npz` (`mean`,
-`projection`: apply as normalise((x - mean) @ projection)) and `top_pairs.png` (the pairs nearest
-the threshold, on both sides).
+`projection`: apply as normalise((x - mean) @ projection)), `top_pairs.png` (the pairs nearest
+the threshold, on both sides) and `review.html` (`dedup.review_pairs` of them, for a person to mark
+same or different: `review`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from pipeline.search.vectors import MIN_WHITENED, Whitening, postprocess, whiten
 # runs as `python -m pipeline.dedup`, and its --help and config errors need none of them.
 if TYPE_CHECKING:
     import pandas as pd
-    from matplotlib.figure import Figure
 
     from pipeline.search import neighbours
     from pipeline.search.calibration import Calibration
@@ -67,24 +67,6 @@ def exact_duplicates(ids: list[str], root: Path) -> pd.DataFrame:
     }
     table = pd.DataFrame({"image_id": list(digests), "sha256": list(digests.values())})
     return table[table["sha256"].duplicated(keep=False)].reset_index(drop=True)
-
-
-def top_pairs_figure(pairs: pd.DataFrame, ids: list[str], root: Path, title: str) -> Figure:
-    """The given pairs side by side, their cosine similarity as the row title; with no pairs, a
-    figure that says so (the file is still written, for DVC and for whoever looks)."""
-    from matplotlib.figure import Figure
-
-    from pipeline import plots
-
-    if pairs.empty:
-        figure = Figure(figsize=(5, 1))
-        figure.text(0.5, 0.5, f"{title}: no pairs", ha="center", va="center")
-        return figure
-    rows = [
-        (f"{s:.3f}", [(root / ids[a], ids[a]), (root / ids[b], ids[b])])
-        for a, b, s in zip(pairs["a"], pairs["b"], pairs["similarity"], strict=True)
-    ]
-    return plots.image_grid(rows, title)
 
 
 def fixed_threshold(value: float | str) -> float | None:
@@ -164,6 +146,8 @@ def _check_params(params: DedupConfig) -> None:
         raise ConfigError(
             f"dedup.whiten_sample must be at least {MIN_WHITENED}, got {params.whiten_sample}"
         )
+    if params.review_pairs < 1:
+        raise ConfigError(f"dedup.review_pairs must be at least 1, got {params.review_pairs}")
 
 
 def check(cfg: PipelineConfig) -> None:
@@ -304,6 +288,7 @@ def write_outputs(
     """Every file of the stage in `out`, cleared first of an earlier run's optional files; the
     metrics, and the files to record."""
     from pipeline import plots
+    from pipeline.review import top_pairs_figure, write_review_page
     from pipeline.search.truth import truth_scores
 
     params, ids, name = cfg.dedup, inputs.embeddings.ids, inputs.source.stem
@@ -335,7 +320,11 @@ def write_outputs(
         with step("drawing the pairs nearest the threshold"):
             figure = top_pairs_figure(shown, ids, root, title)
             artifacts.append(plots.save(figure, out / "top_pairs.png"))
-    return metrics, artifacts
+    review = around_threshold(found.candidates, found.threshold, params.review_pairs)
+    with step(f"writing review.html: the {len(review)} pairs nearest the threshold"):
+        page, heading = out / "review.html", "/".join(inputs.source.with_suffix("").parts[-3:])
+        write_review_page(page, review, ids, root, found.threshold, heading)
+    return metrics, [*artifacts, page]
 
 
 def clear_outputs(out: Path) -> None:

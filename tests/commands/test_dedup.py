@@ -149,6 +149,7 @@ def test_run_without_images_or_truth_still_writes_pairs(
         "groups.parquet",
         "metrics.json",
         "pairs.parquet",
+        "review.html",  # with the ids in place of the pictures
     ]
 
 
