@@ -192,6 +192,8 @@ class DedupConfig:
     truth_id_column: str = MISSING
     truth_group_column: str = MISSING
     top_pairs: int = MISSING
+    review_pairs: int = MISSING  # on review.html, nearest the threshold
+    reviewed: str | None = MISSING  # review.csv as review.html saves it
     output_dir: str = MISSING
     headline_file: str | None = MISSING  # the figures DVC compares (results.HEADLINE)
 

@@ -11,8 +11,10 @@ above the threshold), `groups.parquet` (`image_id`, `group`: connected component
 precision, precision, recall and F1 over pairs when the true groups are known; the calibration's
 numbers on the copies), `pr_curve.csv` and `pr_curve.png` (against the truth, over thresholds),
 `calibration_curve.csv` and `calibration_curve.png` (on the copies), `whitening.npz` (`mean`,
-`projection`: apply as normalise((x - mean) @ projection)) and `top_pairs.png` (the pairs nearest
-the threshold, on both sides).
+`projection`: apply as normalise((x - mean) @ projection)), `top_pairs.png` (the pairs nearest
+the threshold, on both sides) and `review.html` (`dedup.review_pairs` of them, for a person to mark
+same or different: `review`). `dedup.reviewed` (the CSV that page saves) adds precision and recall
+on the reviewed pairs, and the threshold they suggest (`search.reviewed`).
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ from pipeline.search.vectors import MIN_WHITENED, Whitening, postprocess, whiten
 # runs as `python -m pipeline.dedup`, and its --help and config errors need none of them.
 if TYPE_CHECKING:
     import pandas as pd
-    from matplotlib.figure import Figure
 
     from pipeline.search import neighbours
     from pipeline.search.calibration import Calibration
+    from pipeline.search.reviewed import Reviewed
     from pipeline.storage.contract import Embeddings
 
 log = logging.getLogger(__name__)
@@ -67,24 +69,6 @@ def exact_duplicates(ids: list[str], root: Path) -> pd.DataFrame:
     }
     table = pd.DataFrame({"image_id": list(digests), "sha256": list(digests.values())})
     return table[table["sha256"].duplicated(keep=False)].reset_index(drop=True)
-
-
-def top_pairs_figure(pairs: pd.DataFrame, ids: list[str], root: Path, title: str) -> Figure:
-    """The given pairs side by side, their cosine similarity as the row title; with no pairs, a
-    figure that says so (the file is still written, for DVC and for whoever looks)."""
-    from matplotlib.figure import Figure
-
-    from pipeline import plots
-
-    if pairs.empty:
-        figure = Figure(figsize=(5, 1))
-        figure.text(0.5, 0.5, f"{title}: no pairs", ha="center", va="center")
-        return figure
-    rows = [
-        (f"{s:.3f}", [(root / ids[a], ids[a]), (root / ids[b], ids[b])])
-        for a, b, s in zip(pairs["a"], pairs["b"], pairs["similarity"], strict=True)
-    ]
-    return plots.image_grid(rows, title)
 
 
 def fixed_threshold(value: float | str) -> float | None:
@@ -164,14 +148,19 @@ def _check_params(params: DedupConfig) -> None:
         raise ConfigError(
             f"dedup.whiten_sample must be at least {MIN_WHITENED}, got {params.whiten_sample}"
         )
+    if params.review_pairs < 1:
+        raise ConfigError(f"dedup.review_pairs must be at least 1, got {params.review_pairs}")
 
 
 def check(cfg: PipelineConfig) -> None:
     """What can be refused before anything is read (the command runs it before tracking)."""
+    from pipeline.search.reviewed import read_decisions
     from pipeline.storage.contract import existing_embeddings
 
     fixed_threshold(cfg.dedup.threshold)
     _check_params(cfg.dedup)
+    if cfg.dedup.reviewed is not None:  # the file; its images are matched at read_inputs
+        read_decisions(Path(cfg.dedup.reviewed).expanduser())
     existing_embeddings(cfg.embeddings)
 
 
@@ -202,11 +191,13 @@ class DedupInputs:
     copies: Copies | None
     codes: np.ndarray | None  # each image's true group as a number, when a truth is named
     threshold: float | None  # None: calibrated on the copies
+    reviewed: Reviewed | None  # the pairs of dedup.reviewed, when named
 
 
 def read_inputs(cfg: PipelineConfig) -> DedupInputs:
     """The settings, the embeddings, their calibration copies and the true groups, read and
     checked: a ConfigError here leaves the output folder as it was."""
+    from pipeline.search.reviewed import reviewed_pairs
     from pipeline.storage.contract import embeddings_input, existing_embeddings
     from pipeline.storage.inputs import read_layer
 
@@ -220,7 +211,8 @@ def read_inputs(cfg: PipelineConfig) -> DedupInputs:
         raise ConfigError(f"embeddings {source} hold no images: nothing to compare")
     copies = calibration_copies(source, embeddings, threshold is None, cfg.verify)
     codes = known_truth(params, embeddings)
-    return DedupInputs(source, embeddings, record, copies, codes, threshold)
+    reviewed = reviewed_pairs(params.reviewed, embeddings.ids)
+    return DedupInputs(source, embeddings, record, copies, codes, threshold, reviewed)
 
 
 def known_truth(params: DedupConfig, embeddings: Embeddings) -> np.ndarray | None:
@@ -246,6 +238,7 @@ class Duplicates:
     calibration: Calibration | None
     candidates: pd.DataFrame  # a, b, similarity: every pair the search looked at closely
     groups: np.ndarray  # each image's group of near-duplicates, -1 for none
+    unit: np.ndarray  # the vectors as searched (in the embeddings' own buffer)
 
 
 def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Duplicates:
@@ -277,7 +270,7 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
             dict(zip(("a", "b", "similarity"), found.candidates(), strict=True))
         )
         groups = neighbours.groups(len(unit), found.pairs_a, found.pairs_b)
-    return Duplicates(found, threshold, whitening, calibration, candidates, groups)
+    return Duplicates(found, threshold, whitening, calibration, candidates, groups, unit)
 
 
 def search_pairs(unit: np.ndarray, threshold: float, params: DedupConfig) -> neighbours.Neighbours:
@@ -304,6 +297,8 @@ def write_outputs(
     """Every file of the stage in `out`, cleared first of an earlier run's optional files; the
     metrics, and the files to record."""
     from pipeline import plots
+    from pipeline.review import top_pairs_figure, write_review_page
+    from pipeline.search.reviewed import score_reviewed
     from pipeline.search.truth import truth_scores
 
     params, ids, name = cfg.dedup, inputs.embeddings.ids, inputs.source.stem
@@ -326,6 +321,10 @@ def write_outputs(
             scores, curve = truth_scores(inputs.codes, found.candidates, found.threshold)
             metrics.update(scores)
             artifacts += write_pr_curve(out, curve, found.threshold, name)
+    if inputs.reviewed is not None:
+        metrics.update(
+            score_reviewed(inputs.reviewed, found.unit, found.threshold, params.target_precision)
+        )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     layer = inputs.embeddings.metadata["layer"]
     write_headline(params.headline_file, layer, metrics, ["dedup_ap", "dedup_f1"])
@@ -335,7 +334,12 @@ def write_outputs(
         with step("drawing the pairs nearest the threshold"):
             figure = top_pairs_figure(shown, ids, root, title)
             artifacts.append(plots.save(figure, out / "top_pairs.png"))
-    return metrics, artifacts
+    review = around_threshold(found.candidates, found.threshold, params.review_pairs)
+    decided = inputs.reviewed.pairs(ids) if inputs.reviewed is not None else ()
+    with step(f"writing review.html: the {len(review)} pairs nearest the threshold"):
+        page, heading = out / "review.html", "/".join(inputs.source.with_suffix("").parts[-3:])
+        write_review_page(page, review, ids, root, found.threshold, heading, decided)
+    return metrics, [*artifacts, page]
 
 
 def clear_outputs(out: Path) -> None:
@@ -408,6 +412,8 @@ def write_pr_curve(out: Path, curve: pd.DataFrame, threshold: float, name: str) 
 
 def summarise(found: Duplicates, metrics: dict, calibrated: bool, out: Path) -> str:
     """The run's one line: pairs and groups at the threshold, and the scores when known."""
+    from pipeline.search.reviewed import summary
+
     return (
         f"{len(found.search.pairs_a)} pairs in {metrics['n_groups']} groups at cosine "
         f"similarity >= {found.threshold:.3f}{' (calibrated)' if calibrated else ''}"
@@ -416,6 +422,7 @@ def summarise(found: Duplicates, metrics: dict, calibrated: bool, out: Path) -> 
             if "precision" in metrics
             else ""
         )
+        + summary(metrics)
         + f" -> {out}"
     )
 

@@ -114,7 +114,13 @@ def test_cli_finds_planted_pairs_and_exact_copies(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "override",
-    ["dedup.threshold=1.5", "dedup.threshold=high", "dedup.k=0", "dedup.target_precision=0"],
+    [
+        "dedup.threshold=1.5",
+        "dedup.threshold=high",
+        "dedup.k=0",
+        "dedup.target_precision=0",
+        "dedup.review_pairs=0",
+    ],
 )
 def test_cli_bad_parameters_exit_2(tmp_path: Path, override: str) -> None:
     done = run_cli(override, "tracking=none", module="pipeline.dedup", cwd=tmp_path)
@@ -149,6 +155,7 @@ def test_run_without_images_or_truth_still_writes_pairs(
         "groups.parquet",
         "metrics.json",
         "pairs.parquet",
+        "review.html",  # with the ids in place of the pictures
     ]
 
 

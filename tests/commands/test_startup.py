@@ -87,6 +87,7 @@ CONFIG_ERRORS = [
     ("pipeline.cluster", ["embeddings={tmp}", "cluster.pca_dim=0"], "cluster.pca_dim"),
     ("pipeline.dedup", ["embeddings={tmp}/none.parquet"], "do not exist"),
     ("pipeline.dedup", ["embeddings={tmp}", "dedup.threshold=1.5"], "dedup.threshold is a"),
+    ("pipeline.dedup", ["dedup.reviewed={tmp}/review.csv"], "dedup.reviewed {tmp}/review.csv"),
     ("pipeline.probe", ["embeddings={tmp}/none.parquet"], "do not exist"),
     ("pipeline.report", ["output_dir={tmp}/empty"], "no layer embeddings in"),
     ("pipeline.visualize", ["visualize.image={tmp}/none.png"], "image {tmp}/none.png does not"),

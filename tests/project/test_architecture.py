@@ -38,6 +38,7 @@ UNITS: dict[str, tuple[int, list[str]]] = {
     "storage": (1, ["pipeline.storage"]),
     "search": (1, ["pipeline.search"]),
     "extraction": (2, ["pipeline.extraction"]),
+    "review": (2, ["pipeline.review"]),  # dedup's review page: images' thumbnails, no search
     **{stage: (3, [f"pipeline.{stage}"]) for stage in STAGES},
     "entry": (
         4,

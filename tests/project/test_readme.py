@@ -28,6 +28,10 @@ SKIPPED = {
     "engine=ray": (
         "a Ray cluster's start per command (tests/extraction/test_ray.py runs the engine's CLI)"
     ),
+    "dedup.reviewed=": (
+        "the review.csv a person saves from review.html (tests/commands/test_review.py marks "
+        "pairs in Chromium, saves it and runs this)"
+    ),
 }
 AUTOENCODER = """
 import torch
