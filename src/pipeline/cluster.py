@@ -127,6 +127,8 @@ def kmeans_clusters(points: np.ndarray, unit: bool, k: int, sample: int, seed: i
     import faiss
     from sklearn.cluster import kmeans_plusplus
 
+    from pipeline.search.exact import faiss_gpus
+
     train = rows_of(points, sample_rows(len(points), sample, seed), unit)
     best = None
     for start in range(KMEANS_STARTS):
@@ -141,6 +143,7 @@ def kmeans_clusters(points: np.ndarray, unit: bool, k: int, sample: int, seed: i
             # a cluster has few points: k may be the labels' count of a small set).
             max_points_per_centroid=len(train),
             min_points_per_centroid=1,
+            gpu=faiss_gpus(),  # faiss's GPU k-means where the installed faiss has it; 0: CPU
         )
         kmeans.train(train, init_centroids=centres.astype(np.float32))
         if best is None or kmeans.obj[-1] < best.obj[-1]:
