@@ -380,16 +380,22 @@ def write_figures(
     title: str,
     cfg: PipelineConfig,
 ) -> list[Path]:
-    """projection.png (a sample of PROJECTION_POINTS at most), and the contact sheet when
+    """projection.png (the same 2D PCA of a sample of PROJECTION_POINTS at most, coloured by
+    label where there are labels, beside it by cluster), and the contact sheet when
     images_root holds the images."""
     from pipeline import plots
     from pipeline.storage.contract import images_root
 
-    params = cfg.cluster
+    params, labels = cfg.cluster, embeddings.labels
     shown = sample_rows(len(assignments), PROJECTION_POINTS, params.seed)
-    labels = [str(a) for a in assignments[shown]]
+    panels = {"cluster": [str(a) for a in assignments[shown]]}
+    if labels and any(label is not None for label in labels):
+        panels = {"label": [labels[i] for i in shown], **panels}
     unit = rows_of(embeddings.vectors, shown, unit=True)
-    figures = [plots.save(plots.projection_figure(unit, labels, title), out / "projection.png")]
+    projection = plots.projection_figure(
+        unit, f"{title}: 2D PCA of {len(shown):,} of {len(assignments):,} images", panels
+    )
+    figures = [plots.save(projection, out / "projection.png")]
     root = images_root(cfg.images_root, embeddings.metadata)
     if root is not None and (root / embeddings.ids[0]).is_file():
         sheet = contact_sheet(embeddings, assignments, root, params.sheet_images, title)

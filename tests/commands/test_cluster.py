@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from pipeline import cluster
 from pipeline.cluster import cluster_metrics, cluster_vectors, contact_sheet
@@ -140,7 +141,8 @@ def test_cli_writes_assignments_metrics_and_pictures(tmp_path: Path, photos: Pat
     assert metrics["n_clusters"] == 2 and {"nmi", "ari", "silhouette"} <= set(metrics)
     assert "sizes" not in metrics  # a table, kept out of `dvc metrics show`
     assert sum(json.loads((out / "sizes.json").read_text()).values()) == len(ids)
-    assert (out / "projection.png").stat().st_size > 0
+    with Image.open(out / "projection.png") as projection:
+        assert 1.6 < projection.width / projection.height < 3  # by label | by cluster
     assert (out / "contact_sheet.png").stat().st_size > 0
 
 
