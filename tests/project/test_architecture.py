@@ -30,6 +30,7 @@ UNITS: dict[str, tuple[int, list[str]]] = {
             "pipeline.config",
             "pipeline.results",
             "pipeline.plots",
+            "pipeline.pictures",
             "pipeline.progress",
         ],
     ),
