@@ -69,22 +69,27 @@ def exact_duplicates(ids: list[str], root: Path) -> pd.DataFrame:
     return table[table["sha256"].duplicated(keep=False)].reset_index(drop=True)
 
 
-def top_pairs_figure(pairs: pd.DataFrame, ids: list[str], root: Path, title: str) -> Figure:
-    """The given pairs side by side, their cosine similarity as the row title; with no pairs, a
-    figure that says so (the file is still written, for DVC and for whoever looks)."""
+def top_pairs_figure(
+    pairs: pd.DataFrame, ids: list[str], root: Path, threshold: float, title: str
+) -> Figure:
+    """The given pairs (`around_threshold`'s) in a grid, most similar first, a line at the
+    threshold between those kept and those not; with no pairs, a figure that says so (the file
+    is still written, for DVC and for whoever looks)."""
     from matplotlib.figure import Figure
 
-    from pipeline import plots
+    from pipeline.pictures import Pair, Shown, pairs_figure, short
 
     if pairs.empty:
         figure = Figure(figsize=(5, 1))
         figure.text(0.5, 0.5, f"{title}: no pairs", ha="center", va="center")
         return figure
-    rows = [
-        (f"{s:.3f}", [(root / ids[a], ids[a]), (root / ids[b], ids[b])])
+    shown = [
+        Pair(Shown(root / ids[a], short(ids[a])), Shown(root / ids[b], short(ids[b])), s)
         for a, b, s in zip(pairs["a"], pairs["b"], pairs["similarity"], strict=True)
     ]
-    return plots.image_grid(rows, title)
+    above = [pair for pair in shown if pair.similarity >= threshold]
+    below = [pair for pair in shown if pair.similarity < threshold]
+    return pairs_figure(above, below, threshold, title)
 
 
 def fixed_threshold(value: float | str) -> float | None:
@@ -330,10 +335,16 @@ def write_outputs(
     layer = inputs.embeddings.metadata["layer"]
     write_headline(params.headline_file, layer, metrics, ["dedup_ap", "dedup_f1"])
     if root is not None:
-        title = f"{name}: pairs nearest the threshold {found.threshold:.3f}"
+        kept = len(found.search.pairs_a)
+        title = (
+            f"{name}: the pairs nearest the threshold, cosine similarity {found.threshold:.3f}"
+            f"\n({kept:,} pair{'s' if kept != 1 else ''} at or above it in all; the weakest of "
+            "them and the strongest"
+            " below it, most similar first)"
+        )
         shown = around_threshold(found.candidates, found.threshold, params.top_pairs)
         with step("drawing the pairs nearest the threshold"):
-            figure = top_pairs_figure(shown, ids, root, title)
+            figure = top_pairs_figure(shown, ids, root, found.threshold, title)
             artifacts.append(plots.save(figure, out / "top_pairs.png"))
     return metrics, artifacts
 

@@ -1,13 +1,15 @@
-"""Pictures made of the images themselves: the contact sheet of the clusters.
+"""Pictures made of the images themselves: the contact sheet of the clusters and the
+near-duplicate pairs on both sides of the threshold.
 
 Sheets of thumbnails are laid out by hand, in inches from the top-left corner (`Layout`), so a
 thumbnail is the same size however many there are and the figure's shape follows what it
 holds. Each thumbnail's axes carries its file as its gid (`Axes.get_gid`) and its part of the
-picture as its label ("central", "random"), so what a figure shows can be read back
+picture as its label ("central", "random", "a", "b"), so what a figure shows can be read back
 from it."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import FancyBboxPatch
 from matplotlib.text import Text
 
 from pipeline import plots
@@ -76,6 +79,22 @@ class Layout:
         )
         self.figure.add_artist(line)
         return line
+
+    def card(self, x: float, y: float, w: float, h: float) -> FancyBboxPatch:
+        """A light grey box under what is drawn there."""
+        left, bottom, width, height = self.box(x, y, w, h)
+        card = FancyBboxPatch(
+            (left, bottom),
+            width,
+            height,
+            boxstyle="round,pad=0,rounding_size=0.004",
+            transform=self.figure.transFigure,
+            facecolor="0.95",
+            edgecolor="none",
+            zorder=-1,
+        )
+        self.figure.add_artist(card)
+        return card
 
     def thumbnail(self, shown: Shown, x: float, y: float, side: float, part: str) -> Axes:
         """The image in a `side`-inch square at (x, y), its caption under it."""
@@ -212,3 +231,99 @@ def contact_sheet_figure(rows: Sequence[SheetRow], title: str) -> Figure:
 def text_width(text: str, size: float = 9) -> float:
     """About how many inches the longest line of `text` takes at `size` points."""
     return max(len(line) for line in text.splitlines()) * size * 0.52 / 72
+
+
+# --- near-duplicate pairs -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pair:
+    a: Shown
+    b: Shown
+    similarity: float
+
+
+PAIR_THUMB = 128 / plots.DPI  # inches: 128 pixels
+PAIR_ASPECT = 1.5  # the width / height the number of columns aims at
+
+
+def pairs_figure(
+    above: Sequence[Pair], below: Sequence[Pair], threshold: float, title: str
+) -> Figure:
+    """The pairs at or above the threshold, then a red line at the threshold, then those below
+    it: each pair its two images and their similarity, most similar first, in reading order
+    over as many columns as give the figure a width about PAIR_ASPECT times its height."""
+    side, gap = PAIR_THUMB, 0.06
+    cell = 2 * side + gap + 0.62  # the pair and its similarity
+    between, row_height, heading = 0.35, side + 0.22 + 0.18, 0.32
+    top = 0.25 + 0.17 * (title.count("\n") + 1)
+
+    def size(columns: int) -> tuple[float, float]:
+        rows = sum(max(1, math.ceil(len(p) / columns)) for p in (above, below))
+        width = 2 * MARGIN + columns * cell + (columns - 1) * between
+        return width, top + 2 * heading + rows * row_height + 0.5 + 0.1
+
+    most = max(1, len(above), len(below))
+    columns = min(
+        range(1, min(most, 8) + 1),
+        key=lambda c: abs(math.log(size(c)[0] / size(c)[1] / PAIR_ASPECT)),
+    )
+    width, height = size(columns)
+    layout = Layout(max(width, 5.0), height)
+    layout.text(MARGIN, 0.15, title, va="top", fontsize=9)
+    y = top
+    for block, (pairs, words) in enumerate(
+        (
+            (above, f"at or above the threshold: kept as near-duplicates ({len(above)} shown)"),
+            (below, f"below the threshold: not kept ({len(below)} shown)"),
+        )
+    ):
+        if block:  # the threshold, between the last pair above and the first below
+            line_y = y + 0.2
+            layout.line(
+                (MARGIN, layout.width - MARGIN),
+                (line_y, line_y),
+                color="tab:red",
+                lw=2.2,
+                gid="threshold",
+            )
+            layout.text(
+                layout.width / 2,
+                line_y,
+                f"threshold {threshold:.3f}",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="tab:red",
+                weight="bold",
+                gid="threshold",
+                bbox={"facecolor": "white", "edgecolor": "tab:red"},
+            )
+            y += 0.5
+        layout.text(
+            MARGIN,
+            y + 0.05,
+            words if pairs else words.split(":")[0] + ": none",
+            va="top",
+            fontsize=7.5,
+            style="italic",
+            color="0.3",
+        )
+        y += heading
+        for i, pair in enumerate(pairs):
+            x = MARGIN + (i % columns) * (cell + between)
+            row_y = y + (i // columns) * row_height
+            layout.card(x - 0.05, row_y - 0.05, cell, side + 0.3)  # the pair's own ground
+            layout.thumbnail(pair.a, x, row_y, side, "a")
+            layout.thumbnail(pair.b, x + side + gap, row_y, side, "b")
+            layout.text(
+                x + 2 * side + gap + 0.08,
+                row_y + side / 2,
+                f"{pair.similarity:.3f}",
+                va="center",
+                fontsize=9,
+                gid="similarity",
+                color="darkgreen" if pair.similarity >= threshold else "0.35",
+            )
+        y += max(1, math.ceil(len(pairs) / columns)) * row_height
+    return layout.figure

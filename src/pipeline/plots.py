@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
@@ -130,40 +129,6 @@ def pr_figure(curve: Sequence, threshold: float, title: str) -> Figure:
     axes.axvline(threshold, color="grey", linestyle="--", label=f"threshold {threshold}")
     axes.set(title=title, xlabel="cosine similarity threshold", ylabel="score", ylim=(0, 1.02))
     axes.legend(fontsize="small")
-    return figure
-
-
-def thumbnail(path: Path, size: int = 96) -> np.ndarray | None:
-    """A small RGB copy of an image file, or None if it cannot be read."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB)
-    if image is None:
-        return None
-    scale = size / max(image.shape[:2])
-    return cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-
-
-def image_grid(rows: Sequence[tuple[str, Sequence[tuple[Path, str]]]], title: str) -> Figure:
-    """One row per (row title, [(image path, caption), ...]); unreadable images left blank."""
-    columns = max(len(images) for _, images in rows)
-    figure, axes = subplots(
-        len(rows),
-        columns,
-        squeeze=False,
-        layout="constrained",
-        figsize=(1.3 * columns + 0.5, 1.45 * len(rows) + 0.4),
-    )
-    for r, (row_title, images) in enumerate(rows):
-        for c in range(columns):
-            ax = axes[r, c]
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.spines[:].set_visible(False)
-            if c < len(images):
-                picture = thumbnail(images[c][0])
-                if picture is not None:
-                    ax.imshow(picture)
-                ax.set_title(images[c][1], fontsize=5)
-        axes[r, 0].set_ylabel(row_title, fontsize=7, rotation=0, ha="right", va="center")
-    figure.suptitle(title, fontsize=9)
     return figure
 
 

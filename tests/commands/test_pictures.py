@@ -1,19 +1,21 @@
 """The pictures say what they claim: the contact sheet shows each cluster's most central images
 and a seeded random few, headed by its size and majority label; the projection is coloured by
-label beside by cluster. Read back from the matplotlib figures, not from the PNG files (the
-commands' tests check those)."""
+label beside by cluster; the pairs sit in a grid on the right side of a line at the threshold.
+Read back from the matplotlib figures, not from the PNG files (the commands' tests check
+those)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from pipeline import cluster, extract, plots
+from pipeline import cluster, dedup, extract, plots
 from pipeline.cluster import contact_sheet, sheet_clusters
 from pipeline.search.vectors import normalise
 from pipeline.storage.contract import Embeddings
@@ -230,3 +232,65 @@ def test_the_cluster_stage_draws_labels_and_clusters(
         "by label": ["x (2)", "y (4)"],
         "by cluster": ["0 (3)", "1 (3)"],
     }
+
+
+# --- near-duplicate pairs -----------------------------------------------------------------------
+
+
+def pairs_layer(tmp_path: Path, similarities: list[float]) -> tuple[pd.DataFrame, list[str]]:
+    """Candidate pairs (i, i + 1) with these similarities, most similar first, and the images."""
+    ids = [f"{i:02d}.png" for i in range(len(similarities) + 1)]
+    for i, name in enumerate(ids):
+        write_image(tmp_path / name, np.full((20, 30, 3), 7 * i % 256, np.uint8))
+    candidates = pd.DataFrame(
+        {"a": range(len(similarities)), "b": range(1, len(ids)), "similarity": similarities}
+    )
+    return candidates, ids
+
+
+def test_top_pairs_are_a_grid_cut_by_a_line_at_the_threshold(tmp_path: Path) -> None:
+    candidates, ids = pairs_layer(tmp_path, [0.99, 0.95, 0.93, 0.91, 0.88, 0.86, 0.84, 0.8, 0.7])
+    shown = dedup.around_threshold(candidates, threshold=0.87, count=8)
+    figure = dedup.top_pairs_figure(shown, ids, tmp_path, 0.87, "t")
+    numbers = sorted(
+        texts(figure, "similarity"),
+        key=lambda t: (-round(t.get_position()[1], 4), t.get_position()[0]),
+    )
+    values = [float(t.get_text()) for t in numbers]
+    assert values == [0.95, 0.93, 0.91, 0.88, 0.86, 0.84, 0.8, 0.7]  # in reading order
+    (line,) = lines(figure, "threshold")
+    at = line.get_ydata()[0]
+    assert all((t.get_position()[1] > at) == (float(t.get_text()) >= 0.87) for t in numbers)
+    # No thumbnail straddles the line: four pairs wholly above it, four wholly below.
+    firsts = thumbnails(figure, "a")
+    assert len([ax for ax in firsts if ax.get_position().y0 > at]) == 4
+    assert len([ax for ax in firsts if ax.get_position().y1 < at]) == 4
+    assert line.get_xdata()[1] - line.get_xdata()[0] > 0.9
+    assert [t.get_text() for t in texts(figure, "threshold")] == ["threshold 0.870"]
+    # Each pair: its two images, a left of b; the first pair shown is the most similar.
+    first_a, first_b = thumbnails(figure, "a")[0], thumbnails(figure, "b")[0]
+    assert (first_a.get_gid(), first_b.get_gid()) == (
+        str(tmp_path / ids[1]),
+        str(tmp_path / ids[2]),
+    )
+    width, height = figure.get_size_inches()
+    assert 0.5 <= width / height <= 2.5
+    assert first_a.get_position().width * width * plots.DPI >= 127  # 128-pixel thumbnails
+
+
+@pytest.mark.parametrize("count", [1, 2, 5, 12, 40])
+def test_the_pairs_figure_keeps_a_sane_shape_however_many(tmp_path: Path, count: int) -> None:
+    similarities = sorted(np.linspace(0.5, 0.99, count).round(3).tolist(), reverse=True)
+    candidates, ids = pairs_layer(tmp_path, similarities)
+    figure = dedup.top_pairs_figure(candidates, ids, tmp_path, 0.75, "t")
+    width, height = figure.get_size_inches()
+    assert 0.5 <= width / height <= 2.5, (count, width, height)
+    assert len(texts(figure, "similarity")) == count
+
+
+def test_pairs_all_on_one_side_still_show_where_the_threshold_is(tmp_path: Path) -> None:
+    candidates, ids = pairs_layer(tmp_path, [0.99, 0.98])
+    figure = dedup.top_pairs_figure(candidates, ids, tmp_path, 0.9, "t")
+    (line,) = lines(figure, "threshold")
+    assert all(t.get_position()[1] > line.get_ydata()[0] for t in texts(figure, "similarity"))
+    assert any(t.get_text().endswith(": none") for t in figure.texts)
