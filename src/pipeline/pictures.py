@@ -1,5 +1,5 @@
-"""Pictures made of the images themselves: the contact sheet of the clusters and the
-near-duplicate pairs on both sides of the threshold.
+"""Pictures made of the images themselves: the contact sheet of the clusters, the near-duplicate
+pairs on both sides of the threshold, and a layer's feature maps over its input.
 
 Sheets of thumbnails are laid out by hand, in inches from the top-left corner (`Layout`), so a
 thumbnail is the same size however many there are and the figure's shape follows what it
@@ -28,6 +28,7 @@ from pipeline import plots
 
 MARGIN = 0.3  # inches around a sheet
 CAPTION = 22  # characters of a file name under a thumbnail, beyond which it is cut in the middle
+OVERLAY_CHANNELS = 3  # the strongest channels whose mean the feature-map overlay shows
 
 
 @dataclass(frozen=True)
@@ -327,3 +328,70 @@ def pairs_figure(
             )
         y += max(1, math.ceil(len(pairs) / columns)) * row_height
     return layout.figure
+
+
+# --- feature maps -------------------------------------------------------------------------------
+
+
+def feature_figure(
+    picture: np.ndarray, maps: np.ndarray, channels: list[int], title: str, normalise: str
+) -> Figure:
+    """On the left the input as the model saw it and, under it, the mean of the
+    OVERLAY_CHANNELS strongest channels' maps upsampled to it and blended over it; on the
+    right the maps of `channels` with their colour scale: each map's own range
+    (`normalise="channel"`, each shown from 0 at its minimum to 1 at its maximum, the range in
+    its title) or one range for the layer ("layer", the activations as they are)."""
+    columns = math.ceil(math.sqrt(len(channels)))
+    rows = math.ceil(len(channels) / columns)
+    figure = plots.figure(
+        figsize=(3.2 + 1.7 * columns + 0.9, max(5.6, 1.75 * rows + 0.6)), layout="constrained"
+    )
+    left, right = figure.subfigures(1, 2, width_ratios=[3.2, 1.7 * columns + 0.9])
+    source, overlay = left.subplots(2, 1)
+    for ax in (source, overlay):
+        ax.set_axis_off()
+    source.imshow(picture)
+    source.set_title("input", fontsize=8)
+    strongest = channels[:OVERLAY_CHANNELS]
+    heat = scaled(maps[strongest].mean(axis=0))
+    heat = np.clip(cv2.resize(heat, picture.shape[1::-1], interpolation=cv2.INTER_CUBIC), 0, 1)
+    overlay.imshow(picture)
+    blended = overlay.imshow(heat, cmap="inferno", vmin=0, vmax=1, alpha=0.25 + 0.6 * heat)
+    blended.set_gid("overlay")
+    overlay.set_title(
+        f"channels {', '.join(map(str, strongest))} (mean)\nover the input", fontsize=8
+    )
+    scale = left.colorbar(blended, ax=overlay, orientation="horizontal", shrink=0.8, pad=0.02)
+    scale.set_label("the mean map: 0 at its minimum, 1 at its maximum", fontsize=7)
+    scale.ax.tick_params(labelsize=6)
+    grid = right.subplots(rows, columns, squeeze=False)
+    for ax in grid.flat:
+        ax.set_axis_off()
+    low, high = float(maps[channels].min()), float(maps[channels].max())
+    shown = None
+    for ax, channel in zip(grid.flat, channels, strict=False):
+        image = maps[channel]
+        if normalise == "channel":
+            ax.set_title(f"channel {channel}\n{image.min():.3g} to {image.max():.3g}", fontsize=6.5)
+            shown = ax.imshow(scaled(image), cmap="viridis", vmin=0, vmax=1)
+        else:
+            ax.set_title(f"channel {channel}", fontsize=7)
+            shown = ax.imshow(image, cmap="viridis", vmin=low, vmax=high if high > low else low + 1)
+    if shown is not None:
+        label = (
+            "activation, each map from its minimum (0) to its maximum (1)"
+            if normalise == "channel"
+            else "activation (one scale for the layer)"
+        )
+        scale = right.colorbar(shown, ax=grid, shrink=0.7)
+        scale.set_label(label, fontsize=8)
+        scale.ax.tick_params(labelsize=7)
+    figure.suptitle(title, fontsize=9)
+    return figure
+
+
+def scaled(values: np.ndarray) -> np.ndarray:
+    """`values` from 0 at their minimum to 1 at their maximum (all 0 where they are flat)."""
+    values = values.astype(np.float32)
+    low, high = values.min(), values.max()
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)

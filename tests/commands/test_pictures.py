@@ -1,8 +1,8 @@
 """The pictures say what they claim: the contact sheet shows each cluster's most central images
 and a seeded random few, headed by its size and majority label; the projection is coloured by
-label beside by cluster; the pairs sit in a grid on the right side of a line at the threshold.
-Read back from the matplotlib figures, not from the PNG files (the commands' tests check
-those)."""
+label beside by cluster; the pairs sit in a grid on the right side of a line at the threshold;
+the feature maps have their colour scale and an overlay on the input. Read back from the
+matplotlib figures, not from the PNG files (the commands' tests check those)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from pipeline import cluster, dedup, extract, plots
+from pipeline import cluster, dedup, extract, pictures, plots
 from pipeline.cluster import contact_sheet, sheet_clusters
 from pipeline.search.vectors import normalise
 from pipeline.storage.contract import Embeddings
@@ -294,3 +294,27 @@ def test_pairs_all_on_one_side_still_show_where_the_threshold_is(tmp_path: Path)
     (line,) = lines(figure, "threshold")
     assert all(t.get_position()[1] > line.get_ydata()[0] for t in texts(figure, "similarity"))
     assert any(t.get_text().endswith(": none") for t in figure.texts)
+
+
+# --- feature maps -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalise_by", ["channel", "layer"])
+def test_feature_maps_have_a_colour_scale_and_an_overlay_on_the_input(normalise_by: str) -> None:
+    maps = np.zeros((4, 8, 8), np.float32)
+    maps[2, 1:3, 1:3] = 5.0  # the strongest channel, hot in the top-left quarter
+    maps[3] = np.linspace(-1, 1, 64).reshape(8, 8)
+    picture = np.full((64, 96, 3), 0.5, np.float32)
+    figure = pictures.feature_figure(picture, maps, [2, 3, 0, 1], "t", normalise_by)
+    (overlay,) = [ax for ax in figure.axes if any(im.get_gid() == "overlay" for im in ax.images)]
+    under, heat = overlay.images
+    assert under.get_array().shape == picture.shape  # the input, the map blended over it
+    assert heat.get_array().shape == picture.shape[:2] and np.ndim(heat.get_alpha()) == 2
+    y, x = np.unravel_index(np.argmax(heat.get_array()), picture.shape[:2])
+    assert y < 32 and x < 48  # upsampled where the channel is hot
+    scales = [ax for ax in figure.axes if ax.get_label() == "<colorbar>"]
+    assert len(scales) == 2  # the overlay's and the maps'
+    grid = [ax for ax in figure.axes if ax.get_title().startswith("channel ")]
+    assert [ax.get_title().split("\n")[0] for ax in grid] == [f"channel {c}" for c in (2, 3, 0, 1)]
+    limits = grid[1].images[0].get_clim()
+    assert limits == ((0, 1) if normalise_by == "channel" else (-1, 5))
