@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -235,28 +237,84 @@ def cluster_metrics(
     return metrics
 
 
-def contact_sheet(
-    embeddings: Embeddings, assignments: np.ndarray, images_root: Path, per_cluster: int, title: str
-) -> Figure:
-    """A row of thumbnails per cluster (the first SHEET_ROWS clusters): what each holds."""
-    from pipeline import plots
+@dataclass
+class SheetCluster:
+    """A cluster on the contact sheet: its number, its rows, those nearest its centroid
+    (nearest first) and a seeded random sample of the others."""
 
-    rows = []
-    for cluster in sorted(set(assignments.tolist()))[:SHEET_ROWS]:
-        members = np.flatnonzero(assignments == cluster)[:per_cluster]
-        rows.append(
-            (
-                f"cluster {cluster}\n({(assignments == cluster).sum()})",
-                [
-                    (
-                        images_root / embeddings.ids[i],
-                        (embeddings.labels[i] or "") if embeddings.labels else "",
-                    )
-                    for i in members
-                ],
-            )
-        )
-    return plots.image_grid(rows, title)
+    number: int
+    members: np.ndarray
+    central: np.ndarray
+    random: np.ndarray
+
+
+def sheet_clusters(
+    vectors: np.ndarray, assignments: np.ndarray, per_cluster: int, seed: int
+) -> list[SheetCluster]:
+    """The SHEET_ROWS largest clusters (HDBSCAN's noise is none), largest first: in each, the
+    ceil(per_cluster / 2) rows nearest its centroid (the mean of its normalised rows) and the
+    rest of `per_cluster` drawn at random from its other rows (seeded). Two passes a chunk at a
+    time, no row normalised in a copy: the centroids as sums of the rows weighted by their
+    inverse norms, then each row's cosine to its centroid (about 1 s per 100,000 x 1280)."""
+    numbers, sizes = np.unique(assignments[assignments >= 0], return_counts=True)
+    numbers = numbers[np.lexsort((numbers, -sizes))[:SHEET_ROWS]]
+    codes = np.full(len(assignments), -1, np.int64)  # each row's place on the sheet, or -1
+    for place, number in enumerate(numbers):
+        codes[assignments == number] = place
+    inverse_norms = np.zeros(len(assignments), np.float32)
+    sums = np.zeros((vectors.shape[1], len(numbers)))
+    for rows in chunks(*vectors.shape):
+        x = rows_of(vectors, rows, unit=False)  # a view of float32 rows
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+        np.divide(1, norms, out=inverse_norms[rows], where=norms > 0)
+        weights = (codes[rows, None] == np.arange(len(numbers))) * inverse_norms[rows, None]
+        sums += x.T @ weights.astype(np.float32)  # (dim, clusters): BLAS's fast way round
+    centres = normalise(np.ascontiguousarray(sums.T, np.float32))
+    nearness = np.zeros(len(assignments), np.float32)
+    for rows in chunks(*vectors.shape):
+        inside = codes[rows] >= 0
+        scores = rows_of(vectors, rows, unit=False) @ centres.T
+        nearness[rows][inside] = scores[inside, codes[rows][inside]]
+    nearness *= inverse_norms
+    rng, central = np.random.default_rng(seed), math.ceil(per_cluster / 2)
+    found = []
+    for place, number in enumerate(numbers):
+        members = np.flatnonzero(codes == place)
+        near = members[np.argsort(-nearness[members], kind="stable")[:central]]
+        rest = np.setdiff1d(members, near)
+        drawn = rng.choice(rest, min(per_cluster - central, len(rest)), replace=False)
+        found.append(SheetCluster(int(number), members, near, np.sort(drawn)))
+    return found
+
+
+def contact_sheet(
+    embeddings: Embeddings,
+    assignments: np.ndarray,
+    images_root: Path,
+    per_cluster: int,
+    title: str,
+    seed: int = 0,
+) -> Figure:
+    """A row of thumbnails per cluster of `sheet_clusters`, said in the title which."""
+    from pipeline.pictures import cluster_sheet
+
+    clusters = sheet_clusters(embeddings.vectors, assignments, per_cluster, seed)
+    total, noise = len(np.unique(assignments[assignments >= 0])), int((assignments < 0).sum())
+    which = (
+        f"all {total} clusters"
+        if len(clusters) == total
+        else f"the {len(clusters)} largest of {total}"
+    )
+    central = math.ceil(per_cluster / 2)
+    subtitle = (
+        f"{which}, largest first"
+        + (f" (noise, {noise:,} images, not shown)" if noise else "")
+        + f"; each row: the {central} images nearest the cluster's centre | "
+        f"{per_cluster - central} of its others at random (seed {seed})"
+    )
+    return cluster_sheet(
+        clusters, embeddings.ids, embeddings.labels, images_root, f"{title}\n{subtitle}"
+    )
 
 
 def check_labels(
@@ -383,19 +441,27 @@ def write_figures(
     title: str,
     cfg: PipelineConfig,
 ) -> list[Path]:
-    """projection.png (a sample of PROJECTION_POINTS at most), and the contact sheet when
+    """projection.png (the same 2D PCA of a sample of PROJECTION_POINTS at most, coloured by
+    label where there are labels, beside it by cluster), and the contact sheet when
     images_root holds the images."""
     from pipeline import plots
     from pipeline.storage.contract import images_root
 
-    params = cfg.cluster
+    params, labels = cfg.cluster, embeddings.labels
     shown = sample_rows(len(assignments), PROJECTION_POINTS, params.seed)
-    labels = [str(a) for a in assignments[shown]]
+    panels = {"cluster": [str(a) for a in assignments[shown]]}
+    if labels and any(label is not None for label in labels):
+        panels = {"label": [labels[i] for i in shown], **panels}
     unit = rows_of(embeddings.vectors, shown, unit=True)
-    figures = [plots.save(plots.projection_figure(unit, labels, title), out / "projection.png")]
+    projection = plots.projection_figure(
+        unit, f"{title}: 2D PCA of {len(shown):,} of {len(assignments):,} images", panels
+    )
+    figures = [plots.save(projection, out / "projection.png")]
     root = images_root(cfg.images_root, embeddings.metadata)
     if root is not None and (root / embeddings.ids[0]).is_file():
-        sheet = contact_sheet(embeddings, assignments, root, params.sheet_images, title)
+        sheet = contact_sheet(
+            embeddings, assignments, root, params.sheet_images, title, params.seed
+        )
         figures.append(plots.save(sheet, out / CONTACT_SHEET))
     else:
         log.warning("no contact sheet: images_root=%s does not hold the images", root)

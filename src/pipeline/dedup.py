@@ -329,10 +329,16 @@ def write_outputs(
     layer = inputs.embeddings.metadata["layer"]
     write_headline(params.headline_file, layer, metrics, ["dedup_ap", "dedup_f1"])
     if root is not None:
-        title = f"{name}: pairs nearest the threshold {found.threshold:.3f}"
+        kept = len(found.search.pairs_a)
+        title = (
+            f"{name}: the pairs nearest the threshold, cosine similarity {found.threshold:.3f}"
+            f"\n({kept:,} pair{'s' if kept != 1 else ''} at or above it in all; the weakest of "
+            "them and the strongest"
+            " below it, most similar first)"
+        )
         shown = around_threshold(found.candidates, found.threshold, params.top_pairs)
         with step("drawing the pairs nearest the threshold"):
-            figure = top_pairs_figure(shown, ids, root, title)
+            figure = top_pairs_figure(shown, ids, root, found.threshold, title)
             artifacts.append(plots.save(figure, out / "top_pairs.png"))
     review = around_threshold(found.candidates, found.threshold, params.review_pairs)
     decided = inputs.reviewed.pairs(ids) if inputs.reviewed is not None else ()

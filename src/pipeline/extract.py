@@ -412,9 +412,12 @@ def _result(
 
 
 def _projection(sample: tuple[np.ndarray, list[str] | None], title: str) -> Any:
+    """The sample's 2D PCA, coloured by label where the images have labels."""
     from pipeline.plots import projection_figure  # matplotlib, only when a picture is asked for
 
-    return projection_figure(sample[0], sample[1], title)
+    vectors, labels = sample
+    labelled = labels is not None and any(label is not None for label in labels)
+    return projection_figure(vectors, title, {"label": labels} if labelled else None)
 
 
 def _summary(

@@ -36,22 +36,27 @@ THUMBNAIL_QUALITY = 80
 PAGE_SIZE = 20
 
 
-def top_pairs_figure(pairs: pd.DataFrame, ids: list[str], root: Path, title: str) -> Figure:
-    """The given pairs side by side, their cosine similarity as the row title; with no pairs, a
-    figure that says so (the file is still written, for DVC and for whoever looks)."""
+def top_pairs_figure(
+    pairs: pd.DataFrame, ids: list[str], root: Path, threshold: float, title: str
+) -> Figure:
+    """The given pairs (`around_threshold`'s) in a grid, most similar first, a line at the
+    threshold between those kept and those not; with no pairs, a figure that says so (the file
+    is still written, for DVC and for whoever looks)."""
     from matplotlib.figure import Figure
 
-    from pipeline import plots
+    from pipeline.pictures import Pair, Shown, pairs_figure, short
 
     if pairs.empty:
         figure = Figure(figsize=(5, 1))
         figure.text(0.5, 0.5, f"{title}: no pairs", ha="center", va="center")
         return figure
-    rows = [
-        (f"{s:.3f}", [(root / ids[a], ids[a]), (root / ids[b], ids[b])])
+    shown = [
+        Pair(Shown(root / ids[a], short(ids[a])), Shown(root / ids[b], short(ids[b])), s)
         for a, b, s in zip(pairs["a"], pairs["b"], pairs["similarity"], strict=True)
     ]
-    return plots.image_grid(rows, title)
+    above = [pair for pair in shown if pair.similarity >= threshold]
+    below = [pair for pair in shown if pair.similarity < threshold]
+    return pairs_figure(above, below, threshold, title)
 
 
 def thumbnail_uri(path: Path, side: int = THUMBNAIL_SIDE) -> str | None:

@@ -1,9 +1,10 @@
 """python -m pipeline.visualize [overrides]: what each layer responds to, for one image or a few.
 
 One forward pass with hooks on the chosen layers; for each layer and image, a PNG with the input
-(as the model saw it), the layer's name and output shape, and the activation maps of the
-channels with the largest mean activation for that image. ViT token outputs are reshaped to
-the patch grid. `<layer>.json` beside each picture lists the channels shown.
+(as the model saw it), the mean map of its strongest channels upsampled and blended over it, the
+layer's name and output shape, and the activation maps of the channels with the largest mean
+activation for that image with their colour scale (`pictures.feature_figure`). ViT token outputs
+are reshaped to the patch grid. `<layer>.json` beside each picture lists the channels shown.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from pipeline.results import StageResult
 # `python -m pipeline.visualize`, and its --help and config errors need none of them.
 if TYPE_CHECKING:
     import torch
-    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -56,35 +56,6 @@ def strongest_channels(maps: torch.Tensor, count: int) -> list[int]:
     return torch.argsort(means, descending=True, stable=True)[:count].tolist()
 
 
-def feature_figure(
-    picture: np.ndarray, maps: np.ndarray, channels: list[int], title: str, normalise: str
-) -> Figure:
-    from pipeline import plots
-
-    columns = math.ceil(math.sqrt(len(channels) + 1))
-    rows = math.ceil((len(channels) + 1) / columns)
-    figure, axes = plots.subplots(
-        rows,
-        columns,
-        figsize=(1.8 * columns, 1.9 * rows + 0.4),
-        squeeze=False,
-        layout="constrained",
-    )
-    for ax in axes.flat:
-        ax.set_axis_off()
-    axes.flat[0].imshow(picture)
-    axes.flat[0].set_title("input", fontsize=7)
-    low, high = maps[channels].min(), maps[channels].max()
-    for ax, channel in zip(axes.flat[1:], channels, strict=False):
-        image = maps[channel]
-        if normalise == "channel":
-            low, high = image.min(), image.max()
-        ax.imshow(image, cmap="viridis", vmin=low, vmax=high if high > low else low + 1)
-        ax.set_title(f"channel {channel}", fontsize=7)
-    figure.suptitle(title, fontsize=9)
-    return figure
-
-
 def check(cfg: PipelineConfig) -> list[Path]:
     """The settings and the images, checked before the model is built: the images' paths."""
     v = cfg.visualize
@@ -111,6 +82,7 @@ def run(cfg: PipelineConfig) -> StageResult:
     from pipeline.extraction.models import build_model
     from pipeline.images.decode import decode_image
     from pipeline.images.preprocess import build_transform, resolve_preprocess
+    from pipeline.pictures import feature_figure
 
     v = cfg.visualize
     paths = check(cfg)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from pipeline import cluster
 from pipeline.cluster import cluster_metrics, cluster_vectors, contact_sheet
@@ -117,6 +118,9 @@ def test_contact_sheet_shows_at_most_sheet_rows_clusters(
     embeddings = Embeddings(ids, None, np.zeros((len(ids), 2), np.float32), {})
     figure = contact_sheet(embeddings, np.arange(len(ids)), photos, per_cluster=3, title="t")
     assert len(figure.axes) == 2  # two clusters of one image each
+    rows = [t.get_text() for t in figure.texts if t.get_gid() == "row-title"]
+    assert rows == ["cluster 0: 1 image", "cluster 1: 1 image"]
+    assert f"the 2 largest of {len(ids)}" in figure.texts[0].get_text()
 
 
 @pytest.mark.slow
@@ -129,6 +133,7 @@ def test_cli_writes_assignments_metrics_and_pictures(tmp_path: Path, photos: Pat
         f"embeddings={layer}",
         f"images_root={photos}",
         "tracking=none",
+        "cluster.sheet_images=2",  # a cluster of 3: the one nearest its centre, one at random
         module="pipeline.cluster",
         cwd=tmp_path,
     )
@@ -140,8 +145,11 @@ def test_cli_writes_assignments_metrics_and_pictures(tmp_path: Path, photos: Pat
     assert metrics["n_clusters"] == 2 and {"nmi", "ari", "silhouette"} <= set(metrics)
     assert "sizes" not in metrics  # a table, kept out of `dvc metrics show`
     assert sum(json.loads((out / "sizes.json").read_text()).values()) == len(ids)
-    assert (out / "projection.png").stat().st_size > 0
-    assert (out / "contact_sheet.png").stat().st_size > 0
+    with Image.open(out / "projection.png") as projection:
+        assert 1.6 < projection.width / projection.height < 3  # by label | by cluster
+    with Image.open(out / "contact_sheet.png") as sheet:
+        # Two rows of 1-inch thumbnails (110 pixels), each under its heading.
+        assert sheet.width >= 600 and 2 * 180 <= sheet.height <= 3 * 180
 
 
 def test_run_without_images_drops_an_old_contact_sheet(

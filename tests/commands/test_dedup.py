@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from pipeline import dedup
 from pipeline.errors import ConfigError
@@ -26,7 +27,7 @@ from pipeline.search.truth import (
 from pipeline.search.vectors import normalise
 from pipeline.storage.contract import calibration_path
 
-from conftest import composed, run_cli, write_image, write_layer
+from conftest import N_PHOTOS, TINY_MODEL, composed, run_cli, write_image, write_layer
 
 
 def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -108,7 +109,25 @@ def test_cli_finds_planted_pairs_and_exact_copies(tmp_path: Path) -> None:
         "recall",
         "f1",
     ]
-    assert (out / "top_pairs.png").stat().st_size > 0 and (out / "pr_curve.png").is_file()
+    assert (out / "pr_curve.png").is_file()
+    with Image.open(out / "top_pairs.png") as picture:
+        assert 0.5 <= picture.width / picture.height <= 2.5
+        assert picture.width >= 2 * 128 and picture.height >= 2 * 128  # a row each side
+
+
+@pytest.mark.slow
+def test_cli_on_photos_draws_the_pairs_in_a_grid(tmp_path: Path, photos: Path) -> None:
+    """The tiny model's embeddings of the photos, every pair a candidate: top_pairs.png is a
+    grid of 128-pixel pairs of a sane shape, whatever the threshold calibrated to."""
+    same = [*TINY_MODEL, "dataset=folder", f"dataset.root={photos}", "dataset.name=photos"]
+    extracted = run_cli(*same, cwd=tmp_path)
+    assert extracted.returncode == 0, extracted.stderr
+    done = run_cli(*same, f"dedup.top_pairs={N_PHOTOS * 2}", module="pipeline.dedup", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "outputs/dedup/photos/test_efficientnet-random/global_pool"
+    with Image.open(out / "top_pairs.png") as picture:
+        assert 0.5 <= picture.width / picture.height <= 2.5
+        assert picture.width >= 3 * (2 * 128)  # pairs side by side
 
 
 @pytest.mark.slow

@@ -125,7 +125,8 @@ def test_feature_maps_show_the_strongest_channels(tmp_path: Path, photos: Path) 
         expected = oracle[layer][0].mean(dim=(1, 2)).argsort(descending=True)[:6].tolist()
         assert shown == expected
         with Image.open(tmp_path / f"maps/chelsea/{layer}.png") as picture:
-            assert picture.width > 300
+            # The input and its overlay in a column, the six maps and their colour scale.
+            assert picture.width > 900 and 1.0 < picture.width / picture.height < 2.5
 
 
 @pytest.mark.slow

@@ -31,6 +31,7 @@ UNITS: dict[str, tuple[int, list[str]]] = {
             "pipeline.config",
             "pipeline.results",
             "pipeline.plots",
+            "pipeline.pictures",
             "pipeline.progress",
         ],
     ),
