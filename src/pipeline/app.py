@@ -260,6 +260,9 @@ def typed(cfg: DictConfig) -> PipelineConfig:
     config.visualize.images = [
         os.path.expandvars(os.path.expanduser(p)) for p in config.visualize.images
     ]
+    # Each layer once: the default names the embedding and the dedup layer, one and the same
+    # on presets that name no dedup layer of their own.
+    config.layers = list(dict.fromkeys(config.layers))
     validate(config)
     return config
 

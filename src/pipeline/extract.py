@@ -119,7 +119,7 @@ def up_to_date(
     values = values_key(config_hash(cfg), weights)
     keys = ledger.keys(manifest)
     info, failed = {}, set()
-    for name in dict.fromkeys(cfg.layers):
+    for name in cfg.layers:
         folder = layer_path(output_dir, name)
         previous = update.published(folder, values, cfg.verify)
         if previous is None or not previous.holds_exactly(keys):

@@ -317,10 +317,19 @@ def compared_layers(cfg: PipelineConfig) -> list[Layer]:
     from pipeline.storage.contract import read_metadata
 
     found = []
-    for model, folder in compared_models(cfg):
+    for index, (model, folder) in enumerate(compared_models(cfg)):
         layers = []
         for file in layer_folders(folder):
-            metadata = read_metadata(file)
+            try:
+                metadata = read_metadata(file)
+            except ConfigError as err:
+                if index == 0:  # this model's own layers
+                    raise
+                # A folder beside it that is no extraction (output_dir's siblings are anything
+                # where it is not under embeddings/<dataset>/): not compared, not a failure.
+                log.warning("CKA: %s left out: %s", model, err)
+                layers = []
+                break
             relative = file.relative_to(folder).with_suffix("")
             where = relative.parent.as_posix() if relative.parent != Path() else "-"
             name = metadata.get("layer", file.stem)

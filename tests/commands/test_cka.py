@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -117,6 +119,10 @@ def test_layers_are_joined_by_image_id_on_a_seeded_sample_of_those_they_share(
     write_layer(other / "logits.parquet", x[order][:, :3], [ids[i] for i in order], None)
     # A model of other images under the same dataset name: left out, not a reason to fail.
     write_layer(tmp_path / "outputs/embeddings/set/model-c/x.parquet", x, ["other"] * n, None)
+    # A folder beside that holds a Parquet folder no extraction wrote: left out, with a warning.
+    junk = tmp_path / "outputs/embeddings/set/junk/t.parquet"
+    junk.mkdir(parents=True)
+    pq.write_table(pa.table({"a": [1, 2]}), junk / "part-0.parquet")
     overrides = [f"output_dir={own}", "report.cka_sample=100", "report.cka_seed=1"]
     cfg = composed(*overrides)
     table = cka_table(cfg).set_index(["model_a", "layer_a", "model_b", "layer_b"])["cka"]
@@ -125,7 +131,8 @@ def test_layers_are_joined_by_image_id_on_a_seeded_sample_of_those_they_share(
     # x's first three values, its least variable: the other model sees a part of the layer.
     assert 0.1 < table.loc[("model-b", "logits", "model-a", "first")] < 0.5
     full = cka_table(cfg)
-    assert full["n"].eq(100).all() and len(full) == 16 and "model-c" not in set(full["model_a"])
+    assert full["n"].eq(100).all() and len(full) == 16
+    assert not {"model-c", "junk"} & set(full["model_a"])
     assert list(dict.fromkeys(full["layer_a"])) == ["first", "rotated", "noise", "logits"]
     # The draw is from the images all layers have (not the 40 `noise` lacks), by the seed.
     files = [("model-a", f.stem, f) for f in (own / "first.parquet", own / "noise.parquet")]

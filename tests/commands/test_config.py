@@ -81,6 +81,14 @@ def test_a_key_the_schema_lacks_is_named_with_the_closest_when_typed() -> None:
         composed("+model.nmae=resnet")
 
 
+def test_each_default_layer_is_hooked_once() -> None:
+    """The default names the embedding layer and the dedup layer; on a preset with no dedup
+    layer of its own they are one, hooked and named once (`layers` as the run records it)."""
+    assert composed("model=resnet18").layers == ["global_pool"]
+    assert composed("model=efficientnet_lite0").layers == ["global_pool", "blocks.4"]
+    assert composed("layers=[layer2,layer3,layer2]").layers == ["layer2", "layer3"]
+
+
 def test_a_users_config_dir_adds_presets(tmp_path: Path) -> None:
     """`--config-dir my_conf` (README): `my_conf/model/mine.yaml` is `model=mine`, for the
     check before Hydra as for Hydra, written in each of Hydra's spellings of the flag."""
