@@ -350,12 +350,22 @@ def shared_sample(
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    ids = {
-        file: ds.dataset(file, format="parquet").to_table(columns=["image_id"])["image_id"]
-        for _, _, file in layers
-    }
-    ids = {file: column.combine_chunks() for file, column in ids.items()}
+    import pyarrow as pa
+
     models = list(dict.fromkeys(model for model, _, _ in layers))
+    ids, unread = {}, set()
+    for model, _, file in layers:
+        try:
+            table = ds.dataset(file, format="parquet").to_table(columns=["image_id"])
+        except (pa.ArrowException, OSError) as err:
+            if model == models[0]:
+                raise ConfigError(f"{file} cannot be read: {err}") from None
+            log.warning("CKA: %s left out: %s cannot be read: %s", model, file, err)
+            unread.add(model)
+            continue
+        ids[file] = table["image_id"].combine_chunks()
+    layers = [layer for layer in layers if layer[0] not in unread]
+    models = [model for model in models if model not in unread]
     common, kept = None, []
     for model in models:
         theirs = [layer for layer in layers if layer[0] == model]

@@ -100,6 +100,13 @@ def test_the_throughput_benchmark_runs(tmp_path: Path) -> None:
         assert re.fullmatch(r"(\d+%, ){3}\d+%", cells[10])
 
 
+def quotient_of(ratio: float, a: float, b: float) -> bool:
+    """`ratio` (printed to 0.01) is a / b for some a and b that print as these (to 0.1 ms):
+    of small times, as a batch of 2 gives, the printed ones alone are too coarse to divide."""
+    low, high = (a - 0.05) / (b + 0.05), (a + 0.05) / max(b - 0.05, 1e-9)
+    return low - 0.005 <= ratio <= high + 0.005
+
+
 @pytest.mark.slow
 def test_the_forward_benchmark_compares_layouts_and_memory_settings() -> None:
     done = subprocess.run(
@@ -120,7 +127,7 @@ def test_the_forward_benchmark_compares_layouts_and_memory_settings() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     row = next(line for line in done.stdout.splitlines() if line.startswith("| resnet18 |"))
     plain, last, ratio, kept, kept_ratio, overall, gap = (float(c) for c in row.split("|")[2:9])
-    assert ratio == pytest.approx(last / plain, abs=0.01)
-    assert kept_ratio == pytest.approx(kept / last, abs=0.01)
-    assert overall == pytest.approx(kept / plain, abs=0.01)
+    assert quotient_of(ratio, last, plain)
+    assert quotient_of(kept_ratio, kept, last)
+    assert quotient_of(overall, kept, plain)
     assert gap < 1e-4  # the same function in either layout, with either allocator setting
