@@ -47,7 +47,6 @@ from pipeline.results import StageResult
 # used: this module runs as `python -m pipeline.explore`, and its --help and config errors need
 # none of them.
 if TYPE_CHECKING:
-    import pandas as pd
     import pyarrow as pa
 
     from pipeline.storage.contract import Embeddings
@@ -114,7 +113,10 @@ def run(cfg: PipelineConfig) -> StageResult:
     layout = cached_layout(out / LAYOUT_FILE, embeddings, record.digest, params)
     embeddings.vectors = np.empty((0, 0), np.float32)  # normalised in place; needed no more
     root = images_root(cfg.images_root, embeddings.metadata)
-    thumbnails = cached_thumbnails(out / THUMBNAILS_FILE, embeddings.ids, root, params.thumbnail)
+    with step(f"the thumbnails of {n:,} images"):
+        thumbnails = cached_thumbnails(
+            out / THUMBNAILS_FILE, embeddings.ids, root, params.thumbnail
+        )
     with step("joining the clusters and near-duplicate groups"):
         clusters = joined(Path(params.cluster_dir) / "assignments.parquet", "cluster", embeddings)
         groups = joined(Path(params.dedup_dir) / "groups.parquet", "group", embeddings)
@@ -454,12 +456,11 @@ def explore_table(
     clusters: np.ndarray | None,
     groups: np.ndarray | None,
     neighbours: int,
-) -> pd.DataFrame:
+) -> pa.Table:
     """The table Embedding Atlas shows, a row per image in the layer's order: ROW (its number,
     which NEIGHBOURS refers to), image_id, label, thumbnail ({bytes, path}), x, y, cluster,
     duplicate_group (null: none) and NEIGHBOURS ({ids, distances}: the nearest first, cosine
     distances)."""
-    import pandas as pd
     import pyarrow as pa
 
     n, k = len(embeddings.ids), min(neighbours, layout.neighbours.shape[1])
@@ -488,24 +489,25 @@ def explore_table(
         ],
         names=["ids", "distances"],
     )
-    # Arrow-backed columns: no Python object per value (100,000 thumbnails are 100,000 bytes
-    # objects otherwise), and Embedding Atlas hands them to DuckDB and Parquet as they are.
-    return pa.table(columns).to_pandas(types_mapper=pd.ArrowDtype)
+    return pa.table(columns)
 
 
 # --- Embedding Atlas ------------------------------------------------------------------------
 
 
-def atlas_source(table: pd.DataFrame, title: str) -> object:
+def atlas_source(table: pa.Table, title: str) -> object:
     """The table and the view's settings as Embedding Atlas's DataSource: our map and
     neighbours (nothing computed or downloaded by it), the thumbnail as the image, the id as
-    the text searched, the points coloured by label (else by cluster)."""
+    the text searched, the points coloured by label (else by cluster). The table stays an Arrow
+    table: DataSource hands it to narwhals (for Parquet) and DuckDB, which take it as it is,
+    with no Python object per value (pandas would make 100,000 bytes objects of the
+    thumbnails) and no pandas metadata in the Parquet file it writes."""
     from embedding_atlas.data_source import DataSource
     from embedding_atlas.options import make_embedding_atlas_props
 
     data = {"x": "x", "y": "y", "text": "image_id", "image": "thumbnail", "neighbors": NEIGHBOURS}
     props = make_embedding_atlas_props(row_id=ROW, **data)
-    colour = next((c for c in ("label", "cluster") if c in table), None)
+    colour = next((c for c in ("label", "cluster") if c in table.column_names), None)
     if colour is not None:
         props["defaultChartsConfig"] = {"embedding": {"data": {**data, "category": colour}}}
     # Its automatic labels are words of the text column: here, pieces of file names.
