@@ -76,7 +76,10 @@ def check(cfg: PipelineConfig) -> None:
 
     existing_embeddings(cfg.embeddings)
     if importlib.util.find_spec("embedding_atlas") is None:
-        raise ConfigError(f"the explorer needs embedding-atlas, which is not installed: {INSTALL}")
+        where = "" if sys.version_info >= (3, 11) else " (on Python 3.11 or later: it needs it)"
+        raise ConfigError(
+            f"the explorer needs embedding-atlas, which is not installed: {INSTALL}{where}"
+        )
     params = cfg.explore
     if params.projection is Projection.umap and importlib.util.find_spec("umap") is None:
         raise ConfigError(
@@ -122,7 +125,7 @@ def run(cfg: PipelineConfig) -> StageResult:
         groups = joined(Path(params.dedup_dir) / "groups.parquet", "group", embeddings)
         table = explore_table(embeddings, layout, thumbnails, clusters, groups, params.neighbours)
     title = f"{record.name} ({n:,} images, {layout.method})"
-    data = atlas_source(table, title)
+    data = atlas_source(table)
     if params.export is not None:
         folder = Path(params.export)
         with step(f"writing the static site {folder}"):
@@ -495,7 +498,7 @@ def explore_table(
 # --- Embedding Atlas ------------------------------------------------------------------------
 
 
-def atlas_source(table: pa.Table, title: str) -> object:
+def atlas_source(table: pa.Table) -> object:
     """The table and the view's settings as Embedding Atlas's DataSource: our map and
     neighbours (nothing computed or downloaded by it), the thumbnail as the image, the id as
     the text searched, the points coloured by label (else by cluster). The table stays an Arrow
@@ -513,7 +516,7 @@ def atlas_source(table: pa.Table, title: str) -> object:
     # Its automatic labels are words of the text column: here, pieces of file names.
     props["embeddingViewConfig"] = {"autoLabelEnabled": False}
     identifier = f"pipeline-explore-{uuid.uuid4().hex}"  # its cache entries: this run's only
-    return DataSource(identifier, table, {"props": props, "title": title})
+    return DataSource(identifier, table, {"props": props})
 
 
 def static_files() -> str:
