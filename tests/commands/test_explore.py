@@ -238,39 +238,55 @@ EXPLORE = [*EXTRACTED, "layer=global_pool", "explore.projection=pca"]
 IMAGES = 9
 
 
+def map_box(browser: DevTools) -> tuple[int, int, int, int]:
+    """Where the map is drawn: the largest canvas (x, y, width, height), as laid out now."""
+    box = browser.evaluate(
+        "(() => { const r = [...document.querySelectorAll('canvas')].map(c => "
+        "c.getBoundingClientRect()).sort((a, b) => b.width * b.height - a.width * a.height)[0];"
+        " return r ? [r.x, r.y, r.width, r.height] : [0, 0, 0, 0]; })()"
+    )
+    x, y, width, height = (round(v) for v in box)
+    return x, y, width, height
+
+
+def drawn_points(browser: DevTools, shot: Path) -> list:
+    """The points drawn on the map, in the page's pixels: the centres of blobs of saturated
+    pixels in a screenshot of it (left of its legend, below its colour menu)."""
+    x, y, width, height = map_box(browser)
+    browser.screenshot(shot)
+    if width < 300 or height < 200:
+        return []  # not laid out yet
+    picture = cv2.imread(str(shot))[y + 40 : y + height - 30, x : x + width - 220]
+    colour = picture.max(axis=2).astype(int) - picture.min(axis=2) > 50
+    count, _, stats, centres = cv2.connectedComponentsWithStats(colour.astype(np.uint8))
+    blobs = range(1, count)  # 0: the background
+    return [(x + centres[i][0], y + 40 + centres[i][1]) for i in blobs if stats[i][4] >= 20]
+
+
 def show_points_and_a_tooltip(browser: DevTools, url: str, shot: Path) -> dict:
     """Open the explorer at `url`, wait for its points, hover one until its tooltip shows a
     thumbnail, and take a screenshot: what the page says and shows."""
     browser.page("Network.enable")
     browser.open(url, "/\\d+ points/.test(document.body.innerText)", seconds=60)
-    box = browser.evaluate(
-        "(() => { const r = [...document.querySelectorAll('canvas')].map(c => "
-        "c.getBoundingClientRect()).sort((a, b) => b.width * b.height - a.width * a.height)[0];"
-        " return [r.x, r.y, r.width, r.height]; })()"
+    deadline = time.monotonic() + 30
+    while not (points := drawn_points(browser, shot)):
+        assert time.monotonic() < deadline, "no points drawn"  # the page draws after it loads
+        time.sleep(0.2)
+    _, y, _, height = map_box(browser)
+    tooltip = (  # a thumbnail over the map (the table's are below it)
+        "[...document.querySelectorAll('img')].filter(i => i.src.startsWith('data:image/jpeg')"
+        f" && i.naturalWidth > 0 && i.getBoundingClientRect().y < {y + height}).length > 0"
     )
-    x, y, width, height = (round(v) for v in box)
-    tooltip = (
-        f"[...document.querySelectorAll('img')].filter(i => i.src.startsWith('data:image/jpeg')"
-        f" && i.naturalWidth > 0 && i.getBoundingClientRect().y < {y + height}).length"
-    )
-    shown = f"{tooltip} > 0"
-    browser.screenshot(shot)
-    # The points: saturated pixels of the map (left of its legend, below its colour menu).
-    picture = cv2.imread(str(shot))[y + 40 : y + height - 30, x : x + width - 220]
-    colour = picture.max(axis=2).astype(int) - picture.min(axis=2) > 50
-    count, _, stats, centres = cv2.connectedComponentsWithStats(colour.astype(np.uint8))
-    points = [centres[i] for i in range(1, count) if stats[i][4] >= 20]
-    assert points, "no points drawn"
     for cx, cy in points:
         for step in range(6):  # arrive at it as a mouse does, from the left
-            browser.move_mouse(x + cx - 25 + 5 * step, y + 40 + cy)
+            browser.move_mouse(cx - 25 + 5 * step, cy)
             time.sleep(0.05)
         try:
-            browser.wait_for(shown, seconds=5)
+            browser.wait_for(tooltip, seconds=5)
             break
         except AssertionError:
             continue
-    assert browser.evaluate(shown), f"none of {len(points)} points showed a thumbnail"
+    assert browser.evaluate(tooltip), f"none of {len(points)} points showed a thumbnail"
     time.sleep(0.5)  # the tooltip's picture drawn
     browser.screenshot(shot)
     requests = [
@@ -278,12 +294,14 @@ def show_points_and_a_tooltip(browser: DevTools, url: str, shot: Path) -> dict:
         for e in browser.events
         if e["method"] == "Network.requestWillBeSent"
     ]
-    return {"text": browser.evaluate("document.body.innerText"), "requests": requests}
+    text = browser.evaluate("document.body.innerText")
+    return {"text": text, "requests": requests, "drawn": len(points)}
 
 
 def assert_shows_points_and_a_thumbnail(shot: Path, seen: dict, origin: str) -> None:
     text = seen["text"]
     assert f"{IMAGES} / {IMAGES} points" in text and f"{IMAGES} points" in text
+    assert 2 <= seen["drawn"] <= IMAGES  # two labels' colours at least; copies may overlap
     picture = cv2.imread(str(shot))
     assert picture.shape == (900, 1400, 3) and picture.std() > 20  # not blank
     assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 1000  # photos, not flat colours
