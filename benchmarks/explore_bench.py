@@ -61,7 +61,7 @@ def run(args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     """A command to its end: wall seconds, peak resident GB, its output."""
     start = time.perf_counter()
     process = subprocess.Popen(
-        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     _, status, usage = os.wait4(process.pid, 0)
     output = process.stdout.read() if process.stdout else ""
@@ -74,7 +74,9 @@ def serve(args: list[str], env: dict[str, str]) -> tuple[float, float]:
     """The server until its URL and the page's first queries answer: seconds to the URL, the
     peak resident GB by then."""
     start = time.perf_counter()
-    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
     url = None
     assert process.stdout is not None
     for line in process.stdout:
