@@ -166,6 +166,25 @@ def test_auto_is_umap_where_it_is_installed_and_the_set_is_large_enough() -> Non
     assert explore.projection_method(Projection.pca, 10**6, 50) == "pca"
 
 
+@pytest.mark.slow  # umap-learn's numba functions compile on first use: about 20 s
+@pytest.mark.skipif(importlib.util.find_spec("umap") is None, reason="needs umap-learn")
+def test_the_umap_map_keeps_groups_of_neighbours_apart() -> None:
+    """UMAP on the neighbours our search found (umap-learn searches none itself): three groups
+    of 20 rows, each group's points together on the map and apart from the others'."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((3, 32))
+    noise = 0.3 * rng.standard_normal((60, 32))
+    unit = normalise((np.repeat(centres, 20, axis=0) + noise).astype(np.float32))
+    rows, similarity = explore.nearest_neighbours(unit, explore.UMAP_NEIGHBOURS - 1, seed=0)
+    xy = explore.umap_map(unit, rows, similarity, seed=0)
+    assert xy.shape == (60, 2) and xy.dtype == np.float32 and np.isfinite(xy).all()
+    group = np.repeat(np.arange(3), 20)
+    middles = np.stack([xy[group == g].mean(axis=0) for g in range(3)])
+    nearest = np.linalg.norm(xy[:, None] - middles[None], axis=2).argmin(axis=1)
+    assert (nearest == group).all()
+    np.testing.assert_array_equal(xy, explore.umap_map(unit, rows, similarity, seed=0))
+
+
 def test_an_export_replaces_only_a_folder_an_export_wrote(tmp_path: Path) -> None:
     explore.check_export_folder(tmp_path / "new")  # none yet: fine
     (tmp_path / "site/data").mkdir(parents=True)
