@@ -205,6 +205,10 @@ PATH_KEYS = (
     "report.output_dir",
     "visualize.image",
     "visualize.output_dir",
+    "explore.cluster_dir",
+    "explore.dedup_dir",
+    "explore.export",
+    "explore.output_dir",
 )
 HYDRA_PATH_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
 
@@ -382,6 +386,7 @@ SHARED_FOLDER_PREFIXES = (
     "probe.",
     "report.",
     "visualize.",
+    "explore.",
     "paths.",
 )
 

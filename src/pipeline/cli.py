@@ -1,6 +1,6 @@
 """Console scripts, installed beside `python -m pipeline...`: `pipeline-extract`,
 `pipeline-cluster`, `pipeline-dedup`, `pipeline-probe`, `pipeline-report`, `pipeline-visualize`,
-`pipeline-layers`. Each takes the same Hydra overrides as its `python -m` twin.
+`pipeline-layers`, `pipeline-explore`. Each takes the same Hydra overrides as its `python -m` twin.
 
 Each command's config and inputs are checked (`check`) before the libraries its work needs are
 imported: a stage module imports torch, scikit-learn, faiss, pandas or matplotlib inside the
@@ -62,6 +62,12 @@ def visualize() -> None:
     from pipeline.visualize import check, run
 
     main("visualize", run, check=check)
+
+
+def explore() -> None:
+    from pipeline.explore import check, run
+
+    main("explore", run, track=False, check=check)
 
 
 def layers() -> None:

@@ -1,10 +1,10 @@
 """Typed schemas of the pipeline's one config tree (`conf/config.yaml`).
 
 Every app (`python -m pipeline`, `pipeline.cluster`, `.dedup`, `.probe`, `.report`,
-`.visualize`, `.layers`) composes the same tree; the app layer merges it into `PipelineConfig`,
-so a value of the wrong type fails before any model is built or image read; `validate` then
-checks the ranges the types cannot say, and `check_key` names the closest key to a misspelled
-one. The values live in the YAML only; these classes say what may be there.
+`.visualize`, `.explore`, `.layers`) composes the same tree; the app layer merges it into
+`PipelineConfig`, so a value of the wrong type fails before any model is built or image read;
+`validate` then checks the ranges the types cannot say, and `check_key` names the closest key
+to a misspelled one. The values live in the YAML only; these classes say what may be there.
 """
 
 from __future__ import annotations
@@ -79,6 +79,15 @@ class KeyMatch(Enum):
 class ClusterMethod(Enum):
     kmeans = "kmeans"
     hdbscan = "hdbscan"
+
+
+class Projection(Enum):
+    """The explorer's 2D map: UMAP where umap-learn is installed and the layer is large enough
+    (auto), or PCA."""
+
+    auto = "auto"
+    umap = "umap"
+    pca = "pca"
 
 
 class SearchMethod(Enum):
@@ -231,6 +240,21 @@ class VisualizeConfig:
 
 
 @dataclass
+class ExploreConfig:
+    projection: Projection = MISSING
+    umap_min_images: int = MISSING  # auto: PCA below this many images
+    neighbours: int = MISSING
+    thumbnail: int = MISSING  # pixels, the longer side
+    seed: int = MISSING
+    cluster_dir: str = MISSING  # assignments.parquet, when there
+    dedup_dir: str = MISSING  # groups.parquet, when there
+    host: str = MISSING
+    port: int = MISSING
+    export: str | None = MISSING  # a folder: a static site, not a server
+    output_dir: str = MISSING  # the projection and thumbnails, kept for the next run
+
+
+@dataclass
 class PipelineConfig:
     paths: PathsConfig = MISSING
     dataset: DatasetConfig = MISSING
@@ -269,6 +293,7 @@ class PipelineConfig:
     probe: ProbeConfig = MISSING
     report: ReportConfig = MISSING
     visualize: VisualizeConfig = MISSING
+    explore: ExploreConfig = MISSING
 
 
 # --- checks beyond the types --------------------------------------------------------------------
@@ -288,6 +313,11 @@ def validate(cfg: PipelineConfig) -> None:
     _at_least("calibration.images", cfg.calibration.images, 0)
     _at_least("calibration.copies", cfg.calibration.copies, 1)
     _at_least("report.cka_sample", cfg.report.cka_sample, 0)
+    _at_least("explore.neighbours", cfg.explore.neighbours, 1)
+    _at_least("explore.thumbnail", cfg.explore.thumbnail, 8)
+    _at_least("explore.umap_min_images", cfg.explore.umap_min_images, 3)
+    if not 0 <= cfg.explore.port <= 65535:
+        raise ConfigError(f"explore.port is a TCP port in [0, 65535], got {cfg.explore.port}")
 
 
 def _at_least(key: str, value: int, least: int) -> None:

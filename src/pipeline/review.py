@@ -62,23 +62,15 @@ def top_pairs_figure(
 def thumbnail_uri(path: Path, side: int = THUMBNAIL_SIDE) -> str | None:
     """A small JPEG of the image file as a data URI (its longer side at most `side` pixels);
     None, with a warning, for a file that cannot be read as an image."""
-    import cv2
-
-    from pipeline.images.decode import decode_image
-    from pipeline.images.formats import ImageError, read_image_file
+    from pipeline.images.formats import ImageError
+    from pipeline.images.thumbnails import thumbnail_jpeg
 
     try:
-        image = decode_image(read_image_file(str(path)), min_side=side)
+        data = thumbnail_jpeg(path, side, THUMBNAIL_QUALITY)
     except (OSError, ImageError) as err:
         log.warning("review.html shows no picture of %s: %s", path, err)
         return None
-    scale = side / max(image.shape[:2])
-    if scale < 1:
-        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    ok, data = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, THUMBNAIL_QUALITY])
-    return f"data:image/jpeg;base64,{base64.b64encode(data.tobytes()).decode()}" if ok else None
+    return f"data:image/jpeg;base64,{base64.b64encode(data).decode()}"
 
 
 def write_review_page(

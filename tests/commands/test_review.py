@@ -6,13 +6,10 @@ review.csv, and `dedup.reviewed` scores the threshold on them."""
 from __future__ import annotations
 
 import base64
-import fcntl
 import json
 import os
 import re
-import select
 import shutil
-import subprocess
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -27,9 +24,8 @@ from pipeline import dedup
 from pipeline.review import PAGE_SIZE
 from pipeline.search.vectors import normalise
 
+from browser import CHROMIUM, DevTools
 from conftest import TINY_MODEL, composed, run_cli, write_image, write_layer
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def page_data(path: Path) -> dict:
@@ -181,133 +177,6 @@ def test_cli_writes_a_self_contained_review_page(tmp_path: Path, extracted: Path
 # --- in a real browser --------------------------------------------------------------------------
 
 
-# Each key a test presses: its code and its Windows virtual key code, as a keyboard sends them.
-KEYS = {
-    "ArrowDown": ("ArrowDown", 40),
-    "ArrowUp": ("ArrowUp", 38),
-    "ArrowRight": ("ArrowRight", 39),
-    "ArrowLeft": ("ArrowLeft", 37),
-    **{c: (f"Key{c.upper()}", ord(c.upper())) for c in "sdynuw"},
-}
-
-
-class DevTools:
-    """Headless Chromium driven over the Chrome DevTools Protocol on a pipe
-    (--remote-debugging-pipe: JSON messages, each ended by a NUL byte, which Chromium reads
-    from its file descriptor 3 and writes to its 4). No websocket, no server, no port."""
-
-    def __init__(self, profile: Path, downloads: Path, timeout: float = 60) -> None:
-        commands, self._to_browser = os.pipe()
-        self._from_browser, replies = os.pipe()
-        # Chromium's fds 3 and 4, set by bash (dash takes one-digit fds only) from two fds
-        # above 9, which no redirection can clobber; the wrapper /usr/bin/chromium keeps them.
-        ends = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (commands, replies)]
-        os.close(commands)
-        os.close(replies)
-        script = f'exec "$0" "$@" 3<&{ends[0]} 4>&{ends[1]} {ends[0]}<&- {ends[1]}>&-'
-        self.process = subprocess.Popen(
-            [
-                "bash",
-                "-c",
-                script,
-                CHROMIUM,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={profile}",
-                "--remote-debugging-pipe",
-                "about:blank",
-            ],
-            pass_fds=ends,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for fd in ends:
-            os.close(fd)
-        self.timeout, self._buffer, self._sent = timeout, b"", 0
-        target = self.call("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)[
-            "sessionId"
-        ]
-        self.call("Browser.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
-        self.page(
-            "Emulation.setDeviceMetricsOverride",
-            width=1200,
-            height=900,
-            deviceScaleFactor=1,
-            mobile=False,
-        )
-
-    def call(self, method: str, session: str | None = None, **params: object) -> dict:
-        """A command's result (events that come first are dropped)."""
-        self._sent += 1
-        message = {"id": self._sent, "method": method, "params": params}
-        if session:
-            message["sessionId"] = session
-        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
-        deadline = time.monotonic() + self.timeout
-        while True:
-            while b"\0" not in self._buffer:
-                left = deadline - time.monotonic()
-                assert left > 0, f"Chromium did not answer {method} in {self.timeout} s"
-                if select.select([self._from_browser], [], [], left)[0]:
-                    chunk = os.read(self._from_browser, 1 << 20)
-                    assert chunk, f"Chromium closed the pipe (exit {self.process.poll()})"
-                    self._buffer += chunk
-            raw, self._buffer = self._buffer.split(b"\0", 1)
-            reply = json.loads(raw)
-            if reply.get("id") == self._sent:
-                assert "error" not in reply, (method, reply["error"])
-                return reply["result"]
-
-    def page(self, method: str, **params: object) -> dict:
-        return self.call(method, self.session, **params)
-
-    def evaluate(self, expression: str) -> object:
-        result = self.page("Runtime.evaluate", expression=expression, returnByValue=True)
-        assert "exceptionDetails" not in result, result["exceptionDetails"]
-        return result["result"].get("value")
-
-    def open(self, url: str) -> None:
-        """Load `url` and wait for the review page's script to have run."""
-        self.page("Page.navigate", url=url)
-        self.wait_for("document.readyState === 'complete' && typeof review === 'object'")
-
-    def wait_for(self, condition: str, seconds: float = 30) -> None:
-        deadline = time.monotonic() + seconds
-        while not self.evaluate(condition):
-            assert time.monotonic() < deadline, f"never true: {condition}"
-            time.sleep(0.05)
-
-    def press(self, *keys: str) -> None:
-        for key in keys:
-            code, virtual = KEYS[key]
-            down = {"key": key, "code": code, "windowsVirtualKeyCode": virtual}
-            typed = {"type": "keyDown", "text": key} if len(key) == 1 else {"type": "rawKeyDown"}
-            self.page("Input.dispatchKeyEvent", **down, **typed)
-            self.page("Input.dispatchKeyEvent", type="keyUp", **down)
-
-    def screenshot(self, path: Path) -> Path:
-        path.write_bytes(
-            base64.b64decode(self.page("Page.captureScreenshot", format="png")["data"])
-        )
-        return path
-
-    def close(self) -> None:
-        try:
-            self.call("Browser.close")
-        finally:
-            try:
-                self.process.wait(30)
-            finally:
-                os.close(self._to_browser)
-                os.close(self._from_browser)
-
-
 def expected_scores(csv: pd.DataFrame, threshold: float) -> tuple[float, float]:
     """Precision and recall at `threshold` over the reviewed pairs, worked out the plain way."""
     kept = csv["similarity"] >= threshold
@@ -329,8 +198,9 @@ def test_a_person_marks_pairs_in_chromium_and_dedup_scores_the_threshold_on_them
 
     downloads = tmp_path / "downloads"
     browser = DevTools(tmp_path / "profile", downloads)
+    loaded = "typeof review === 'object'"  # the page's script has run
     try:
-        browser.open(page.as_uri())
+        browser.open(page.as_uri(), loaded)
         # s: the first pair same, on to the second; d: different; down past the third; y: the
         # fourth same, on to the fifth; up twice to the third; n: different, on to the fourth.
         browser.press("s", "d", "ArrowDown", "y", "ArrowUp", "ArrowUp", "n")
@@ -351,7 +221,7 @@ def test_a_person_marks_pairs_in_chromium_and_dedup_scores_the_threshold_on_them
         browser.press("s")
         browser.wait_for("review.state().decisions[0][2] === 'same'")  # before navigating
         # The marks survive a reload (localStorage).
-        browser.open(page.as_uri())
+        browser.open(page.as_uri(), loaded)
         assert browser.evaluate("review.state()")["decisions"] == state["decisions"]
         # w saves review.csv as a download: the text the page makes.
         made = browser.evaluate("review.csv()")

@@ -21,7 +21,7 @@ from pipeline.config import RECORDED_ONLY, key_type
 
 from conftest import REPO, TINY_MODEL, composed, run_cli
 
-STAGES = ["cluster", "dedup", "probe", "report", "visualize", "layers"]
+STAGES = ["cluster", "dedup", "probe", "report", "visualize", "explore", "layers"]
 COMMANDS = ["pipeline", *(f"pipeline.{stage}" for stage in STAGES)]
 # What no --help and no config error may load: seconds each (torch with timm about 4, MLflow 3).
 MODEL_AND_TRACKING = {
@@ -91,6 +91,9 @@ CONFIG_ERRORS = [
     ("pipeline.probe", ["embeddings={tmp}/none.parquet"], "do not exist"),
     ("pipeline.report", ["output_dir={tmp}/empty"], "no layer embeddings in"),
     ("pipeline.visualize", ["visualize.image={tmp}/none.png"], "image {tmp}/none.png does not"),
+    ("pipeline.explore", ["embeddings={tmp}/none.parquet"], "do not exist"),
+    ("pipeline.explore", ["explore.thumbnail=4"], "explore.thumbnail must be at least 8"),
+    ("pipeline.explore", ["embeddings={tmp}", "explore.export={tmp}"], "holds other files"),
     ("pipeline.layers", ["poool=avg"], "did you mean pool?"),
 ]
 
@@ -131,7 +134,14 @@ def test_a_rerun_with_nothing_new_loads_no_model_library(tmp_path: Path, photos:
 
 # --- --help from the schema --------------------------------------------------------------------
 
-ENUM_KEYS = ["pool", "precision", "decode", "cluster.method", "dedup.method"]
+ENUM_KEYS = [
+    "pool",
+    "precision",
+    "decode",
+    "cluster.method",
+    "dedup.method",
+    "explore.projection",
+]
 
 
 def listed(text: str, key: str) -> list[str]:

@@ -19,7 +19,7 @@ from pipeline.storage import contract as store
 from conftest import N_PHOTOS, REPO, TINY_MODEL, composed
 
 PACKAGE = REPO / "src/pipeline"
-STAGES = ["extract", "cluster", "dedup", "probe", "report", "visualize", "layers"]
+STAGES = ["extract", "cluster", "dedup", "probe", "report", "visualize", "explore", "layers"]
 # Bottom to top: a module imports only from its own unit or from units of lower rank. Units of
 # one rank are independent: images, storage and search know nothing of each other, and no
 # command imports another.

@@ -28,6 +28,11 @@ SKIPPED = {
     "engine=ray": (
         "a Ray cluster's start per command (tests/extraction/test_ray.py runs the engine's CLI)"
     ),
+    "pipeline.explore": (
+        "a server until Ctrl-C, or a static site of 110 MB (tests/commands/test_explore.py "
+        "serves and exports the explorer and opens both in Chromium)"
+    ),
+    "python -m http.server": "a static file server until Ctrl-C (test_explore.py runs one)",
     "dedup.reviewed=": (
         "the review.csv a person saves from review.html (tests/commands/test_review.py marks "
         "pairs in Chromium, saves it and runs this)"
