@@ -347,10 +347,9 @@ def shared_sample(
     share fewer than 2 of them is left out. The layers kept, the ids drawn, and each layer's
     rows of them in that order. Only the id columns are read."""
     import numpy as np
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
-
-    import pyarrow as pa
 
     models = list(dict.fromkeys(model for model, _, _ in layers))
     ids, unread = {}, set()

@@ -25,7 +25,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import explore
+from pipeline import explore, projection
 from pipeline.config import Projection
 from pipeline.errors import ConfigError
 from pipeline.search.vectors import normalise
@@ -79,7 +79,7 @@ def table_of(cfg: explore.PipelineConfig) -> pd.DataFrame:
     params, out = cfg.explore, Path(cfg.explore.output_dir)
     embeddings = read_layer(Path(cfg.embeddings))
     digest = embeddings_input(Path(cfg.embeddings), embeddings.metadata).digest
-    layout = explore.cached_layout(out / explore.LAYOUT_FILE, embeddings, digest, params)
+    layout = projection.cached_layout(out / explore.LAYOUT_FILE, embeddings, digest, params)
     root = images_root(cfg.images_root, embeddings.metadata)
     thumbs = explore.cached_thumbnails(out / explore.THUMBNAILS_FILE, embeddings.ids, root, 48)
     clusters = explore.joined(
@@ -139,7 +139,7 @@ def test_the_map_neighbours_and_thumbnails_are_kept_and_made_again_only_for_what
     assert layout_file.is_file() and (tmp_path / "explore" / explore.THUMBNAILS_FILE).is_file()
     # A second run computes nothing: the same table from the files kept.
     made: list[Path] = []
-    monkeypatch.setattr(explore, "nearest_neighbours", lambda *a: pytest.fail("searched again"))
+    monkeypatch.setattr(projection, "nearest_neighbours", lambda *a: pytest.fail("searched again"))
     monkeypatch.setattr(explore, "make_thumbnails", lambda paths, *a: made.extend(paths) or [])
     again = table_of(cfg)
     assert made == []
@@ -154,16 +154,16 @@ def test_the_map_neighbours_and_thumbnails_are_kept_and_made_again_only_for_what
     assert picture.shape[:2] == (48, 48) and picture.max() < 10
     assert changed["thumbnail"][0] == first["thumbnail"][0]
     # Other settings, or another layer: the layout is made again.
-    monkeypatch.setattr(explore, "nearest_neighbours", lambda *a: pytest.fail("searched"))
+    monkeypatch.setattr(projection, "nearest_neighbours", lambda *a: pytest.fail("searched"))
     with pytest.raises(pytest.fail.Exception, match="searched"):
         table_of(settings(tmp_path, layer, "explore.neighbours=4"))
 
 
 def test_auto_is_umap_where_it_is_installed_and_the_set_is_large_enough() -> None:
     installed = importlib.util.find_spec("umap") is not None
-    assert explore.projection_method(Projection.auto, 49, 50) == "pca"
-    assert explore.projection_method(Projection.auto, 50, 50) == ("umap" if installed else "pca")
-    assert explore.projection_method(Projection.pca, 10**6, 50) == "pca"
+    assert projection.projection_method(Projection.auto, 49, 50) == "pca"
+    assert projection.projection_method(Projection.auto, 50, 50) == ("umap" if installed else "pca")
+    assert projection.projection_method(Projection.pca, 10**6, 50) == "pca"
 
 
 @pytest.mark.slow  # umap-learn's numba functions compile on first use: about 20 s
@@ -175,14 +175,14 @@ def test_the_umap_map_keeps_groups_of_neighbours_apart() -> None:
     centres = rng.standard_normal((3, 32))
     noise = 0.3 * rng.standard_normal((60, 32))
     unit = normalise((np.repeat(centres, 20, axis=0) + noise).astype(np.float32))
-    rows, similarity = explore.nearest_neighbours(unit, explore.UMAP_NEIGHBOURS - 1, seed=0)
-    xy = explore.umap_map(unit, rows, similarity, seed=0)
+    rows, similarity = projection.nearest_neighbours(unit, projection.UMAP_NEIGHBOURS - 1, seed=0)
+    xy = projection.umap_map(unit, rows, similarity, seed=0)
     assert xy.shape == (60, 2) and xy.dtype == np.float32 and np.isfinite(xy).all()
     group = np.repeat(np.arange(3), 20)
     middles = np.stack([xy[group == g].mean(axis=0) for g in range(3)])
     nearest = np.linalg.norm(xy[:, None] - middles[None], axis=2).argmin(axis=1)
     assert (nearest == group).all()
-    np.testing.assert_array_equal(xy, explore.umap_map(unit, rows, similarity, seed=0))
+    np.testing.assert_array_equal(xy, projection.umap_map(unit, rows, similarity, seed=0))
 
 
 def test_an_export_replaces_only_a_folder_an_export_wrote(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ UNITS: dict[str, tuple[int, list[str]]] = {
     "search": (1, ["pipeline.search"]),
     "extraction": (2, ["pipeline.extraction"]),
     "review": (2, ["pipeline.review"]),  # dedup's review page: images' thumbnails, no search
+    "projection": (2, ["pipeline.projection"]),  # the explorer's map and neighbours, kept
     **{stage: (3, [f"pipeline.{stage}"]) for stage in STAGES},
     "entry": (
         4,

@@ -18,6 +18,7 @@ file's identity, and why an image is not a row.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -132,6 +133,13 @@ def write_part(table: pa.Table, path: Path) -> FileRecord:
     data = sink.getvalue().to_pybytes()
     write_bytes(path, data)
     return FileRecord(path.name, len(table), len(data), hashlib.sha256(data).hexdigest())
+
+
+def write_parquet(path: Path, table: pa.Table) -> None:
+    """A small Parquet file (a stage's cache, a table of results) written whole: `write_bytes`."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def write_bytes(path: Path, data: bytes) -> None:
