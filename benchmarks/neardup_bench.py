@@ -68,6 +68,8 @@ SKIMAGE_PHOTOS = (
 QUICK_PHOTOS = ("astronaut", "coffee", "rocket", "china")
 CROP_SIDE = (0.5, 0.67)  # of each side of the photo
 MAX_IOU = 0.4  # between two crops of one scene
+# The second set (--other): photos the first does not use, with the stereo pair's left view.
+OTHER_PHOTOS = ("cell", "grass", "page", "text")
 
 
 def photos(quick: bool) -> dict[str, list[np.ndarray]]:
@@ -111,12 +113,21 @@ def crop_box(shape: tuple[int, ...], taken: list[Box], rng: np.random.Generator)
     raise RuntimeError(f"no room for another crop beside {len(taken)}: fewer crops per scene")
 
 
-def build(root: Path, quick: bool, flip: bool) -> pd.DataFrame:
+def other_photos() -> dict[str, list[np.ndarray]]:
+    """The photos of the second set, none of them in the first: uint8 RGB."""
+    images = {name: getattr(skimage.data, name)() for name in OTHER_PHOTOS}
+    images["motorcycle"] = skimage.data.stereo_motorcycle()[0]
+    return {n: [cv2.cvtColor(v, cv2.COLOR_GRAY2RGB) if v.ndim == 2 else v] for n, v in images.items()}
+
+
+def build(root: Path, quick: bool, flip: bool, other: bool = False) -> pd.DataFrame:
     """Write the set's images under `root/images` and return its manifest: `path` (relative to
-    root), `group` (the true near-duplicate group), `scene` and `variant`."""
+    root), `group` (the true near-duplicate group), `scene` and `variant`. `other`: the second
+    set, from photos the first does not use."""
     per_scene, with_copies, copies = (3, 2, 2) if quick else (5, 3, 3)
+    scenes = other_photos() if other else photos(quick)
     rows = []
-    for scene, views in photos(quick).items():
+    for scene, views in scenes.items():
         rng = np.random.default_rng(zlib.crc32(scene.encode()))
         folder = root / "images" / scene
         folder.mkdir(parents=True, exist_ok=True)
@@ -135,7 +146,7 @@ def build(root: Path, quick: bool, flip: bool) -> pd.DataFrame:
             made = np.random.default_rng([zlib.crc32(scene.encode()), index])
             for copy in range(copies):
                 path = folder / f"{index}-copy{copy}.jpg"
-                path.write_bytes(near_duplicate(original, made, flip))
+                path.write_bytes(near_duplicate(original, made, flip and copy % 2 == 1))
                 rows.append((path, group, scene, "copy"))
     manifest = pd.DataFrame(rows, columns=["path", "group", "scene", "variant"])
     manifest["path"] = [p.relative_to(root).as_posix() for p in manifest["path"]]

@@ -45,6 +45,11 @@ if TYPE_CHECKING:
     from pipeline.storage.contract import Embeddings
 
 log = logging.getLogger(__name__)
+# Plain cosine (of the L2-normalised embeddings, before whitening) at or above which two images
+# are near-identical and always a pair: whitening fitted on a set full of near-identical images
+# (a burst of frames) spreads them apart, and an image equal to the whitening's mean has no
+# direction left at all. On the hard benchmark no two different images come above 0.92.
+NEAR_IDENTICAL = 0.97
 APP_CONFIG = "dedup_app"  # conf/dedup_app.yaml: config.yaml, with the model's dedup_layer
 # Written only by some runs: removed first, so a folder never mixes two runs' results.
 OPTIONAL_OUTPUTS = (
@@ -249,6 +254,7 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
     from pipeline.search.calibration import calibrate
 
     vectors, copies = inputs.embeddings.vectors, inputs.copies
+    identical = near_identical(vectors, params) if params.whiten else None
     with step("whitening and normalising" if params.whiten else "normalising"):
         unit, copies_unit, whitening = postprocess(
             vectors, copies.vectors if copies else None, params, seed
@@ -265,6 +271,8 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
     with step(f"searching {len(unit):,} images"):
         found = search_pairs(unit, threshold, params)
     log.info("%s", found.summary())
+    if identical is not None and len(identical[0]):
+        found = kept_near_identical(found, unit, identical)
     with step("grouping the pairs"):
         candidates = pd.DataFrame(
             dict(zip(("a", "b", "similarity"), found.candidates(), strict=True))
@@ -273,14 +281,50 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
     return Duplicates(found, threshold, whitening, calibration, candidates, groups, unit)
 
 
-def search_pairs(unit: np.ndarray, threshold: float, params: DedupConfig) -> neighbours.Neighbours:
-    """`neighbours.search` with dedup's settings; a setting it refuses is a ConfigError."""
+def near_identical(vectors: np.ndarray, params: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs of rows whose plain cosine is at least NEAR_IDENTICAL, before whitening (the
+    rows L2-normalised in place when they can be: the whitening normalises them first anyway)."""
+    from pipeline.search.vectors import normalise
+
+    with step(f"finding near-identical images (plain cosine >= {NEAR_IDENTICAL})"):
+        unit = normalise(vectors, out=vectors if vectors.flags.writeable else None)
+        found = search_pairs(unit, NEAR_IDENTICAL, params, k=1)
+    return found.pairs_a, found.pairs_b
+
+
+def kept_near_identical(
+    found: neighbours.Neighbours, unit: np.ndarray, pairs: tuple[np.ndarray, np.ndarray]
+) -> neighbours.Neighbours:
+    """The search's pairs and the near-identical ones, said in the log when whitening put some
+    of them below the threshold."""
+    a, b = pairs
+    similarity = np.einsum("ij,ij->i", unit[a], unit[b])
+    below = int((similarity < found.threshold).sum())
+    if below:
+        log.warning(
+            "%d near-identical pair(s) (plain cosine >= %s) fall below the threshold %.3f after "
+            "whitening (down to %.3f): kept as pairs all the same. Whitening fitted on a set "
+            "full of near-identical images spreads them apart; dedup.whiten=false compares "
+            "plain cosines",
+            below,
+            NEAR_IDENTICAL,
+            found.threshold,
+            float(similarity.min()),
+        )
+    return found.including(a, b, similarity)
+
+
+def search_pairs(
+    unit: np.ndarray, threshold: float, params: DedupConfig, k: int | None = None
+) -> neighbours.Neighbours:
+    """`neighbours.search` with dedup's settings (`k` in place of dedup.k when given); a
+    setting it refuses is a ConfigError."""
     from pipeline.search import neighbours
 
     try:
         return neighbours.search(
             unit,
-            params.k,
+            k or params.k,
             threshold,
             params.method.value,
             params.device,
@@ -445,6 +489,18 @@ def calibrated_threshold(calibration: Calibration | None, source: Path) -> float
             source,
             calibration.target_precision,
             calibration.threshold,
+        )
+    if calibration.doubts:
+        log.warning(
+            "%s: the calibration cannot tell how precise its threshold %.3f is: expect precision "
+            "%.2f (%.2f on the copies, %.2f if no presumed duplicate is one); %s. Check the pairs "
+            "near the threshold on review.html, or give dedup.threshold",
+            source,
+            calibration.threshold,
+            calibration.expected_precision,
+            calibration.precision,
+            calibration.precision_low,
+            "; ".join(calibration.doubts),
         )
     return calibration.threshold
 

@@ -319,3 +319,32 @@ def test_fixed_threshold_and_no_whitening_still_work(tmp_path: Path) -> None:
     assert metrics["whiten_dim"] == 0 and metrics["n_pairs"] == 20
     assert not (out / "whitening.npz").exists()
     assert "calibration_ap" in metrics  # the copies still show what the threshold does
+
+
+@pytest.mark.parametrize("identical", [False, True])
+def test_whitening_never_loses_near_identical_images(
+    tmp_path: Path, identical: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A set dominated by a burst of 30 near-identical frames (or 30 identical vectors, whose
+    whitened direction is nothing at all): whitening fitted on it spreads the frames apart, and
+    a threshold of 0.9 found none of the 435 pairs. They are pairs whatever the threshold, and
+    the log says that whitening put them below it."""
+    rng = np.random.default_rng(8)
+    scene = rng.standard_normal(64).astype(np.float32)
+    noise = 0 if identical else 0.03
+    burst = normalise(scene + noise * rng.standard_normal((30, 64)).astype(np.float32))
+    vectors = np.concatenate([burst, unit_vectors(10, 64, seed=9)])
+    ids = [f"{i}.png" for i in range(40)]
+    layer = write_layer(tmp_path / "l.parquet", vectors, ids, None)
+    for threshold in ("0.9", "0.99"):
+        cfg = stage_config(
+            f"embeddings={layer}", f"dedup.output_dir={tmp_path / threshold}",
+            f"dedup.threshold={threshold}",
+        )
+        with caplog.at_level(logging.WARNING, logger="pipeline.dedup"):
+            metrics = dedup.run(cfg).metrics
+        assert metrics["whiten_dim"] > 0 and metrics["n_pairs"] == 435  # 30 * 29 / 2
+        pairs = pd.read_parquet(tmp_path / threshold / "pairs.parquet")
+        assert set(pairs["image_a"]) | set(pairs["image_b"]) == set(ids[:30])
+    # Identical vectors stay identical after whitening unless they are the mean; frames do not.
+    assert ("near-identical pair(s)" in caplog.text) != identical
