@@ -338,7 +338,8 @@ def test_whitening_never_loses_near_identical_images(
     layer = write_layer(tmp_path / "l.parquet", vectors, ids, None)
     for threshold in ("0.9", "0.99"):
         cfg = stage_config(
-            f"embeddings={layer}", f"dedup.output_dir={tmp_path / threshold}",
+            f"embeddings={layer}",
+            f"dedup.output_dir={tmp_path / threshold}",
             f"dedup.threshold={threshold}",
         )
         with caplog.at_level(logging.WARNING, logger="pipeline.dedup"):

@@ -96,9 +96,7 @@ def precision_at(positives: np.ndarray, negatives: np.ndarray, threshold: float)
     return hits / found if found else 1.0
 
 
-def bootstrap_precision(
-    scores: CopyScores, threshold: float, seed: int = 0
-) -> tuple[float, float]:
+def bootstrap_precision(scores: CopyScores, threshold: float, seed: int = 0) -> tuple[float, float]:
     """The 5% and 95% quantiles of the precision at `threshold` over BOOTSTRAP resamples of
     the sampled images (each with all its copies and their negatives)."""
     unique, inverse = np.unique(scores.sources, return_inverse=True)
