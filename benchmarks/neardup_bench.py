@@ -19,11 +19,12 @@ set (the extraction, which also embeds its calibration copies), then `python -m 
 with the default `dedup.threshold=auto`; the table has the dedup stage's average precision over
 its candidate pairs (true pairs it never lists count as missed), and precision, recall and F1 at
 the calibrated threshold, beside the precision the calibration predicted for itself
-(`calibration_expected_precision`) and whether it said it cannot tell. imagededup's PHash and
-dHash run on the same images: similarity
-1 - Hamming distance / 64 over all pairs, their threshold calibrated the same way on the same
-kind of copies (`pipeline.search.calibration` on the hashes as +-1 vectors, whose dot product is a
-monotone function of the Hamming distance), and at imagededup's own default (distance <= 10).
+(`calibration_expected_precision`; `on copies`: its precision on the copies alone, presumed
+duplicates left out, all it reported before) and whether it said it cannot tell. imagededup's
+PHash and dHash run on the same images: similarity 1 - Hamming distance / 64 over all pairs,
+their threshold calibrated the same way on the same kind of copies (`pipeline.search.calibration`
+on the hashes as +-1 vectors, whose dot product is a monotone function of the Hamming
+distance), and at imagededup's own default (distance <= 10).
 `best F1` is the F1 at the best threshold in hindsight, for reference.
 """
 
@@ -252,6 +253,7 @@ def run_setups(root: Path, out: Path, setups: tuple[Setup, ...]) -> list[dict[st
                     "dim": metadata["dim"],
                     "AP": metrics["ap"],
                     "F1": metrics["f1"],
+                    "on copies": metrics["calibration_precision"],
                     "predicted precision": metrics["calibration_expected_precision"],
                     "precision": metrics["precision"],
                     "cannot tell": metrics["calibration_uncertain"],
@@ -314,6 +316,7 @@ def hash_rows(root: Path, manifest: pd.DataFrame) -> list[dict[str, Any]]:
                     "dim": 64,
                     "AP": ap,
                     "F1": scores["F1"],
+                    "on copies": found.precision if label == "calibrated" else np.nan,
                     "predicted precision": found.expected_precision
                     if label == "calibrated"
                     else np.nan,

@@ -275,6 +275,8 @@ def calibrate(
     everything = np.concatenate([scores.positives, scores.negatives])
     grid = np.linspace(scores.positives.min(), everything.max(), CURVE_POINTS)
     curve = precision_curve(scores.positives, scores.negatives, grid)
+    every = scores.per_copy_all[np.isfinite(scores.per_copy_all)]
+    curve["precision_worst"] = precision_curve(scores.positives, every, grid)["precision"]
     at = precision_curve(scores.positives, scores.negatives, np.array([threshold])).iloc[0]
     hits = np.concatenate([np.ones(len(scores.positives)), np.zeros(len(scores.negatives))])
     interval = bootstrap_precision(scores, threshold)
