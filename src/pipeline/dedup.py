@@ -46,10 +46,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 # Plain cosine (of the L2-normalised embeddings, before whitening) at or above which two images
-# are near-identical and always a pair: whitening fitted on a set full of near-identical images
-# (a burst of frames) spreads them apart, and an image equal to the whitening's mean has no
-# direction left at all. On the hard benchmark no two different images come above 0.92.
-NEAR_IDENTICAL = 0.97
+# are identical when there are no calibration copies to say what near-identical is (with them:
+# more alike than any copy is to its source; see `near_identical_bound`).
+IDENTICAL = 0.9999
 APP_CONFIG = "dedup_app"  # conf/dedup_app.yaml: config.yaml, with the model's dedup_layer
 # Written only by some runs: removed first, so a folder never mixes two runs' results.
 OPTIONAL_OUTPUTS = (
@@ -254,7 +253,7 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
     from pipeline.search.calibration import calibrate
 
     vectors, copies = inputs.embeddings.vectors, inputs.copies
-    identical = near_identical(vectors, params) if params.whiten else None
+    identical = near_identical(vectors, copies, params) if params.whiten else None
     with step("whitening and normalising" if params.whiten else "normalising"):
         unit, copies_unit, whitening = postprocess(
             vectors, copies.vectors if copies else None, params, seed
@@ -281,37 +280,58 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
     return Duplicates(found, threshold, whitening, calibration, candidates, groups, unit)
 
 
-def near_identical(vectors: np.ndarray, params: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The pairs of rows whose plain cosine is at least NEAR_IDENTICAL, before whitening (the
-    rows L2-normalised in place when they can be: the whitening normalises them first anyway)."""
+def near_identical_bound(unit: np.ndarray, copies: Copies | None) -> float:
+    """The plain cosine at or above which two images are near-identical: more alike than any
+    calibration copy is to the image it was made from (cropped, turned, recoloured, rescaled,
+    re-compressed), so the bound follows the layer; IDENTICAL without copies. On the hard
+    benchmarks no two different images came above it, in any layer or pooling but one pair of
+    one (blocks.4 averaged); a burst of frames of one scene (shifted, +-5% brightness, noise)
+    is above it in the default layer (0.955 and up, against copies at most 0.935)."""
     from pipeline.search.vectors import normalise
 
-    with step(f"finding near-identical images (plain cosine >= {NEAR_IDENTICAL})"):
-        unit = normalise(vectors, out=vectors if vectors.flags.writeable else None)
-        found = search_pairs(unit, NEAR_IDENTICAL, params, k=1)
-    return found.pairs_a, found.pairs_b
+    if copies is None or not len(copies.vectors):
+        return IDENTICAL
+    made = normalise(copies.vectors.astype(np.float32, copy=True))
+    return float(min(IDENTICAL, np.einsum("ij,ij->i", made, unit[copies.sources]).max()))
+
+
+def near_identical(
+    vectors: np.ndarray, copies: Copies | None, params: DedupConfig
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The pairs of rows whose plain cosine is at least `near_identical_bound`, before whitening
+    (the rows L2-normalised in place when they can be: the whitening normalises them first
+    anyway), and the bound."""
+    from pipeline.search.vectors import normalise
+
+    unit = normalise(vectors, out=vectors if vectors.flags.writeable else None)
+    bound = near_identical_bound(unit, copies)
+    with step(f"finding near-identical images (plain cosine >= {bound:.4f})"):
+        found = search_pairs(unit, bound, params, k=1)
+    return found.pairs_a, found.pairs_b, bound
 
 
 def kept_near_identical(
-    found: neighbours.Neighbours, unit: np.ndarray, pairs: tuple[np.ndarray, np.ndarray]
+    found: neighbours.Neighbours, unit: np.ndarray, pairs: tuple[np.ndarray, np.ndarray, float]
 ) -> neighbours.Neighbours:
     """The search's pairs and the near-identical ones, said in the log when whitening put some
     of them below the threshold."""
-    a, b = pairs
+    a, b, bound = pairs
     similarity = np.einsum("ij,ij->i", unit[a], unit[b])
     below = int((similarity < found.threshold).sum())
     if below:
         log.warning(
-            "%d near-identical pair(s) (plain cosine >= %s) fall below the threshold %.3f after "
-            "whitening (down to %.3f): kept as pairs all the same. Whitening fitted on a set "
-            "full of near-identical images spreads them apart; dedup.whiten=false compares "
-            "plain cosines",
+            "%d near-identical pair(s) (plain cosine >= %.4f, more alike than any calibration "
+            "copy is to its source) fall below the threshold %.3f after whitening (down to "
+            "%.3f): kept as pairs all the same. Whitening fitted on a set full of near-identical "
+            "images spreads them apart; dedup.whiten=false compares plain cosines",
             below,
-            NEAR_IDENTICAL,
+            bound,
             found.threshold,
             float(similarity.min()),
         )
-    return found.including(a, b, similarity)
+    kept = found.including(a, b, similarity)
+    kept.params.update(near_identical_bound=bound, near_identical_below=below)
+    return kept
 
 
 def search_pairs(
@@ -430,6 +450,7 @@ def search_metrics(inputs: DedupInputs, found: Duplicates, params: DedupConfig) 
         "n_groups": int(found.groups.max() + 1) if n else 0,
         **({"recall_at_k": search.recall_at_k} if search.recall_at_k is not None else {}),
         **({"pair_recall": search.pair_recall} if search.pair_recall is not None else {}),
+        **{k: v for k, v in search.params.items() if k.startswith("near_identical_")},
         **whitening_metrics(found.whitening, params),
     }
     if found.calibration is not None:

@@ -325,17 +325,29 @@ def test_fixed_threshold_and_no_whitening_still_work(tmp_path: Path) -> None:
 def test_whitening_never_loses_near_identical_images(
     tmp_path: Path, identical: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A set dominated by a burst of 30 near-identical frames (or 30 identical vectors, whose
-    whitened direction is nothing at all): whitening fitted on it spreads the frames apart, and
-    a threshold of 0.9 found none of the 435 pairs. They are pairs whatever the threshold, and
-    the log says that whitening put them below it."""
+    """A set dominated by a burst of 30 near-identical frames (or 30 identical vectors):
+    whitening fitted on it spreads the frames apart, and a threshold of 0.9 found 4 of the 435
+    pairs. Images more alike than any calibration copy is to its source are pairs whatever the
+    threshold, and the log and metrics.json say how many whitening put below it."""
     rng = np.random.default_rng(8)
     scene = rng.standard_normal(64).astype(np.float32)
     noise = 0 if identical else 0.03
     burst = normalise(scene + noise * rng.standard_normal((30, 64)).astype(np.float32))
     vectors = np.concatenate([burst, unit_vectors(10, 64, seed=9)])
     ids = [f"{i}.png" for i in range(40)]
-    layer = write_layer(tmp_path / "l.parquet", vectors, ids, None)
+    layer = write_layer(tmp_path / "l.parquet", vectors, ids, None, config_hash="h")
+    # Copies of 10 images, altered more than the frames are (plain cosine about 0.96).
+    sources = np.repeat([0, 1, 2, *range(30, 37)], 1)
+    copies = normalise(vectors[sources] + 0.3 * unit_vectors(10, 64, seed=10))
+    sampled = [ids[i] for i in sources]
+    write_layer(
+        calibration_path(layer),
+        copies,
+        [f"{i}#copy0" for i in sampled],
+        None,
+        sampled,
+        config_hash="h",
+    )
     for threshold in ("0.9", "0.99"):
         cfg = stage_config(
             f"embeddings={layer}",
@@ -345,7 +357,9 @@ def test_whitening_never_loses_near_identical_images(
         with caplog.at_level(logging.WARNING, logger="pipeline.dedup"):
             metrics = dedup.run(cfg).metrics
         assert metrics["whiten_dim"] > 0 and metrics["n_pairs"] == 435  # 30 * 29 / 2
+        assert 0.9 < metrics["near_identical_bound"] < 0.99
         pairs = pd.read_parquet(tmp_path / threshold / "pairs.parquet")
         assert set(pairs["image_a"]) | set(pairs["image_b"]) == set(ids[:30])
     # Identical vectors stay identical after whitening unless they are the mean; frames do not.
     assert ("near-identical pair(s)" in caplog.text) != identical
+    assert (metrics["near_identical_below"] > 0) != identical

@@ -105,7 +105,7 @@ class Neighbours:
             np.concatenate([self.similarity, s]),
             n,
         )
-        return replace(self, pairs_a=a, pairs_b=b, similarity=s)
+        return replace(self, pairs_a=a, pairs_b=b, similarity=s, params=dict(self.params))
 
     def with_results(
         self, knn_i: np.ndarray, knn_d: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.ndarray
