@@ -5,8 +5,11 @@ embeddings and the extraction's calibration copies); each image's k nearest neig
 pair at or above the threshold found by `neighbours.search`: exactly (on a GPU when there is one, by
 blocked matrix products on the CPU for smaller sets) or approximately for large sets, its recall
 measured and reported. The threshold is fixed, or (`dedup.threshold=auto`) calibrated on the copies
-(`search.calibration`). Writes `pairs.parquet` (`image_a`, `image_b`, `similarity`: pairs at or
-above the threshold), `groups.parquet` (`image_id`, `group`: connected components of those pairs),
+(`search.calibration`, which says when it cannot tell how precise its threshold is). Images more
+alike in plain cosine than any copy is to its source are a pair whatever the threshold
+(`near_identical`): whitening fitted on a burst of near-identical frames spreads them apart.
+Writes `pairs.parquet` (`image_a`, `image_b`, `similarity`: pairs at or above the threshold),
+`groups.parquet` (`image_id`, `group`: connected components of those pairs),
 `exact_duplicates.parquet` (files with the same bytes), `metrics.json` (the threshold; average
 precision, precision, recall and F1 over pairs when the true groups are known; the calibration's
 numbers on the copies), `pr_curve.csv` and `pr_curve.png` (against the truth, over thresholds),

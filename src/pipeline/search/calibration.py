@@ -17,7 +17,7 @@ of them, so that a descriptor under which everything looks alike cannot explain 
 negatives away.
 
 That presumption is a guess, and the copies are not the set's own duplicates, so the precision at
-the threshold is reported with what it rests on (`Doubts`): `precision_low`, the precision with
+the threshold is reported with what it rests on: `precision_low`, the precision with
 every presumed duplicate counted as a negative (the worst case: none of them is a duplicate);
 `precision_interval`, a bootstrap over the sampled images (5% to 95%); the presumed duplicates
 per sampled image; the negatives near the copies. On a set where other pictures of the same
