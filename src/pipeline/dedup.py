@@ -270,6 +270,8 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
     threshold = inputs.threshold
     if threshold is None:
         threshold = calibrated_threshold(calibration, inputs.source)
+    elif calibration is not None:
+        given_threshold_check(calibration, threshold, params.whiten)
     with step(f"searching {len(unit):,} images"):
         found = search_pairs(unit, threshold, params)
     log.info("%s", found.summary())
@@ -527,6 +529,29 @@ def calibrated_threshold(calibration: Calibration | None, source: Path) -> float
             "; ".join(calibration.doubts),
         )
     return calibration.threshold
+
+
+def given_threshold_check(calibration: Calibration, threshold: float, whitened: bool) -> None:
+    """A warning when a given threshold finds fewer than half the calibration copies: the
+    number means something else in this layer's (whitened) similarities than where it was
+    learnt, and the calibrated one, with its precision, is the number to compare it with."""
+    curve = calibration.at(threshold)
+    if curve["recall"] >= 0.5:
+        return
+    log.warning(
+        "dedup.threshold=%s finds %.0f%% of the calibration copies (precision %.2f on them): "
+        "%s; the calibrated threshold is %.3f (precision %.2f, recall %.2f on the copies). "
+        "Read calibration_curve.png to choose, or leave dedup.threshold=auto",
+        threshold,
+        100 * curve["recall"],
+        curve["precision"],
+        "whitened similarities run far below plain cosine ones"
+        if whitened
+        else "in this layer copies are less alike than that",
+        calibration.threshold,
+        calibration.expected_precision,
+        calibration.recall,
+    )
 
 
 def write_postprocessing(

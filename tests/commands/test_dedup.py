@@ -363,3 +363,23 @@ def test_whitening_never_loses_near_identical_images(
     # Identical vectors stay identical after whitening unless they are the mean; frames do not.
     assert ("near-identical pair(s)" in caplog.text) != identical
     assert (metrics["near_identical_below"] > 0) != identical
+
+
+def test_a_given_threshold_that_misses_the_copies_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    layer, _, _ = planted(tmp_path)
+    cfg = stage_config(
+        f"embeddings={layer}", f"dedup.output_dir={tmp_path / 'out'}", "dedup.threshold=0.99"
+    )
+    with caplog.at_level(logging.WARNING, logger="pipeline.dedup"):
+        dedup.run(cfg)
+    assert "dedup.threshold=0.99 finds 0% of the calibration copies" in caplog.text
+    assert "whitened similarities run far below plain cosine ones" in caplog.text
+    caplog.clear()
+    cfg = stage_config(
+        f"embeddings={layer}", f"dedup.output_dir={tmp_path / 'auto'}", "dedup.threshold=auto"
+    )
+    with caplog.at_level(logging.WARNING, logger="pipeline.dedup"):
+        dedup.run(cfg)
+    assert "of the calibration copies" not in caplog.text

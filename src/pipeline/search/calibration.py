@@ -32,7 +32,7 @@ true, the worst case 0.55), and the presumed precision otherwise (0.95 said, 0.9
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -207,6 +207,12 @@ class Calibration:
     presumed_per_image: float  # presumed duplicates per sampled image
     near_negatives: int  # negatives at or above the weakest 5% of copies
     doubts: list[str]  # why the precision cannot be trusted, with the numbers; empty: none
+    scores: CopyScores = field(repr=False)
+
+    def at(self, threshold: float) -> pd.Series:
+        """Precision, recall and F1 on the copies at another threshold."""
+        at = np.array([threshold])
+        return precision_curve(self.scores.positives, self.scores.negatives, at).iloc[0]
 
     @property
     def expected_precision(self) -> float:
@@ -299,6 +305,7 @@ def calibrate(
         presumed_per_image=presumed_per_image,
         near_negatives=near,
         doubts=doubts(interval, presumed_per_image, near),
+        scores=scores,
     )
 
 
