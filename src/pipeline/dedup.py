@@ -387,7 +387,8 @@ def write_outputs(
         metrics["exact_duplicates"] = len(exact)
     if inputs.codes is not None:
         with step("scoring the pairs against the true groups"):
-            scores, curve = truth_scores(inputs.codes, found.candidates, found.threshold)
+            kept = (found.search.pairs_a, found.search.pairs_b)
+            scores, curve = truth_scores(inputs.codes, found.candidates, found.threshold, kept)
             metrics.update(scores)
             artifacts += write_pr_curve(out, curve, found.threshold, name)
     if inputs.reviewed is not None:

@@ -348,15 +348,19 @@ def test_whitening_never_loses_near_identical_images(
         sampled,
         config_hash="h",
     )
+    truth = tmp_path / "truth.csv"
+    pd.DataFrame({"path": ids, "group": ["burst"] * 30 + ids[30:]}).to_csv(truth, index=False)
     for threshold in ("0.9", "0.99"):
         cfg = stage_config(
             f"embeddings={layer}",
             f"dedup.output_dir={tmp_path / threshold}",
             f"dedup.threshold={threshold}",
+            f"dedup.truth={truth}",
         )
         with caplog.at_level(logging.WARNING, logger="pipeline.dedup"):
             metrics = dedup.run(cfg).metrics
         assert metrics["whiten_dim"] > 0 and metrics["n_pairs"] == 435  # 30 * 29 / 2
+        assert metrics["precision"] == metrics["recall"] == 1.0  # scored as reported
         assert 0.9 < metrics["near_identical_bound"] < 0.99
         pairs = pd.read_parquet(tmp_path / threshold / "pairs.parquet")
         assert set(pairs["image_a"]) | set(pairs["image_b"]) == set(ids[:30])
