@@ -1,7 +1,7 @@
 """Hard near-duplicate benchmark: does an embedding configuration find copies of a photo among
 other crops of the same photo, better than perceptual hashing does?
 
-    python benchmarks/neardup_bench.py [--quick] [--out DIR] [--flip]
+    python benchmarks/neardup_bench.py [--quick] [--out DIR] [--flip] [--other] [--default]
 
 The set, built deterministically from real photos that ship inside scikit-image, scikit-learn
 and matplotlib: each photo gives several crops (half to two thirds of each side, at random
@@ -10,16 +10,21 @@ places, overlapping), the originals. The hard negatives are the other crops of t
 scene, two photos). No two crops of a scene overlap by more than MAX_IOU, so none is a
 crop-copy of another. Some originals get copies made by `pipeline.images.augment`
 (crop, straighten or screenshot border; brightness/contrast or blur; rescale 0.4-0.9; JPEG
-quality 20-60; mirrored with --flip); an original and its copies are one true group.
+quality 20-60; every other copy mirrored with --flip); an original and its copies are one true
+group. `--other` builds the second set the same way from photos the first does not use (cell,
+grass, page, text, the left view of the stereo pair).
 
 Each configuration runs as a user would run it, in this process: `python -m pipeline` on the
 set (the extraction, which also embeds its calibration copies), then `python -m pipeline.dedup`
 with the default `dedup.threshold=auto`; the table has the dedup stage's average precision over
 its candidate pairs (true pairs it never lists count as missed), and precision, recall and F1 at
-the calibrated threshold. imagededup's PHash and dHash run on the same images: similarity
-1 - Hamming distance / 64 over all pairs, their threshold calibrated the same way on the same
-kind of copies (`pipeline.search.calibration` on the hashes as +-1 vectors, whose dot product is a
-monotone function of the Hamming distance), and at imagededup's own default (distance <= 10).
+the calibrated threshold, beside the precision the calibration predicted for itself
+(`calibration_expected_precision`; `on copies`: its precision on the copies alone, presumed
+duplicates left out, all it reported before) and whether it said it cannot tell. imagededup's
+PHash and dHash run on the same images: similarity 1 - Hamming distance / 64 over all pairs,
+their threshold calibrated the same way on the same kind of copies (`pipeline.search.calibration`
+on the hashes as +-1 vectors, whose dot product is a monotone function of the Hamming
+distance), and at imagededup's own default (distance <= 10).
 `best F1` is the F1 at the best threshold in hindsight, for reference.
 """
 
@@ -68,6 +73,8 @@ SKIMAGE_PHOTOS = (
 QUICK_PHOTOS = ("astronaut", "coffee", "rocket", "china")
 CROP_SIDE = (0.5, 0.67)  # of each side of the photo
 MAX_IOU = 0.4  # between two crops of one scene
+# The second set (--other): photos the first does not use, with the stereo pair's left view.
+OTHER_PHOTOS = ("cell", "grass", "page", "text")
 
 
 def photos(quick: bool) -> dict[str, list[np.ndarray]]:
@@ -111,12 +118,24 @@ def crop_box(shape: tuple[int, ...], taken: list[Box], rng: np.random.Generator)
     raise RuntimeError(f"no room for another crop beside {len(taken)}: fewer crops per scene")
 
 
-def build(root: Path, quick: bool, flip: bool) -> pd.DataFrame:
+def other_photos() -> dict[str, list[np.ndarray]]:
+    """The photos of the second set, none of them in the first: uint8 RGB."""
+    images = {name: getattr(skimage.data, name)() for name in OTHER_PHOTOS}
+    images["motorcycle"] = skimage.data.stereo_motorcycle()[0]
+    return {
+        name: [cv2.cvtColor(v, cv2.COLOR_GRAY2RGB) if v.ndim == 2 else v]
+        for name, v in images.items()
+    }
+
+
+def build(root: Path, quick: bool, flip: bool, other: bool = False) -> pd.DataFrame:
     """Write the set's images under `root/images` and return its manifest: `path` (relative to
-    root), `group` (the true near-duplicate group), `scene` and `variant`."""
+    root), `group` (the true near-duplicate group), `scene` and `variant`. `other`: the second
+    set, from photos the first does not use."""
     per_scene, with_copies, copies = (3, 2, 2) if quick else (5, 3, 3)
+    scenes = other_photos() if other else photos(quick)
     rows = []
-    for scene, views in photos(quick).items():
+    for scene, views in scenes.items():
         rng = np.random.default_rng(zlib.crc32(scene.encode()))
         folder = root / "images" / scene
         folder.mkdir(parents=True, exist_ok=True)
@@ -135,7 +154,7 @@ def build(root: Path, quick: bool, flip: bool) -> pd.DataFrame:
             made = np.random.default_rng([zlib.crc32(scene.encode()), index])
             for copy in range(copies):
                 path = folder / f"{index}-copy{copy}.jpg"
-                path.write_bytes(near_duplicate(original, made, flip))
+                path.write_bytes(near_duplicate(original, made, flip and copy % 2 == 1))
                 rows.append((path, group, scene, "copy"))
     manifest = pd.DataFrame(rows, columns=["path", "group", "scene", "variant"])
     manifest["path"] = [p.relative_to(root).as_posix() for p in manifest["path"]]
@@ -234,7 +253,10 @@ def run_setups(root: Path, out: Path, setups: tuple[Setup, ...]) -> list[dict[st
                     "dim": metadata["dim"],
                     "AP": metrics["ap"],
                     "F1": metrics["f1"],
+                    "on copies": metrics["calibration_precision"],
+                    "predicted precision": metrics["calibration_expected_precision"],
                     "precision": metrics["precision"],
+                    "cannot tell": metrics["calibration_uncertain"],
                     "recall": metrics["recall"],
                     "threshold": metrics["threshold"],
                     "best F1": curve["f1"].max(),
@@ -293,7 +315,14 @@ def hash_rows(root: Path, manifest: pd.DataFrame) -> list[dict[str, Any]]:
                     "pooling": "-",
                     "dim": 64,
                     "AP": ap,
-                    **scores,
+                    "F1": scores["F1"],
+                    "on copies": found.precision if label == "calibrated" else np.nan,
+                    "predicted precision": found.expected_precision
+                    if label == "calibrated"
+                    else np.nan,
+                    "precision": scores["precision"],
+                    "cannot tell": bool(found.doubts) if label == "calibrated" else np.nan,
+                    "recall": scores["recall"],
                     "threshold": threshold,
                     "best F1": best_f1(similarity, truth),
                 }
@@ -319,13 +348,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 photos, 2 setups: a CI-sized run")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/neardup"))
-    parser.add_argument("--flip", action="store_true", help="mirrored copies too")
+    parser.add_argument("--flip", action="store_true", help="every other copy mirrored")
+    parser.add_argument(
+        "--other", action="store_true", help="the second set: photos the first does not use"
+    )
+    parser.add_argument("--default", action="store_true", help="the default configuration only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     root = args.out / "set"
-    manifest = build(root, args.quick, args.flip)
+    manifest = build(root, args.quick, args.flip, args.other)
     print(f"{len(manifest)} images, {manifest['group'].nunique()} groups -> {root}")
-    rows = run_setups(root, args.out, QUICK_SETUPS if args.quick else SETUPS)
+    setups = QUICK_SETUPS if args.quick else SETUPS
+    rows = run_setups(root, args.out, setups[:1] if args.default else setups)
     rows += hash_rows(root, manifest)
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "results.csv", index=False)
@@ -336,7 +370,10 @@ def markdown(table: pd.DataFrame) -> str:
     shown = table.drop(columns=["layer"])
     lines = ["| " + " | ".join(shown.columns) + " |", "|---|" + "---:|" * (len(shown.columns) - 1)]
     for row in shown.itertuples(index=False):
-        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row]
+        cells = [
+            "-" if v is None or v != v else f"{v:.3f}" if isinstance(v, float) else str(v)
+            for v in row
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

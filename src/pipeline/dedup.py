@@ -5,8 +5,11 @@ embeddings and the extraction's calibration copies); each image's k nearest neig
 pair at or above the threshold found by `neighbours.search`: exactly (on a GPU when there is one, by
 blocked matrix products on the CPU for smaller sets) or approximately for large sets, its recall
 measured and reported. The threshold is fixed, or (`dedup.threshold=auto`) calibrated on the copies
-(`search.calibration`). Writes `pairs.parquet` (`image_a`, `image_b`, `similarity`: pairs at or
-above the threshold), `groups.parquet` (`image_id`, `group`: connected components of those pairs),
+(`search.calibration`, which says when it cannot tell how precise its threshold is). Images more
+alike in plain cosine than any copy is to its source are a pair whatever the threshold
+(`near_identical`): whitening fitted on a burst of near-identical frames spreads them apart.
+Writes `pairs.parquet` (`image_a`, `image_b`, `similarity`: pairs at or above the threshold),
+`groups.parquet` (`image_id`, `group`: connected components of those pairs),
 `exact_duplicates.parquet` (files with the same bytes), `metrics.json` (the threshold; average
 precision, precision, recall and F1 over pairs when the true groups are known; the calibration's
 numbers on the copies), `pr_curve.csv` and `pr_curve.png` (against the truth, over thresholds),
@@ -45,6 +48,10 @@ if TYPE_CHECKING:
     from pipeline.storage.contract import Embeddings
 
 log = logging.getLogger(__name__)
+# Plain cosine (of the L2-normalised embeddings, before whitening) at or above which two images
+# are identical when there are no calibration copies to say what near-identical is (with them:
+# more alike than any copy is to its source; see `near_identical_bound`).
+IDENTICAL = 0.9999
 APP_CONFIG = "dedup_app"  # conf/dedup_app.yaml: config.yaml, with the model's dedup_layer
 # Written only by some runs: removed first, so a folder never mixes two runs' results.
 OPTIONAL_OUTPUTS = (
@@ -249,6 +256,7 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
     from pipeline.search.calibration import calibrate
 
     vectors, copies = inputs.embeddings.vectors, inputs.copies
+    identical = near_identical(vectors, copies, params) if params.whiten else None
     with step("whitening and normalising" if params.whiten else "normalising"):
         unit, copies_unit, whitening = postprocess(
             vectors, copies.vectors if copies else None, params, seed
@@ -262,9 +270,13 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
     threshold = inputs.threshold
     if threshold is None:
         threshold = calibrated_threshold(calibration, inputs.source)
+    elif calibration is not None:
+        given_threshold_check(calibration, threshold, params.whiten)
     with step(f"searching {len(unit):,} images"):
         found = search_pairs(unit, threshold, params)
     log.info("%s", found.summary())
+    if identical is not None and len(identical[0]):
+        found = kept_near_identical(found, unit, identical)
     with step("grouping the pairs"):
         candidates = pd.DataFrame(
             dict(zip(("a", "b", "similarity"), found.candidates(), strict=True))
@@ -273,14 +285,71 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
     return Duplicates(found, threshold, whitening, calibration, candidates, groups, unit)
 
 
-def search_pairs(unit: np.ndarray, threshold: float, params: DedupConfig) -> neighbours.Neighbours:
-    """`neighbours.search` with dedup's settings; a setting it refuses is a ConfigError."""
+def near_identical_bound(unit: np.ndarray, copies: Copies | None) -> float:
+    """The plain cosine at or above which two images are near-identical: more alike than any
+    calibration copy is to the image it was made from (cropped, turned, recoloured, rescaled,
+    re-compressed), so the bound follows the layer; IDENTICAL without copies. On the hard
+    benchmarks no two different images came above it, in any layer or pooling but one pair of
+    one (blocks.4 averaged); a burst of frames of one scene (shifted, +-5% brightness, noise)
+    is above it in the default layer (0.955 and up, against copies at most 0.935)."""
+    from pipeline.search.vectors import normalise
+
+    if copies is None or not len(copies.vectors):
+        return IDENTICAL
+    made = normalise(copies.vectors.astype(np.float32, copy=True))
+    return float(min(IDENTICAL, np.einsum("ij,ij->i", made, unit[copies.sources]).max()))
+
+
+def near_identical(
+    vectors: np.ndarray, copies: Copies | None, params: DedupConfig
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The pairs of rows whose plain cosine is at least `near_identical_bound`, before whitening
+    (the rows L2-normalised in place when they can be: the whitening normalises them first
+    anyway), and the bound."""
+    from pipeline.search.vectors import normalise
+
+    unit = normalise(vectors, out=vectors if vectors.flags.writeable else None)
+    bound = near_identical_bound(unit, copies)
+    with step(f"finding near-identical images (plain cosine >= {bound:.4f})"):
+        found = search_pairs(unit, bound, params, k=1)
+    return found.pairs_a, found.pairs_b, bound
+
+
+def kept_near_identical(
+    found: neighbours.Neighbours, unit: np.ndarray, pairs: tuple[np.ndarray, np.ndarray, float]
+) -> neighbours.Neighbours:
+    """The search's pairs and the near-identical ones, said in the log when whitening put some
+    of them below the threshold."""
+    a, b, bound = pairs
+    similarity = np.einsum("ij,ij->i", unit[a], unit[b])
+    below = int((similarity < found.threshold).sum())
+    if below:
+        log.warning(
+            "%d near-identical pair(s) (plain cosine >= %.4f, more alike than any calibration "
+            "copy is to its source) fall below the threshold %.3f after whitening (down to "
+            "%.3f): kept as pairs all the same. Whitening fitted on a set full of near-identical "
+            "images spreads them apart; dedup.whiten=false compares plain cosines",
+            below,
+            bound,
+            found.threshold,
+            float(similarity.min()),
+        )
+    kept = found.including(a, b, similarity)
+    kept.params.update(near_identical_bound=bound, near_identical_below=below)
+    return kept
+
+
+def search_pairs(
+    unit: np.ndarray, threshold: float, params: DedupConfig, k: int | None = None
+) -> neighbours.Neighbours:
+    """`neighbours.search` with dedup's settings (`k` in place of dedup.k when given); a
+    setting it refuses is a ConfigError."""
     from pipeline.search import neighbours
 
     try:
         return neighbours.search(
             unit,
-            params.k,
+            k or params.k,
             threshold,
             params.method.value,
             params.device,
@@ -318,7 +387,8 @@ def write_outputs(
         metrics["exact_duplicates"] = len(exact)
     if inputs.codes is not None:
         with step("scoring the pairs against the true groups"):
-            scores, curve = truth_scores(inputs.codes, found.candidates, found.threshold)
+            kept = (found.search.pairs_a, found.search.pairs_b)
+            scores, curve = truth_scores(inputs.codes, found.candidates, found.threshold, kept)
             metrics.update(scores)
             artifacts += write_pr_curve(out, curve, found.threshold, name)
     if inputs.reviewed is not None:
@@ -386,6 +456,7 @@ def search_metrics(inputs: DedupInputs, found: Duplicates, params: DedupConfig) 
         "n_groups": int(found.groups.max() + 1) if n else 0,
         **({"recall_at_k": search.recall_at_k} if search.recall_at_k is not None else {}),
         **({"pair_recall": search.pair_recall} if search.pair_recall is not None else {}),
+        **{k: v for k, v in search.params.items() if k.startswith("near_identical_")},
         **whitening_metrics(found.whitening, params),
     }
     if found.calibration is not None:
@@ -446,7 +517,42 @@ def calibrated_threshold(calibration: Calibration | None, source: Path) -> float
             calibration.target_precision,
             calibration.threshold,
         )
+    if calibration.doubts:
+        log.warning(
+            "%s: the calibration cannot tell how precise its threshold %.3f is: expect precision "
+            "%.2f (%.2f on the copies, %.2f if no presumed duplicate is one); %s. Check the pairs "
+            "near the threshold on review.html, or give dedup.threshold",
+            source,
+            calibration.threshold,
+            calibration.expected_precision,
+            calibration.precision,
+            calibration.precision_low,
+            "; ".join(calibration.doubts),
+        )
     return calibration.threshold
+
+
+def given_threshold_check(calibration: Calibration, threshold: float, whitened: bool) -> None:
+    """A warning when a given threshold finds fewer than half the calibration copies: the
+    number means something else in this layer's (whitened) similarities than where it was
+    learnt, and the calibrated one, with its precision, is the number to compare it with."""
+    curve = calibration.at(threshold)
+    if curve["recall"] >= 0.5:
+        return
+    log.warning(
+        "dedup.threshold=%s finds %.0f%% of the calibration copies (precision %.2f on them): "
+        "%s; the calibrated threshold is %.3f (precision %.2f, recall %.2f on the copies). "
+        "Read calibration_curve.png to choose, or leave dedup.threshold=auto",
+        threshold,
+        100 * curve["recall"],
+        curve["precision"],
+        "whitened similarities run far below plain cosine ones"
+        if whitened
+        else "in this layer copies are less alike than that",
+        calibration.threshold,
+        calibration.expected_precision,
+        calibration.recall,
+    )
 
 
 def write_postprocessing(

@@ -126,6 +126,14 @@ def pr_figure(curve: Sequence, threshold: float, title: str) -> Figure:
     figure, axes = subplots(figsize=(6, 4), layout="constrained")
     for column in ("precision", "recall", "f1"):
         axes.plot(curve["threshold"], curve[column], label=column)
+    if "precision_worst" in curve:  # the calibration's: presumed duplicates counted against it
+        axes.plot(
+            curve["threshold"],
+            curve["precision_worst"],
+            color="C0",
+            linestyle=":",
+            label="precision, presumed duplicates counted",
+        )
     axes.axvline(threshold, color="grey", linestyle="--", label=f"threshold {threshold}")
     axes.set(title=title, xlabel="cosine similarity threshold", ylabel="score", ylim=(0, 1.02))
     axes.legend(fontsize="small")

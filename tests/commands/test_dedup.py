@@ -319,3 +319,71 @@ def test_fixed_threshold_and_no_whitening_still_work(tmp_path: Path) -> None:
     assert metrics["whiten_dim"] == 0 and metrics["n_pairs"] == 20
     assert not (out / "whitening.npz").exists()
     assert "calibration_ap" in metrics  # the copies still show what the threshold does
+
+
+@pytest.mark.parametrize("identical", [False, True])
+def test_whitening_never_loses_near_identical_images(
+    tmp_path: Path, identical: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A set dominated by a burst of 30 near-identical frames (or 30 identical vectors):
+    whitening fitted on it spreads the frames apart, and a threshold of 0.9 found 4 of the 435
+    pairs. Images more alike than any calibration copy is to its source are pairs whatever the
+    threshold, and the log and metrics.json say how many whitening put below it."""
+    rng = np.random.default_rng(8)
+    scene = rng.standard_normal(64).astype(np.float32)
+    noise = 0 if identical else 0.03
+    burst = normalise(scene + noise * rng.standard_normal((30, 64)).astype(np.float32))
+    vectors = np.concatenate([burst, unit_vectors(10, 64, seed=9)])
+    ids = [f"{i}.png" for i in range(40)]
+    layer = write_layer(tmp_path / "l.parquet", vectors, ids, None, config_hash="h")
+    # Copies of 10 images, altered more than the frames are (plain cosine about 0.96).
+    sources = np.repeat([0, 1, 2, *range(30, 37)], 1)
+    copies = normalise(vectors[sources] + 0.3 * unit_vectors(10, 64, seed=10))
+    sampled = [ids[i] for i in sources]
+    write_layer(
+        calibration_path(layer),
+        copies,
+        [f"{i}#copy0" for i in sampled],
+        None,
+        sampled,
+        config_hash="h",
+    )
+    truth = tmp_path / "truth.csv"
+    pd.DataFrame({"path": ids, "group": ["burst"] * 30 + ids[30:]}).to_csv(truth, index=False)
+    for threshold in ("0.9", "0.99"):
+        cfg = stage_config(
+            f"embeddings={layer}",
+            f"dedup.output_dir={tmp_path / threshold}",
+            f"dedup.threshold={threshold}",
+            f"dedup.truth={truth}",
+        )
+        with caplog.at_level(logging.WARNING, logger="pipeline.dedup"):
+            metrics = dedup.run(cfg).metrics
+        assert metrics["whiten_dim"] > 0 and metrics["n_pairs"] == 435  # 30 * 29 / 2
+        assert metrics["precision"] == metrics["recall"] == 1.0  # scored as reported
+        assert 0.9 < metrics["near_identical_bound"] < 0.99
+        pairs = pd.read_parquet(tmp_path / threshold / "pairs.parquet")
+        assert set(pairs["image_a"]) | set(pairs["image_b"]) == set(ids[:30])
+    # Identical vectors stay identical after whitening unless they are the mean; frames do not.
+    assert ("near-identical pair(s)" in caplog.text) != identical
+    assert (metrics["near_identical_below"] > 0) != identical
+
+
+def test_a_given_threshold_that_misses_the_copies_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    layer, _, _ = planted(tmp_path)
+    cfg = stage_config(
+        f"embeddings={layer}", f"dedup.output_dir={tmp_path / 'out'}", "dedup.threshold=0.99"
+    )
+    with caplog.at_level(logging.WARNING, logger="pipeline.dedup"):
+        dedup.run(cfg)
+    assert "dedup.threshold=0.99 finds 0% of the calibration copies" in caplog.text
+    assert "whitened similarities run far below plain cosine ones" in caplog.text
+    caplog.clear()
+    cfg = stage_config(
+        f"embeddings={layer}", f"dedup.output_dir={tmp_path / 'auto'}", "dedup.threshold=auto"
+    )
+    with caplog.at_level(logging.WARNING, logger="pipeline.dedup"):
+        dedup.run(cfg)
+    assert "of the calibration copies" not in caplog.text

@@ -110,3 +110,43 @@ def test_nearest_reads_in_blocks_and_finds_the_exact_neighbours(
     expected = np.sort(np.argsort(-full, axis=1)[:, :3], axis=1)
     np.testing.assert_array_equal(np.sort(indices, axis=1), expected)
     np.testing.assert_allclose(np.sort(sims, axis=1), np.sort(full, axis=1)[:, -3:])
+
+
+def scene_set(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The planted set, with 8 other pictures of each sampled image's scene (crops of the same
+    photo) at similarity 0.80-0.95 to it: as near as its copies, and none a duplicate."""
+    base, copies, sources = planted_set(rng, duplicates_in_set=False)
+    crops = np.concatenate(
+        [with_similarity(base[:100], rng.uniform(0.80, 0.95, 100), rng) for _ in range(8)]
+    )
+    return np.concatenate([base, crops]), copies, sources
+
+
+def test_presumed_duplicates_that_are_other_pictures_make_it_say_it_cannot_tell() -> None:
+    base, copies, sources = scene_set(np.random.default_rng(5))
+    found = calibrate(base, copies, sources, k=10, target=0.95)
+    # The 8 crops of each scene were presumed duplicates (at most 10 a sampled image)...
+    assert found.presumed_per_image >= 8 and found.presumed_duplicates <= 10 * 100
+    # ...so the copies look found at 0.95, where counting the crops says far less.
+    assert found.precision >= 0.95 and found.precision_low < 0.5
+    assert found.expected_precision == found.precision_low
+    assert found.doubts and "presumed its duplicates" in found.doubts[0]
+    metrics = found.metrics()
+    assert metrics["calibration_uncertain"] and metrics["calibration_expected_precision"] < 0.5
+    assert "8." in metrics["calibration_doubts"] or "9." in metrics["calibration_doubts"]
+
+
+def test_a_stable_calibration_brackets_its_precision() -> None:
+    base, copies, sources = planted_set(np.random.default_rng(3), duplicates_in_set=True)
+    found = calibrate(base, copies, sources, k=10, target=0.95)
+    # Stable, and few presumed duplicates; but every other image is below the copies (the set
+    # is planted so), so there is nothing near them to measure precision on, and it says so.
+    assert found.doubts == [
+        "only 0 other images are as near the copies as the weakest 5% of copies are to their "
+        "sources: too few to measure precision on"
+    ]
+    assert found.expected_precision == found.precision
+    low, high = found.precision_interval
+    assert low <= found.precision <= high and high - low <= 0.1
+    # The 40 duplicates in the set, counted as negatives, lower the worst case.
+    assert found.precision_low < found.precision

@@ -95,6 +95,18 @@ class Neighbours:
         del found
         return unique_pairs(a, b, s, n)
 
+    def including(self, a: np.ndarray, b: np.ndarray, s: np.ndarray) -> Neighbours:
+        """These pairs found too, whatever their similarity (the pairs made unique and sorted,
+        most similar first)."""
+        n = len(self.knn_indices)
+        a, b, s = unique_pairs(
+            np.concatenate([self.pairs_a, a]),
+            np.concatenate([self.pairs_b, b]),
+            np.concatenate([self.similarity, s]),
+            n,
+        )
+        return replace(self, pairs_a=a, pairs_b=b, similarity=s, params=dict(self.params))
+
     def with_results(
         self, knn_i: np.ndarray, knn_d: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.ndarray
     ) -> Neighbours:

@@ -76,17 +76,24 @@ def pr_curve(similarities: np.ndarray, hits: np.ndarray, truth: int) -> pd.DataF
 
 
 def truth_scores(
-    codes: np.ndarray, candidates: pd.DataFrame, threshold: float
+    codes: np.ndarray,
+    candidates: pd.DataFrame,
+    threshold: float,
+    kept: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[dict, pd.DataFrame]:
     """Of the candidate pairs (columns a, b, similarity) against the true groups `codes`:
-    precision, recall and F1 at the threshold, the true pairs and average precision; and the
-    precision-recall curve over thresholds."""
+    precision, recall and F1 at the threshold (of the pairs `kept`, when given: those a run
+    reports, near-identical ones below the threshold among them), the true pairs and average
+    precision; and the precision-recall curve over thresholds."""
     similarities = candidates["similarity"].to_numpy()
     above = similarities >= threshold
     hits = shares_group(codes, candidates["a"].to_numpy(), candidates["b"].to_numpy())
     n_true = count_true_pairs(codes)
+    found = (int(above.sum()), int(hits[above].sum()))
+    if kept is not None:
+        found = (len(kept[0]), int(shares_group(codes, *kept).sum()))
     scores = {
-        **pair_scores(int(above.sum()), int(hits[above].sum()), n_true),
+        **pair_scores(*found, n_true),
         "true_pairs": n_true,
         "ap": average_precision(similarities, hits, n_true),
     }
