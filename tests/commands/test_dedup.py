@@ -366,7 +366,15 @@ def test_whitening_never_loses_near_identical_images(
         assert set(pairs["image_a"]) | set(pairs["image_b"]) == set(ids[:30])
     # Identical vectors stay identical after whitening unless they are the mean; frames do not.
     assert ("near-identical pair(s)" in caplog.text) != identical
-    assert (metrics["near_identical_below"] > 0) != identical
+    assert (metrics["near_identical_below"] > 0) != identical and metrics["near_identical_checked"]
+    # Where the search is approximate (large sets on the CPU), the look is not made, and said.
+    cfg = stage_config(
+        f"embeddings={layer}", f"dedup.output_dir={tmp_path / 'ivf'}", "dedup.method=hnsw"
+    )
+    with caplog.at_level(logging.INFO, logger="pipeline.dedup"):
+        metrics = dedup.run(cfg).metrics
+    assert metrics["near_identical_checked"] is False
+    assert "near-identical images not looked for before whitening" in caplog.text
 
 
 def test_a_given_threshold_that_misses_the_copies_is_warned_about(

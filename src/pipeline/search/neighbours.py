@@ -132,6 +132,11 @@ def _choose(method: str, device: str, n: int, dim: int = EXACT_CPU_DIM) -> tuple
     return "ivf", f"ivf on CPU: N={n:,} > {switch}, no CUDA device"
 
 
+def chosen_method(method: str, device: str, n: int, dim: int) -> str:
+    """The method `search` would run for n rows of `dim` values: "exact", "ivf" or "hnsw"."""
+    return _choose(method, resolve_device(device), n, dim)[0]
+
+
 def exact_cpu_max_n(dim: int) -> int:
     """The most rows method=auto searches exactly on the CPU at `dim` values a row: the exact
     search costs N^2 x dim, so above EXACT_CPU_DIM the switch point falls as 1 / sqrt(dim)."""
