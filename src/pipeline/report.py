@@ -31,6 +31,7 @@ from pipeline.results import HEADLINE, StageResult
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
+    import pyarrow as pa
     from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
@@ -339,6 +340,20 @@ def compared_layers(cfg: PipelineConfig) -> list[Layer]:
     return found
 
 
+def image_ids(file: Path) -> pa.Array:
+    """A layer's image_id column (strings, as the contract has them), or a ConfigError."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    try:
+        column = ds.dataset(file, format="parquet").to_table(columns=["image_id"])["image_id"]
+    except (pa.ArrowException, OSError) as err:
+        raise ConfigError(f"{file} cannot be read: {err}") from None
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise ConfigError(f"{file}: its image_id is {column.type}, not text: not a layer")
+    return column.combine_chunks()
+
+
 def shared_sample(
     layers: list[Layer], size: int, seed: int
 ) -> tuple[list[Layer], list[str], list[np.ndarray]]:
@@ -347,22 +362,18 @@ def shared_sample(
     share fewer than 2 of them is left out. The layers kept, the ids drawn, and each layer's
     rows of them in that order. Only the id columns are read."""
     import numpy as np
-    import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.dataset as ds
 
     models = list(dict.fromkeys(model for model, _, _ in layers))
     ids, unread = {}, set()
     for model, _, file in layers:
         try:
-            table = ds.dataset(file, format="parquet").to_table(columns=["image_id"])
-        except (pa.ArrowException, OSError) as err:
+            ids[file] = image_ids(file)
+        except ConfigError as err:
             if model == models[0]:
-                raise ConfigError(f"{file} cannot be read: {err}") from None
-            log.warning("CKA: %s left out: %s cannot be read: %s", model, file, err)
+                raise
+            log.warning("CKA: %s left out: %s", model, err)
             unread.add(model)
-            continue
-        ids[file] = table["image_id"].combine_chunks()
     layers = [layer for layer in layers if layer[0] not in unread]
     models = [model for model in models if model not in unread]
     common, kept = None, []

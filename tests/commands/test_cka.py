@@ -126,6 +126,13 @@ def test_layers_are_joined_by_image_id_on_a_seeded_sample_of_those_they_share(
     # And one whose metadata reads but whose rows do not (a part cut short).
     cut = write_layer(tmp_path / "outputs/embeddings/set/cut/x.parquet", x, ids, None)
     (cut / "part-999999.parquet").write_bytes(b"PAR1 cut short")
+    # And one whose ids are numbers (some other table of the same shape).
+    numbers = tmp_path / "outputs/embeddings/set/numbers/x.parquet"
+    write_layer(numbers, x, ids, None)
+    for part in numbers.glob("part-*.parquet"):
+        table = pq.read_table(part)
+        table = table.set_column(0, "image_id", pa.array(range(len(table)), pa.int64()))
+        pq.write_table(table, part)
     overrides = [f"output_dir={own}", "report.cka_sample=100", "report.cka_seed=1"]
     cfg = composed(*overrides)
     table = cka_table(cfg).set_index(["model_a", "layer_a", "model_b", "layer_b"])["cka"]
@@ -135,7 +142,7 @@ def test_layers_are_joined_by_image_id_on_a_seeded_sample_of_those_they_share(
     assert 0.1 < table.loc[("model-b", "logits", "model-a", "first")] < 0.5
     full = cka_table(cfg)
     assert full["n"].eq(100).all() and len(full) == 16
-    assert not {"model-c", "junk", "cut"} & set(full["model_a"])
+    assert not {"model-c", "junk", "cut", "numbers"} & set(full["model_a"])
     assert list(dict.fromkeys(full["layer_a"])) == ["first", "rotated", "noise", "logits"]
     # The draw is from the images all layers have (not the 40 `noise` lacks), by the seed.
     files = [("model-a", f.stem, f) for f in (own / "first.parquet", own / "noise.parquet")]
