@@ -7,7 +7,7 @@ blocked matrix products on the CPU for smaller sets) or approximately for large 
 measured and reported. The threshold is fixed, or (`dedup.threshold=auto`) calibrated on the copies
 (`search.calibration`, which says when it cannot tell how precise its threshold is). Images more
 alike in plain cosine than any copy is to its source are a pair whatever the threshold
-(`near_identical`): whitening fitted on a burst of near-identical frames spreads them apart.
+(`search.identical`): whitening fitted on a burst of near-identical frames spreads them apart.
 Writes `pairs.parquet` (`image_a`, `image_b`, `similarity`: pairs at or above the threshold),
 `groups.parquet` (`image_id`, `group`: connected components of those pairs),
 `exact_duplicates.parquet` (files with the same bytes), `metrics.json` (the threshold; average
@@ -35,6 +35,7 @@ from pipeline.config import DedupConfig, PipelineConfig
 from pipeline.errors import ConfigError
 from pipeline.progress import step, tick
 from pipeline.results import DatasetRef, StageResult, write_headline
+from pipeline.search import identical
 from pipeline.search.vectors import MIN_WHITENED, Whitening, postprocess, whitening_metrics
 
 # pandas, pyarrow, faiss, SciPy and matplotlib are imported where they are used: this module
@@ -48,10 +49,6 @@ if TYPE_CHECKING:
     from pipeline.storage.contract import Embeddings
 
 log = logging.getLogger(__name__)
-# Plain cosine (of the L2-normalised embeddings, before whitening) at or above which two images
-# are identical when there are no calibration copies to say what near-identical is (with them:
-# more alike than any copy is to its source; see `near_identical_bound`).
-IDENTICAL = 0.9999
 APP_CONFIG = "dedup_app"  # conf/dedup_app.yaml: config.yaml, with the model's dedup_layer
 # Written only by some runs: removed first, so a folder never mixes two runs' results.
 OPTIONAL_OUTPUTS = (
@@ -256,7 +253,7 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
     from pipeline.search.calibration import calibrate
 
     vectors, copies = inputs.embeddings.vectors, inputs.copies
-    identical = near_identical(vectors, copies, params) if params.whiten else None
+    near = near_identical(vectors, copies, params) if params.whiten else None
     with step("whitening and normalising" if params.whiten else "normalising"):
         unit, copies_unit, whitening = postprocess(
             vectors, copies.vectors if copies else None, params, seed
@@ -275,10 +272,10 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
     with step(f"searching {len(unit):,} images"):
         found = search_pairs(unit, threshold, params)
     log.info("%s", found.summary())
-    if identical is not None and len(identical[0]):
-        found = kept_near_identical(found, unit, identical)
+    if near is not None and len(near[0]):
+        found = identical.kept_near_identical(found, unit, near)
     if params.whiten:
-        found.params["near_identical_checked"] = identical is not None
+        found.params["near_identical_checked"] = near is not None
     with step("grouping the pairs"):
         candidates = pd.DataFrame(
             dict(zip(("a", "b", "similarity"), found.candidates(), strict=True))
@@ -287,32 +284,15 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
     return Duplicates(found, threshold, whitening, calibration, candidates, groups, unit)
 
 
-def near_identical_bound(unit: np.ndarray, copies: Copies | None) -> float:
-    """The plain cosine at or above which two images are near-identical: more alike than any
-    calibration copy is to the image it was made from (cropped, turned, recoloured, rescaled,
-    re-compressed), so the bound follows the layer; IDENTICAL without copies. On the hard
-    benchmarks no two different images came above it, in any layer or pooling but one pair of
-    one (blocks.4 averaged); a burst of frames of one scene (shifted, +-5% brightness, noise)
-    is above it in the default layer (0.955 and up, against copies at most 0.935)."""
-    from pipeline.search.vectors import normalise
-
-    if copies is None or not len(copies.vectors):
-        return IDENTICAL
-    made = normalise(copies.vectors.astype(np.float32, copy=True))
-    return float(min(IDENTICAL, np.einsum("ij,ij->i", made, unit[copies.sources]).max()))
-
-
 def near_identical(
     vectors: np.ndarray, copies: Copies | None, params: DedupConfig
-) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """The pairs of rows whose plain cosine is at least `near_identical_bound`, before whitening
-    (the rows L2-normalised in place when they can be: the whitening normalises them first
-    anyway), and the bound. None, said in the log, where the search would not be exact: a
-    second approximate search of the plain vectors costs more than the whitened one (at 1M x
-    1280, 4.6 min against 1.1: near-identical pairs are a handful among rows that all look
-    alike before whitening, and IVF widens until it finds each row's nearest)."""
+) -> identical.Pairs | None:
+    """`search.identical.near_identical`, searched with dedup's settings. None, said in the
+    log, where the search would not be exact: a second approximate search of the plain vectors
+    costs more than the whitened one (at 1M x 1280, 4.6 min against 1.1: near-identical pairs
+    are a handful among rows that all look alike before whitening, and IVF widens until it
+    finds each row's nearest)."""
     from pipeline.search.neighbours import chosen_method
-    from pipeline.search.vectors import normalise
 
     method = chosen_method(params.method.value, params.device, *vectors.shape)
     if method != "exact":
@@ -324,35 +304,12 @@ def near_identical(
             method,
         )
         return None
-    unit = normalise(vectors, out=vectors if vectors.flags.writeable else None)
-    bound = near_identical_bound(unit, copies)
-    with step(f"finding near-identical images (plain cosine >= {bound:.4f})"):
-        found = search_pairs(unit, bound, params, k=1)
-    return found.pairs_a, found.pairs_b, bound
-
-
-def kept_near_identical(
-    found: neighbours.Neighbours, unit: np.ndarray, pairs: tuple[np.ndarray, np.ndarray, float]
-) -> neighbours.Neighbours:
-    """The search's pairs and the near-identical ones, said in the log when whitening put some
-    of them below the threshold."""
-    a, b, bound = pairs
-    similarity = np.einsum("ij,ij->i", unit[a], unit[b])
-    below = int((similarity < found.threshold).sum())
-    if below:
-        log.warning(
-            "%d near-identical pair(s) (plain cosine >= %.4f, more alike than any calibration "
-            "copy is to its source) fall below the threshold %.3f after whitening (down to "
-            "%.3f): kept as pairs all the same. Whitening fitted on a set full of near-identical "
-            "images spreads them apart; dedup.whiten=false compares plain cosines",
-            below,
-            bound,
-            found.threshold,
-            float(similarity.min()),
-        )
-    kept = found.including(a, b, similarity)
-    kept.params.update(near_identical_bound=bound, near_identical_below=below)
-    return kept
+    return identical.near_identical(
+        vectors,
+        copies.vectors if copies else None,
+        copies.sources if copies else np.empty(0, np.int64),
+        lambda unit, bound: search_pairs(unit, bound, params, k=1),
+    )
 
 
 def search_pairs(

@@ -36,7 +36,7 @@ LAYOUT_VERSION = 1
 # the neighbours are searched once, by pipeline.search, for the graph and the table alike.
 UMAP_NEIGHBOURS = 15
 PCA_SAMPLE = 20_000  # PCA's 2 axes are fitted on this many images at most
-CHUNK_ROWS = 8192  # rows normalised and projected at once
+CHUNK_ROWS = 8192  # rows projected at once
 
 
 @dataclass
@@ -78,6 +78,8 @@ def layout_key(digest: str, method: str, params: ExploreConfig, k: int) -> dict:
 def cached_layout(path: Path, embeddings: Embeddings, digest: str, params: ExploreConfig) -> Layout:
     """The layout in `path` when it was made from this layer with these settings; otherwise
     computed (the vectors normalised in place) and kept there."""
+    from pipeline.search.vectors import map_rows_in_place, normalise
+
     n = len(embeddings.ids)
     method = projection_method(params.projection, n, params.umap_min_images)
     k = min(n - 1, max(params.neighbours, UMAP_NEIGHBOURS - 1 if method == "umap" else 0))
@@ -86,7 +88,7 @@ def cached_layout(path: Path, embeddings: Embeddings, digest: str, params: Explo
     if found is not None:
         log.info("the map and the neighbours from %s (made for this layer before)", path)
         return found
-    unit = normalise_rows(embeddings.vectors)
+    unit = map_rows_in_place(embeddings.vectors, normalise, embeddings.vectors.shape[1])
     with step(f"the {k} nearest neighbours of {n:,} images"):
         nearest = nearest_neighbours(unit, k, params.seed)
     with step(f"the map of {n:,} images ({method})"):
@@ -97,16 +99,6 @@ def cached_layout(path: Path, embeddings: Embeddings, digest: str, params: Explo
     layout = Layout(xy, *nearest, method)
     write_layout(path, key, embeddings.ids, layout)
     return layout
-
-
-def normalise_rows(vectors: np.ndarray) -> np.ndarray:
-    """The rows scaled to unit length in place, a chunk at a time (no second copy)."""
-    from pipeline.search.vectors import normalise
-
-    for start in range(0, len(vectors), CHUNK_ROWS):
-        rows = vectors[start : start + CHUNK_ROWS]
-        normalise(rows, out=rows)
-    return vectors
 
 
 def nearest_neighbours(unit: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
