@@ -250,7 +250,7 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
     import pandas as pd
 
     from pipeline.search import neighbours
-    from pipeline.search.calibration import calibrate
+    from pipeline.search.calibration import calibrate, calibrated_threshold, given_threshold_check
 
     vectors, copies = inputs.embeddings.vectors, inputs.copies
     near = near_identical(vectors, copies, params) if params.whiten else None
@@ -474,57 +474,6 @@ def summarise(found: Duplicates, metrics: dict, calibrated: bool, out: Path) -> 
         )
         + summary(metrics)
         + f" -> {out}"
-    )
-
-
-def calibrated_threshold(calibration: Calibration | None, source: Path) -> float:
-    """The calibrated threshold, with a warning when the target precision was out of reach."""
-    if calibration is None:  # a single image: nothing to pair, any threshold will do
-        return 1.0
-    if not calibration.reached:
-        log.warning(
-            "%s: no similarity finds the calibration copies at precision %.2f against their "
-            "nearest other images; the threshold is above them all (%.3f): try another layer "
-            "or pooling (python -m pipeline.report compares them)",
-            source,
-            calibration.target_precision,
-            calibration.threshold,
-        )
-    if calibration.doubts:
-        log.warning(
-            "%s: the calibration cannot tell how precise its threshold %.3f is: expect precision "
-            "%.2f (%.2f on the copies, %.2f if no presumed duplicate is one); %s. Check the pairs "
-            "near the threshold on review.html, or give dedup.threshold",
-            source,
-            calibration.threshold,
-            calibration.expected_precision,
-            calibration.precision,
-            calibration.precision_low,
-            "; ".join(calibration.doubts),
-        )
-    return calibration.threshold
-
-
-def given_threshold_check(calibration: Calibration, threshold: float, whitened: bool) -> None:
-    """A warning when a given threshold finds fewer than half the calibration copies: the
-    number means something else in this layer's (whitened) similarities than where it was
-    learnt, and the calibrated one, with its precision, is the number to compare it with."""
-    curve = calibration.at(threshold)
-    if curve["recall"] >= 0.5:
-        return
-    log.warning(
-        "dedup.threshold=%s finds %.0f%% of the calibration copies (precision %.2f on them): "
-        "%s; the calibrated threshold is %.3f (precision %.2f, recall %.2f on the copies). "
-        "Read calibration_curve.png to choose, or leave dedup.threshold=auto",
-        threshold,
-        100 * curve["recall"],
-        curve["precision"],
-        "whitened similarities run far below plain cosine ones"
-        if whitened
-        else "in this layer copies are less alike than that",
-        calibration.threshold,
-        calibration.expected_precision,
-        calibration.recall,
     )
 
 

@@ -32,11 +32,14 @@ true, the worst case 0.55), and the presumed precision otherwise (0.95 said, 0.9
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+log = logging.getLogger(__name__)
 PRESUMED_DUPLICATE_QUANTILE = 0.05
 MAX_PRESUMED_DUPLICATES = 10  # per sampled image: a descriptor that finds more is not trusted
 BLOCK_BYTES = 64 * 2**20  # similarities computed at once
@@ -326,3 +329,54 @@ def _steps(scores: np.ndarray, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray
     tp = np.cumsum(hits)[ends]
     found = np.arange(1, len(scores) + 1)[ends]
     return tp, found, scores[ends]
+
+
+def calibrated_threshold(calibration: Calibration | None, source: Path) -> float:
+    """The calibrated threshold, with a warning when the target precision was out of reach."""
+    if calibration is None:  # a single image: nothing to pair, any threshold will do
+        return 1.0
+    if not calibration.reached:
+        log.warning(
+            "%s: no similarity finds the calibration copies at precision %.2f against their "
+            "nearest other images; the threshold is above them all (%.3f): try another layer "
+            "or pooling (python -m pipeline.report compares them)",
+            source,
+            calibration.target_precision,
+            calibration.threshold,
+        )
+    if calibration.doubts:
+        log.warning(
+            "%s: the calibration cannot tell how precise its threshold %.3f is: expect precision "
+            "%.2f (%.2f on the copies, %.2f if no presumed duplicate is one); %s. Check the pairs "
+            "near the threshold on review.html, or give dedup.threshold",
+            source,
+            calibration.threshold,
+            calibration.expected_precision,
+            calibration.precision,
+            calibration.precision_low,
+            "; ".join(calibration.doubts),
+        )
+    return calibration.threshold
+
+
+def given_threshold_check(calibration: Calibration, threshold: float, whitened: bool) -> None:
+    """A warning when a given threshold finds fewer than half the calibration copies: the
+    number means something else in this layer's (whitened) similarities than where it was
+    learnt, and the calibrated one, with its precision, is the number to compare it with."""
+    curve = calibration.at(threshold)
+    if curve["recall"] >= 0.5:
+        return
+    log.warning(
+        "dedup.threshold=%s finds %.0f%% of the calibration copies (precision %.2f on them): "
+        "%s; the calibrated threshold is %.3f (precision %.2f, recall %.2f on the copies). "
+        "Read calibration_curve.png to choose, or leave dedup.threshold=auto",
+        threshold,
+        100 * curve["recall"],
+        curve["precision"],
+        "whitened similarities run far below plain cosine ones"
+        if whitened
+        else "in this layer copies are less alike than that",
+        calibration.threshold,
+        calibration.expected_precision,
+        calibration.recall,
+    )
