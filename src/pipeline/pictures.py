@@ -25,6 +25,8 @@ from matplotlib.patches import FancyBboxPatch
 from matplotlib.text import Text
 
 from pipeline import plots
+from pipeline.images.formats import ImageError
+from pipeline.images.thumbnails import thumbnail_rgb
 
 MARGIN = 0.3  # inches around a sheet
 CAPTION = 22  # characters of a file name under a thumbnail, beyond which it is cut in the middle
@@ -41,13 +43,16 @@ class Shown:
 
 
 def thumbnail(path: Path, size: int = 128) -> np.ndarray | None:
-    """An RGB copy of an image file at most `size` pixels a side, or None if it cannot be read."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB)
-    if image is None:
+    """An RGB copy of an image file `size` pixels on its longer side, or None where it cannot
+    be read (or the extraction would refuse it: `images.thumbnails`)."""
+    try:
+        image = thumbnail_rgb(path, size)
+    except (OSError, ImageError):
         return None
     scale = size / max(image.shape[:2])
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    return cv2.resize(image, None, fx=scale, fy=scale, interpolation=interpolation)
+    if scale > 1:  # a small image, grown to fill its box
+        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+    return image
 
 
 def short(name: str, length: int = CAPTION) -> str:

@@ -31,7 +31,6 @@ UNITS: dict[str, tuple[int, list[str]]] = {
             "pipeline.config",
             "pipeline.results",
             "pipeline.plots",
-            "pipeline.pictures",
             "pipeline.progress",
         ],
     ),
@@ -39,11 +38,12 @@ UNITS: dict[str, tuple[int, list[str]]] = {
     "storage": (1, ["pipeline.storage"]),
     "search": (1, ["pipeline.search"]),
     "extraction": (2, ["pipeline.extraction"]),
-    "review": (2, ["pipeline.review"]),  # dedup's review page: images' thumbnails, no search
+    "pictures": (2, ["pipeline.pictures"]),  # images drawn with matplotlib, read as extracted
     "projection": (2, ["pipeline.projection"]),  # the explorer's map and neighbours, kept
-    **{stage: (3, [f"pipeline.{stage}"]) for stage in STAGES},
+    "review": (3, ["pipeline.review"]),  # dedup's review page: pictures' pairs, no search
+    **{stage: (4, [f"pipeline.{stage}"]) for stage in STAGES},
     "entry": (
-        4,
+        5,
         [
             "pipeline",
             "pipeline.__main__",
