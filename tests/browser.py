@@ -129,9 +129,13 @@ class DevTools:
         return result["result"].get("value")
 
     def open(self, url: str, ready: str = "true", seconds: float = 30) -> None:
-        """Load `url` and wait until the page is loaded and `ready` is true in it."""
+        """Load `url` and wait until the page is loaded and `ready` is true in it: in the new
+        document (the one it replaces, marked first, may still be there when navigate returns,
+        complete and ready; a reload of the same URL would pass at once)."""
+        self.evaluate("window.__replaced = true")
         self.page("Page.navigate", url=url)
-        self.wait_for(f"document.readyState === 'complete' && ({ready})", seconds)
+        condition = f"!window.__replaced && document.readyState === 'complete' && ({ready})"
+        self.wait_for(condition, seconds)
 
     def wait_for(self, condition: str, seconds: float = 30) -> None:
         deadline = time.monotonic() + seconds

@@ -220,9 +220,17 @@ def test_a_person_marks_pairs_in_chromium_and_dedup_scores_the_threshold_on_them
         assert browser.evaluate("review.state().focus") == 0
         browser.press("s")
         browser.wait_for("review.state().decisions[0][2] === 'same'")  # before navigating
-        # The marks survive a reload (localStorage).
-        browser.open(page.as_uri(), loaded)
-        assert browser.evaluate("review.state()")["decisions"] == state["decisions"]
+        # The marks survive a reload (localStorage). Chromium commits a page's localStorage
+        # writes a moment later, so a reload at once may find the last one not yet there: the
+        # page is reloaded until it has them all, for up to 10 s.
+        deadline = time.monotonic() + 10
+        while True:
+            browser.open(page.as_uri(), loaded)
+            reloaded = browser.evaluate("review.state()")["decisions"]
+            if reloaded == state["decisions"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert reloaded == state["decisions"]
         # w saves review.csv as a download: the text the page makes.
         made = browser.evaluate("review.csv()")
         browser.press("w")
