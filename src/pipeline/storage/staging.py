@@ -103,10 +103,15 @@ class Lock:
         is let go, and taken again on the file there now."""
         mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
         while True:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 file = self.path.open("a+")
             except FileNotFoundError:  # its folder was removed meanwhile
+                continue
+            except FileExistsError:  # mkdir found the folder, then it was removed before
+                folder = self.path.parent  # pathlib looked again: made again, unless a file
+                if folder.exists() and not folder.is_dir():
+                    raise
                 continue
             try:
                 fcntl.flock(file, mode)
