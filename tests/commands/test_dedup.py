@@ -266,7 +266,9 @@ def test_run_calibrates_on_the_copies_and_records_the_whitening(tmp_path: Path) 
     assert metrics["threshold_auto"] and metrics["calibration_reached"]
     assert metrics["calibration_copies"] == 60 and metrics["calibration_images"] == 30
     assert metrics["calibration_precision"] >= 0.95 and metrics["calibration_recall"] > 0.9
-    assert metrics["precision"] == metrics["recall"] == metrics["ap"] == 1.0
+    # Two copies of one image are a pair less alike than an image and its copy, and the
+    # threshold comes down to find them: every planted pair, at about the target precision.
+    assert metrics["recall"] == metrics["ap"] == 1.0 and metrics["precision"] >= 0.95
     assert metrics["whiten_dim"] > 0
     curve = pd.read_csv(out / "calibration_curve.csv")
     assert curve["recall"].is_monotonic_decreasing and (out / "calibration_curve.png").is_file()

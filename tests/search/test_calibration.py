@@ -10,6 +10,7 @@ from sklearn.metrics import average_precision_score
 from pipeline.search.calibration import (
     average_precision,
     calibrate,
+    copy_pairs,
     copy_scores,
     nearest,
     threshold_at_precision,
@@ -71,19 +72,33 @@ def test_calibration_finds_the_separating_similarity(duplicates_in_set: bool) ->
     base, copies, sources = planted_set(np.random.default_rng(3), duplicates_in_set)
     scores = copy_scores(base, copies, sources, k=10)
     # As planted: every copy is nearer its source (>= 0.74) than any other image (< 0.7).
-    separating = (scores.negatives.max(), scores.positives.min())
+    separating = (scores.negatives.max(), scores.to_sources.min())
     assert separating[0] < 0.7 <= 0.74 <= separating[1]
+    # The two copies of each image are a pair too, about as alike as the product of their
+    # similarities to the source (0.55 to 0.9), some of them below the gap.
+    assert len(scores.positives) == 200 + 100
+    between = scores.positives[200:]
+    assert between.min() < separating[0] and between.max() > 0.74
     exact = calibrate(base, copies, sources, k=10, target=1.0)
-    assert exact.reached and exact.threshold == pytest.approx(separating[1])
-    assert exact.precision == exact.recall == 1.0
+    above = scores.positives[scores.positives > separating[0]]
+    assert exact.reached and exact.threshold == pytest.approx(above.min())
+    assert exact.precision == 1.0 and exact.recall == pytest.approx(len(above) / 300)
     # A lower target may admit a few of the nearest others: within 0.05 below the gap.
     found = calibrate(base, copies, sources, k=10, target=0.95)
     assert found.reached and separating[0] - 0.05 <= found.threshold <= separating[1]
-    assert found.precision >= 0.95 and found.recall == 1.0 and found.copies == 200
+    assert found.precision >= 0.95 and found.copies == 200 and found.pairs == 300
+    assert (scores.to_sources >= found.threshold).all()
     # The duplicates already in the set are presumed so, not counted against the copies.
     assert found.presumed_duplicates == (40 if duplicates_in_set else 0)
     assert list(found.curve.columns[:4]) == ["threshold", "precision", "recall", "f1"]
     assert found.curve["recall"].is_monotonic_decreasing
+
+
+def test_copy_pairs_are_every_two_copies_of_one_image() -> None:
+    sources = np.array([7, 3, 7, 5, 3, 7])  # 7 has three copies, 3 two, 5 one
+    a, b = copy_pairs(sources)
+    assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == [(0, 2), (0, 5), (1, 4), (2, 5)]
+    assert [len(x) for x in copy_pairs(np.array([4]))] == [0, 0]
 
 
 def test_without_presuming_duplicates_the_threshold_would_leave_the_copies() -> None:
@@ -94,7 +109,7 @@ def test_without_presuming_duplicates_the_threshold_would_leave_the_copies() -> 
     own = np.setdiff1d(np.arange(len(base)), sources)
     _, sims = nearest(copies, base[own], 10)
     naive, _ = threshold_at_precision(scores.positives, sims.ravel(), 0.95)
-    assert naive > 0.85 and np.mean(scores.positives >= naive) < 0.5
+    assert naive > 0.85 and np.mean(scores.to_sources >= naive) < 0.5
 
 
 def test_nearest_reads_in_blocks_and_finds_the_exact_neighbours(
