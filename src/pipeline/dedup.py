@@ -500,7 +500,8 @@ def write_postprocessing(
         calibration.curve.to_csv(out / "calibration_curve.csv", index=False)
         title = (
             f"{name}: {calibration.copies} calibration copies vs their nearest other images\n"
-            f"(target precision {calibration.target_precision}: threshold {threshold:.3f})"
+            f"({calibration.pairs} true pairs; target precision {calibration.target_precision}: "
+            f"threshold {threshold:.3f})"
         )
         figure = plots.pr_figure(calibration.curve, threshold, title)
         written += [

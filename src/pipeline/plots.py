@@ -134,7 +134,7 @@ def pr_figure(curve: Sequence, threshold: float, title: str) -> Figure:
             linestyle=":",
             label="precision, presumed duplicates counted",
         )
-    axes.axvline(threshold, color="grey", linestyle="--", label=f"threshold {threshold}")
+    axes.axvline(threshold, color="grey", linestyle="--", label=f"threshold {threshold:.3f}")
     axes.set(title=title, xlabel="cosine similarity threshold", ylabel="score", ylim=(0, 1.02))
     axes.legend(fontsize="small")
     return figure
