@@ -6,7 +6,6 @@ parent."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -21,12 +20,12 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import N_PHOTOS, TINY_MODEL, run_cli
+from patched import patched_env
 
 pytestmark = pytest.mark.slow
 
 TRACKED = [*(a for a in TINY_MODEL if a != "tracking=none"), "tracking=mlflow"]
 SMALL = [*TRACKED, "model.input_size=[3,32,32]", "dataset=folder", "dataset.name=photos"]
-SLOW_STORE = Path(__file__).parent / "slow_store"  # a sitecustomize that slows MLflow down
 
 
 def _busy(seconds: float) -> subprocess.Popen:
@@ -42,8 +41,7 @@ def test_a_command_and_a_sweep_at_once_on_a_slow_new_store_are_tracked_in_full(
     a command and a sweep started at once under CPU load: one makes the store, the other waits
     its turn, and every run is recorded with its params and FINISHED, the sweep's jobs under
     their parent. The 10 s deadline meant for a dead server used to give up on both."""
-    path = os.pathsep.join(p for p in (str(SLOW_STORE), os.environ.get("PYTHONPATH")) if p)
-    env = {"PYTHONPATH": path, "SLOW_STORE_S": "15"}
+    env = patched_env(SLOW_STORE_S="15")
     command = [*SMALL, f"dataset.root={photos}", "layers=[blocks.1]", f"output_dir={tmp_path}/one"]
     sweep = ["-m", *SMALL, f"dataset.root={photos}", "layers=[blocks.0],[global_pool]"]
     load = [_busy(2) for _ in range(2)]

@@ -34,6 +34,7 @@ from pipeline.images.loader import ImageDataset, balanced_batches, batch_loader
 from pipeline.images.preprocess import build_transform, resolve_preprocess
 
 from conftest import N_PHOTOS, SMALL, run_cli
+from patched import patched_env
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
 
@@ -253,9 +254,6 @@ class _Dies(torch.utils.data.Dataset):
         os._exit(9)  # as the kernel's OOM killer would end it
 
 
-LOW_MEMORY = Path(__file__).parent / "low_memory"  # a sitecustomize: little memory available
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(devices.available_cores() < 2, reason="one core: the model is in the main")
 def test_with_little_memory_an_extraction_keeps_the_model_in_the_main_process_and_says_why(
@@ -264,8 +262,7 @@ def test_with_little_memory_an_extraction_keeps_the_model_in_the_main_process_an
     """`python -m pipeline` where the memory available is 1 MB (as under a cgroup): a loader
     process running the model would not fit, so the model runs in the main process, decoding
     there too, and the loader's line says why; every image is embedded all the same."""
-    path = os.pathsep.join(p for p in (str(LOW_MEMORY), os.environ.get("PYTHONPATH")) if p)
-    env = {"PYTHONPATH": path, "LOW_MEMORY_BYTES": str(2**20)}
+    env = patched_env(LOW_MEMORY_BYTES=str(2**20))
     args = [*SMALL, "dataset=folder", f"dataset.root={photos}", "batch_size=2"]
     args += ["calibration.images=0", f"output_dir={tmp_path}/out"]
     done = run_cli(*args, cwd=tmp_path, env=env)
