@@ -3,6 +3,9 @@ known, duplicates already in the set, and average precision against scikit-learn
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
@@ -10,6 +13,7 @@ from sklearn.metrics import average_precision_score
 from pipeline.search.calibration import (
     average_precision,
     calibrate,
+    calibrated_threshold,
     copy_pairs,
     copy_scores,
     nearest,
@@ -149,6 +153,20 @@ def test_presumed_duplicates_that_are_other_pictures_make_it_say_it_cannot_tell(
     metrics = found.metrics()
     assert metrics["calibration_uncertain"] and metrics["calibration_expected_precision"] < 0.5
     assert "8." in metrics["calibration_doubts"] or "9." in metrics["calibration_doubts"]
+
+
+def test_a_calibration_that_cannot_tell_warns_with_both_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    base, copies, sources = scene_set(np.random.default_rng(5))
+    found = calibrate(base, copies, sources, k=10, target=0.95)
+    with caplog.at_level(logging.WARNING):
+        assert calibrated_threshold(found, Path("l.parquet")) == found.threshold
+    [warning] = caplog.messages
+    assert f"cannot tell how precise its threshold {found.threshold:.3f}" in warning
+    ends = f"about {found.precision_low:.2f} (if none of the images it presumed duplicates is "
+    assert ends + f"one) to {found.precision:.2f} (if all are)" in warning
+    assert f"reported as {found.expected_precision:.2f}" in warning and "presumed" in warning
 
 
 def test_a_stable_calibration_brackets_its_precision() -> None:

@@ -377,14 +377,14 @@ def calibrated_threshold(calibration: Calibration | None, source: Path) -> float
         )
     if calibration.doubts:
         log.warning(
-            "%s: the calibration cannot tell how precise its threshold %.3f is: expect precision "
-            "%.2f (%.2f on the copies, %.2f if no presumed duplicate is one); %s. Check the pairs "
-            "near the threshold on review.html, or give dedup.threshold",
+            "%s: the calibration cannot tell how precise its threshold %.3f is: about %.2f (if "
+            "none of the images it presumed duplicates is one) to %.2f (if all are), reported as "
+            "%.2f; %s. Check the pairs near the threshold on review.html, or give dedup.threshold",
             source,
             calibration.threshold,
-            calibration.expected_precision,
-            calibration.precision,
             calibration.precision_low,
+            calibration.precision,
+            calibration.expected_precision,
             "; ".join(calibration.doubts),
         )
     return calibration.threshold
