@@ -253,7 +253,7 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
     from pipeline.search.calibration import calibrate, calibrated_threshold, given_threshold_check
 
     vectors, copies = inputs.embeddings.vectors, inputs.copies
-    near = near_identical(vectors, copies, params) if params.whiten else None
+    near = near_identical(vectors, copies, params, seed) if params.whiten else None
     with step("whitening and normalising" if params.whiten else "normalising"):
         unit, copies_unit, whitening = postprocess(
             vectors, copies.vectors if copies else None, params, seed
@@ -274,8 +274,6 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
     log.info("%s", found.summary())
     if near is not None and len(near[0]):
         found = identical.kept_near_identical(found, unit, near)
-    if params.whiten:
-        found.params["near_identical_checked"] = near is not None
     with step("grouping the pairs"):
         candidates = pd.DataFrame(
             dict(zip(("a", "b", "similarity"), found.candidates(), strict=True))
@@ -285,31 +283,30 @@ def find_duplicates(inputs: DedupInputs, params: DedupConfig, seed: int) -> Dupl
 
 
 def near_identical(
-    vectors: np.ndarray, copies: Copies | None, params: DedupConfig
-) -> identical.Pairs | None:
-    """`search.identical.near_identical`, searched with dedup's settings. None, said in the
-    log, where the search would not be exact: a second approximate search of the plain vectors
-    costs more than the whitened one (at 1M x 1280, 4.6 min against 1.1: near-identical pairs
-    are a handful among rows that all look alike before whitening, and IVF widens until it
-    finds each row's nearest)."""
+    vectors: np.ndarray, copies: Copies | None, params: DedupConfig, seed: int
+) -> identical.Pairs:
+    """`search.identical.near_identical`, searched exactly where dedup's search is exact, and
+    else over inverted lists widened until the calibration copies probe their sources' lists
+    (`approximate.ivf_pairs_above`): an approximate search widened on each row's nearest
+    neighbour would cost more than the whitened search (at 1M x 1280, 4.6 min against 1.1),
+    as rows all look alike before whitening."""
+    from pipeline.search.approximate import ivf_pairs_above
     from pipeline.search.neighbours import chosen_method
 
-    method = chosen_method(params.method.value, params.device, *vectors.shape)
-    if method != "exact":
-        log.info(
-            "near-identical images not looked for before whitening: %d images are searched "
-            "with %s, not exactly; a burst of near-identical frames may be spread below the "
-            "threshold by the whitening (dedup.whiten=false compares plain cosines)",
-            len(vectors),
-            method,
+    sources = copies.sources if copies else np.empty(0, np.int64)
+    exact = chosen_method(params.method.value, params.device, *vectors.shape) == "exact"
+
+    def search(unit: np.ndarray, bound: float, made: np.ndarray) -> tuple[np.ndarray, ...]:
+        if exact:
+            found = search_pairs(unit, bound, params, k=1)
+            return found.pairs_a, found.pairs_b
+        a, b, settings = ivf_pairs_above(
+            unit, bound, (made, sources), min_recall=params.min_recall, seed=seed
         )
-        return None
-    return identical.near_identical(
-        vectors,
-        copies.vectors if copies else None,
-        copies.sources if copies else np.empty(0, np.int64),
-        lambda unit, bound: search_pairs(unit, bound, params, k=1),
-    )
+        log.info("near-identical images looked for by ivf on CPU: %s", settings)
+        return a, b
+
+    return identical.near_identical(vectors, copies.vectors if copies else None, sources, search)
 
 
 def search_pairs(

@@ -352,31 +352,28 @@ def test_whitening_never_loses_near_identical_images(
     )
     truth = tmp_path / "truth.csv"
     pd.DataFrame({"path": ids, "group": ["burst"] * 30 + ids[30:]}).to_csv(truth, index=False)
-    for threshold in ("0.9", "0.99"):
+    # Exactly (a small set on the CPU), and over inverted lists as where the search is
+    # approximate (large sets on the CPU): widened until the copies probe their sources' lists.
+    for threshold, method in (("0.9", "auto"), ("0.99", "auto"), ("0.9", "ivf"), ("0.9", "hnsw")):
+        out = tmp_path / f"{threshold}-{method}"
         cfg = stage_config(
             f"embeddings={layer}",
-            f"dedup.output_dir={tmp_path / threshold}",
+            f"dedup.output_dir={out}",
             f"dedup.threshold={threshold}",
             f"dedup.truth={truth}",
+            f"dedup.method={method}",
         )
-        with caplog.at_level(logging.WARNING, logger="pipeline.dedup"):
+        with caplog.at_level(logging.INFO, logger="pipeline.dedup"):
             metrics = dedup.run(cfg).metrics
         assert metrics["whiten_dim"] > 0 and metrics["n_pairs"] == 435  # 30 * 29 / 2
         assert metrics["precision"] == metrics["recall"] == 1.0  # scored as reported
         assert 0.9 < metrics["near_identical_bound"] < 0.99
-        pairs = pd.read_parquet(tmp_path / threshold / "pairs.parquet")
+        pairs = pd.read_parquet(out / "pairs.parquet")
         assert set(pairs["image_a"]) | set(pairs["image_b"]) == set(ids[:30])
+    assert "near-identical images looked for by ivf on CPU" in caplog.text
     # Identical vectors stay identical after whitening unless they are the mean; frames do not.
     assert ("near-identical pair(s)" in caplog.text) != identical
-    assert (metrics["near_identical_below"] > 0) != identical and metrics["near_identical_checked"]
-    # Where the search is approximate (large sets on the CPU), the look is not made, and said.
-    cfg = stage_config(
-        f"embeddings={layer}", f"dedup.output_dir={tmp_path / 'ivf'}", "dedup.method=hnsw"
-    )
-    with caplog.at_level(logging.INFO, logger="pipeline.dedup"):
-        metrics = dedup.run(cfg).metrics
-    assert metrics["near_identical_checked"] is False
-    assert "near-identical images not looked for before whitening" in caplog.text
+    assert (metrics["near_identical_below"] > 0) != identical
 
 
 def test_a_given_threshold_that_misses_the_copies_is_warned_about(

@@ -153,6 +153,27 @@ def test_ivf_range_searches_the_lists_it_probes(
     assert len(searched) < 61 and found.pair_recall in (None, 1.0)
 
 
+def test_pairs_above_a_high_threshold_over_lists_widened_on_known_pairs() -> None:
+    """`ivf_pairs_above` (dedup's look for near-identical images where its search is
+    approximate): every pair above the threshold, as brute force finds them, from lists widened
+    until the known pairs (near-duplicates less alike than the threshold) probe their rows'."""
+    rng = np.random.default_rng(7)
+    base = clustered(12_000, 32, seed=7, per_cluster=100)
+    x = with_copies(base, rng.choice(12_000, 150, replace=False), copies=1, noise=0.05)
+    _, truth = brute_force(x, 1, 0.995)
+    assert len(truth) >= 150  # the planted near-identical pairs, and any others as alike
+    sources = rng.choice(12_000, 200, replace=False)
+    near = unit(x[sources] + rng.standard_normal((200, 32)) * 0.5 / np.sqrt(32))  # cos ~0.9
+    a, b, settings = approximate.ivf_pairs_above(x, 0.995, (near, sources))
+    assert set(zip(a.tolist(), b.tolist(), strict=True)) == truth
+    assert settings["nlist"] > 100 and settings["nprobe"] == settings["known_pairs_probed"][-1][0]
+    assert settings["known_pairs_probed"][-1][1] >= 0.99
+    # Known pairs far apart (cosine ~0.5) widen the lists probed, up to the cap.
+    far = unit(x[sources] + rng.standard_normal((200, 32)) * 1.7 / np.sqrt(32))
+    _, _, wide = approximate.ivf_pairs_above(x, 0.995, (far, sources), min_recall=1.0)
+    assert len(wide["known_pairs_probed"]) > 1 and wide["nprobe"] > settings["nprobe"]
+
+
 def test_exact_torch_finds_the_group_in_bf16(sixty_copies: np.ndarray) -> None:
     found = exact_torch(sixty_copies, 10, 0.85, device="cpu", dtype=torch.bfloat16)
     assert len(found.pairs_a) == 1830

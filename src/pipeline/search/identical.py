@@ -29,16 +29,15 @@ IDENTICAL = 0.9999
 Pairs = tuple[np.ndarray, np.ndarray, float]  # rows a and b of each pair, and the bound
 
 
-def near_identical_bound(unit: np.ndarray, copies: np.ndarray | None, sources: np.ndarray) -> float:
+def near_identical_bound(unit: np.ndarray, made: np.ndarray, sources: np.ndarray) -> float:
     """The plain cosine at or above which two of the L2-normalised rows `unit` are
-    near-identical: that of the copy (made from row `sources[i]`) most alike its source, at most
-    IDENTICAL. On the hard benchmarks no two different images came above it, in any layer or
-    pooling but one pair of one (blocks.4 averaged); a burst of frames of one scene (shifted,
-    +-5% brightness, noise) is above it in the default layer (0.955 and up, against copies at
-    most 0.935)."""
-    if copies is None or not len(copies):
+    near-identical: that of the copy (`made[i]`, L2-normalised, made from row `sources[i]`) most
+    alike its source, at most IDENTICAL. On the hard benchmarks no two different images came
+    above it, in any layer or pooling but one pair of one (blocks.4 averaged); a burst of frames
+    of one scene (shifted, +-5% brightness, noise) is above it in the default layer (0.955 and
+    up, against copies at most 0.935)."""
+    if not len(made):
         return IDENTICAL
-    made = normalise(copies.astype(np.float32, copy=True))
     return float(min(IDENTICAL, np.einsum("ij,ij->i", made, unit[sources]).max()))
 
 
@@ -46,16 +45,22 @@ def near_identical(
     vectors: np.ndarray,
     copies: np.ndarray | None,
     sources: np.ndarray,
-    search: Callable[[np.ndarray, float], Neighbours],
+    search: Callable[[np.ndarray, float, np.ndarray], tuple[np.ndarray, ...]],
 ) -> Pairs:
     """The pairs of rows whose plain cosine is at least `near_identical_bound`, found by
-    `search(unit, bound)`, and the bound. The rows are L2-normalised in place, a chunk at a
-    time, where they can be (the whitening normalises them first anyway)."""
+    `search(unit, bound, copies L2-normalised)` (rows a and b), and the bound. The rows are
+    L2-normalised in place, a chunk at a time, where they can be (the whitening normalises
+    them first anyway)."""
     unit = map_rows_in_place(vectors, normalise, vectors.shape[1])
-    bound = near_identical_bound(unit, copies, sources)
+    made = (
+        normalise(copies.astype(np.float32, copy=True))
+        if copies is not None
+        else np.empty((0, unit.shape[1]), np.float32)
+    )
+    bound = near_identical_bound(unit, made, sources)
     with step(f"finding near-identical images (plain cosine >= {bound:.4f})"):
-        found = search(unit, bound)
-    return found.pairs_a, found.pairs_b, bound
+        a, b = search(unit, bound, made)
+    return a, b, bound
 
 
 def kept_near_identical(found: Neighbours, unit: np.ndarray, pairs: Pairs) -> Neighbours:
