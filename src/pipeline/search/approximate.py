@@ -4,7 +4,9 @@ recall@k, measured on a random sample of queries against the exact search, reach
 and reports that recall and the share of the sample's pairs above the threshold it found. A row
 with k neighbours above the threshold has its pairs listed by a range search: HNSW's the exact
 methods' (all rows), IVF's over the lists the row probes (an exact one reads all N rows for each:
-at 1M x 1280, 1,677 such rows cost as much as the whole scan).
+at 1M x 1280, 1,677 such rows cost as much as the whole scan). `ivf_pairs_above` lists only the
+pairs above a high threshold (dedup's near-identical images), its probes widened on pairs known
+to be near-duplicates rather than on recall@k.
 
 IVF's coarse quantizer (the k-means centroids, each row's list and each query's probes) works on
 the rows projected onto their IVF_PCA_DIM leading principal axes when they have more dimensions
