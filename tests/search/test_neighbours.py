@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.search import approximate, exact, neighbours
+from pipeline.search import approximate, exact, inverted_lists, neighbours
 from pipeline.search.neighbours import exact_cpu, exact_torch, groups, hnsw, ivf, search
 
 
@@ -238,7 +238,7 @@ def test_ivf_on_principal_axes_reports_recall_that_matches_brute_force(
 def test_spherical_kmeans_gives_unit_centroids_and_refills_empty_lists() -> None:
     rng = np.random.default_rng(0)
     points = unit(np.repeat(rng.standard_normal((3, 8)), 50, axis=0))  # 3 distinct points
-    centroids = approximate.spherical_kmeans(points, 5, 4, rng)
+    centroids = inverted_lists.spherical_kmeans(points, 5, 4, rng)
     assert centroids.shape == (5, 8) and centroids.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1, atol=1e-6)
     # Each of the 3 points is a centroid; the lists left empty restart from rows.

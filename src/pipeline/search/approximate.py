@@ -8,22 +8,15 @@ at 1M x 1280, 1,677 such rows cost as much as the whole scan). `ivf_pairs_above`
 pairs above a high threshold (dedup's near-identical images), its probes widened on pairs known
 to be near-duplicates rather than on recall@k.
 
-IVF's coarse quantizer (the k-means centroids, each row's list and each query's probes) works on
-the rows projected onto their IVF_PCA_DIM leading principal axes when they have more dimensions
-than that: training and assignment cost a fraction of what they cost in the full space (1280
-dimensions: k-means alone took minutes at 1M rows), and the lists follow the directions the data
-varies most along. The lists are then scanned in the full space, so every similarity is exact
-and recall is lost only to the probes.
-
-Memory: IVF reads the embeddings in place; its training sample is copied projected (40 rows per
-list: 16% of the rows at N=1M, IVF_PCA_DIM values each), and nothing of size N x dim is
-allocated. HNSW is the exception: faiss stores its own copy of the vectors.
+IVF's lists (`search.inverted_lists`) are scanned in the full space, so every similarity is
+exact and recall is lost only to the probes; they read the embeddings in place. HNSW keeps its
+own copy of the vectors: faiss stores them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import faiss
@@ -32,34 +25,21 @@ import numpy as np
 from pipeline.progress import bar, step
 from pipeline.search.exact import (
     IP,
-    blas_knn,
     exact_rows,
-    in_threads,
     knn_chunked,
     list_and_range_pairs,
 )
 from pipeline.search.found import Neighbours, checked, take, unique_pairs
-from pipeline.search.vectors import normalise
+from pipeline.search.inverted_lists import InvertedLists, chunks
 
-# Probe-list entries searched at once (their argsort, the rows probing them, the rows' result
-# heaps: 8 bytes an entry, 12 x (k + 1) / nprobe a row per thread): bound host memory.
-QUERY_PROBES = 1 << 22
-
-# IVF parameters from N: nlist ~ 4 sqrt(N) lists of ~sqrt(N)/4 vectors; k-means trained on 40
-# points per list (faiss warns below 39) for 10 iterations (more moved recall@10 by < 0.001 on
-# the benchmark data). nprobe starts at 8 and doubles until the sampled recall holds, up to
-# nlist/8: beyond that the scan costs more than an eighth of the exact search.
+# IVF parameters from N: nlist ~ 4 sqrt(N) lists of ~sqrt(N)/4 vectors. nprobe starts at 8 and
+# doubles until the sampled recall holds, up to nlist/8: beyond that the scan costs more than an
+# eighth of the exact search.
 IVF_LISTS_PER_SQRT_N = 4
-IVF_TRAIN_PER_LIST = 40
-IVF_KMEANS_ITER = 10
 IVF_NPROBE_START = 8
 IVF_MAX_SCAN = 8
-# The quantizer's space: rows of more dimensions are projected onto this many principal axes
-# (uncentred: inner products are what they keep), fitted on IVF_PCA_SAMPLE of the rows.
+# The quantizer's space: rows of more dimensions are projected onto this many principal axes.
 IVF_PCA_DIM = 128
-IVF_PCA_SAMPLE = 20_000
-# Values projected at once (a chunk of rows gathered for it: 64 MiB).
-PROJECT_VALUES = 1 << 24
 # Slack on the squared distance of the principal-axis filter of `ivf_pairs_above`: its float32
 # sums of squares lose ~1e-7 of the rows' unit norms; the pairs it passes are checked in full.
 CLOSE_TOL = 1e-5
@@ -104,7 +84,7 @@ def ivf(
     if n < 2:
         return Neighbours.none(n, k, threshold, "ivf", "cpu", "ivf on cpu")
     nlist = nlist or _nlist(n)
-    lists = _InvertedLists.build(unit, nlist, seed, pca_dim or IVF_PCA_DIM)
+    lists = InvertedLists.build(unit, nlist, seed, pca_dim or IVF_PCA_DIM)
     start = min(nlist, nprobe or IVF_NPROBE_START)
     cap = max(start, nlist // IVF_MAX_SCAN)
     return _approximate(
@@ -146,7 +126,7 @@ def ivf_pairs_above(
         empty = np.empty(0, np.int64)
         return empty, empty, {}
     nlist = _nlist(n)
-    lists = _InvertedLists.build(unit, nlist, seed, IVF_PCA_DIM)
+    lists = InvertedLists.build(unit, nlist, seed, IVF_PCA_DIM)
     nprobe = min(nlist, IVF_NPROBE_START)
     cap, history = max(nprobe, nlist // IVF_MAX_SCAN), []
     while True:
@@ -158,11 +138,9 @@ def ivf_pairs_above(
     if lists.projection is None:
         a, b, s = lists.range(unit, np.arange(n), nprobe, threshold)
     else:  # filtered on the principal axes, where rows are no farther apart than in full
-        coords = np.concatenate([take(unit, c) @ lists.projection for c in _chunks(unit, n)])
-        a, b = lists.close(coords, nprobe, 2 * (1 - threshold) + CLOSE_TOL)
-        del coords
+        a, b = lists.close(lists.coordinates(unit), nprobe, 2 * (1 - threshold) + CLOSE_TOL)
         s = np.concatenate(
-            [np.einsum("ij,ij->i", unit[a[c]], unit[b[c]]) for c in _chunks(unit, len(a))]
+            [np.einsum("ij,ij->i", unit[a[c]], unit[b[c]]) for c in chunks(unit, len(a))]
         )
         a, b, s = a[s >= threshold], b[s >= threshold], s[s >= threshold]
     a, b, _ = unique_pairs(a, b, s, n)
@@ -214,155 +192,6 @@ def hnsw(
         sample,
         seed,
     )
-
-
-@dataclass(frozen=True)
-class _InvertedLists:
-    """Rows grouped by nearest centroid: list l holds rows members[lims[l]:lims[l + 1]]. The
-    centroids live in the quantizer's space: the rows' own, or (`projection`, D x d) their
-    leading principal axes, where rows are projected and L2-normalised."""
-
-    centroids: np.ndarray
-    members: np.ndarray
-    lims: np.ndarray
-    projection: np.ndarray | None = None
-
-    @property
-    def dim(self) -> int:
-        """The quantizer's dimensions."""
-        return self.centroids.shape[1]
-
-    def quantized(self, x: np.ndarray) -> np.ndarray:
-        """Rows in the quantizer's space (themselves when it is theirs)."""
-        return _projected(x, self.projection)
-
-    @classmethod
-    def build(cls, unit: np.ndarray, nlist: int, seed: int, pca_dim: int) -> _InvertedLists:
-        n, dim = unit.shape
-        # A stream of its own: the recall sample, drawn with `seed`, must not be the rows the
-        # k-means starts from (they would sit on centroids, and their recall flatter the rest).
-        rng = np.random.default_rng([seed, 1])
-        projection = _principal_axes(unit, pca_dim, rng) if pca_dim < dim else None
-        size = IVF_TRAIN_PER_LIST * nlist
-        rows = np.arange(n) if size >= n else np.sort(rng.choice(n, size, replace=False))
-        if projection is None:  # the sample itself: a copy of 40 rows per list at most
-            train = unit if size >= n else unit[rows]
-        else:
-            train = np.concatenate(list(_projected_chunks(unit, rows, projection)))
-        with step(f"ivf: k-means of {len(train):,} rows into {nlist:,} lists"):
-            centroids = spherical_kmeans(train, nlist, IVF_KMEANS_ITER, rng)
-        del train
-        with bar("ivf: rows to their lists", n, "row") as placed:
-            assign = np.concatenate(
-                [
-                    blas_knn(chunk, centroids, 1, placed)[1][:, 0]
-                    for chunk in _projected_chunks(unit, np.arange(n), projection)
-                ]
-            )
-        lims = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=nlist))])
-        return cls(centroids, np.argsort(assign, kind="stable"), lims, projection)
-
-    def knn(
-        self, unit: np.ndarray, rows: np.ndarray, nprobe: int, k: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Each of `rows`' k nearest other rows among the members of its nprobe nearest lists:
-        list by list, the rows probing it against its members, one BLAS product each."""
-        k1 = min(k + 1, len(unit))  # one more: a row finds itself in its own list
-        workers = faiss.omp_get_max_threads()
-
-        def search(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            xq = take(unit, q)
-            probed = self._probed(xq, nprobe)
-            heaps = [faiss.ResultHeap(len(q), k1, keep_max=True) for _ in range(workers)]
-
-            def scan(worker: int) -> None:
-                for probing, members in probed[worker::workers]:
-                    sims, idx = faiss.knn(xq[probing], unit[members], min(k1, len(members)), IP)
-                    heaps[worker].add_result_subset(probing, sims, members[idx])
-                    scanned.update(len(probing))
-
-            probes = sum(len(probing) for probing, _ in probed)
-            with bar(f"ivf search (nprobe {nprobe})", probes, "probe") as scanned:
-                in_threads(scan, range(workers))
-            for other in heaps[1:]:
-                heaps[0].add_result(other.D, other.I)
-            heaps[0].finalize()
-            return heaps[0].D, heaps[0].I
-
-        # The rows' probe lists and their argsort stay within QUERY_PROBES entries.
-        return knn_chunked(rows, k, search, max(1, QUERY_PROBES // nprobe))
-
-    def range(
-        self, unit: np.ndarray, rows: np.ndarray, nprobe: int, threshold: float
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every (row, other, similarity) with similarity >= threshold and `other` in one of the
-        row's nprobe lists: the range search of rows with k neighbours above the threshold,
-        where the exact one would read all N rows for each (1,677 rows of 1M x 1280: 2e12
-        multiply-adds, as much as the whole scan)."""
-        parts = [(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))]
-        for start in range(0, len(rows), max(1, QUERY_PROBES // nprobe)):
-            q = rows[start : start + max(1, QUERY_PROBES // nprobe)]
-            xq = take(unit, q)
-            for probing, members in self._probed(xq, nprobe):
-                sims = xq[probing] @ unit[members].T
-                r, c = np.nonzero(sims >= threshold)
-                parts.append((q[probing[r]], members[c], sims[r, c]))
-        a, b, sims = (np.concatenate(part) for part in zip(*parts, strict=True))
-        return a[a != b], b[a != b], sims[a != b]
-
-    def close(
-        self, coords: np.ndarray, nprobe: int, radius: float
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Every (row, other) with `other` in one of the row's nprobe lists and a squared
-        distance of at most `radius` between their `coords` (the rows on the quantizer's
-        principal axes, not normalised: never farther apart than the rows themselves)."""
-        norms = np.einsum("ij,ij->i", coords, coords)
-        parts = [(np.empty(0, np.int64), np.empty(0, np.int64))]
-        step = max(1, QUERY_PROBES // nprobe)
-        for start in range(0, len(coords), step):
-            xq = coords[start : start + step]
-            for probing, members in self._probed(normalise(xq.copy()), nprobe, quantized=True):
-                near = xq[probing] @ coords[members].T
-                near *= -2
-                near += norms[members]
-                near += norms[start + probing][:, None]
-                r, c = np.nonzero(near <= radius)
-                parts.append((start + probing[r], members[c]))
-        a, b = (np.concatenate(part) for part in zip(*parts, strict=True))
-        return a[a != b], b[a != b]
-
-    def probing_home(self, queries: np.ndarray, rows: np.ndarray, nprobe: int) -> float:
-        """Share of the `queries` whose nprobe lists include the one holding their row of
-        `rows` (1 when there are none)."""
-        if not len(queries):
-            return 1.0
-        home = np.empty(self.lims[-1], np.int64)
-        home[self.members] = np.repeat(np.arange(len(self.centroids)), np.diff(self.lims))
-        probes = blas_knn(self.quantized(queries), self.centroids, nprobe, "ivf: known pairs")[1]
-        return float((probes == home[rows][:, None]).any(axis=1).mean())
-
-    def _probed(
-        self, xq: np.ndarray, nprobe: int, quantized: bool = False
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """For each list some of the rows `xq` (`quantized`: already in the quantizer's
-        space) probe: which of them (positions in xq), and the list's members; lists with no
-        member left out."""
-        nlist = len(self.centroids)
-        # Projected a chunk at a time: all rows at once would be N x IVF_PCA_DIM floats more.
-        chunks = [xq] if quantized else _projected_chunks(xq, np.arange(len(xq)), self.projection)
-        probes = np.concatenate(
-            [
-                blas_knn(chunk, self.centroids, nprobe, "ivf: rows to the lists they probe")[1]
-                for chunk in chunks
-            ]
-        ).reshape(-1)
-        by_list = np.argsort(probes, kind="stable")
-        starts = np.concatenate([[0], np.cumsum(np.bincount(probes, minlength=nlist))])
-        return [
-            (by_list[starts[lst] : starts[lst + 1]] // nprobe, members)
-            for lst in np.flatnonzero(np.diff(starts))
-            if len(members := self.members[self.lims[lst] : self.lims[lst + 1]])
-        ]
 
 
 @dataclass(frozen=True)
@@ -433,67 +262,6 @@ def _nlist(n: int) -> int:
     """~IVF_LISTS_PER_SQRT_N sqrt(n) lists; faiss needs 39 training points per centroid, so a
     tiny n gets fewer, bigger lists."""
     return max(1, min(round(IVF_LISTS_PER_SQRT_N * math.sqrt(n)), n // 39))
-
-
-def spherical_kmeans(
-    points: np.ndarray, k: int, niter: int, rng: np.random.Generator
-) -> np.ndarray:
-    """k unit centroids of the rows of `points` by spherical k-means (Lloyd's iterations on
-    inner products, from k distinct rows at random), the assignment by `blas_knn` (one faiss
-    thread per worker: faiss.Kmeans's OpenMP loops took twice as long as one thread on the
-    shared 2-core machine), each centroid the normalised sum of its rows; a list left empty
-    restarts from a random row. float32, (k, dim)."""
-    n = len(points)
-    centroids = normalise(points[np.sort(rng.choice(n, k, replace=False))].astype(np.float32))
-    for _ in range(niter):
-        assign = blas_knn(points, centroids, 1)[1][:, 0]
-        order = np.argsort(assign, kind="stable")
-        counts = np.bincount(assign, minlength=k)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        filled = counts > 0
-        sums = np.add.reduceat(points[order], starts[filled], axis=0)
-        centroids[filled] = normalise(sums)
-        empty = np.flatnonzero(~filled)
-        centroids[empty] = normalise(points[rng.choice(n, len(empty), replace=False)])
-    return centroids
-
-
-def _projected(x: np.ndarray, projection: np.ndarray | None) -> np.ndarray:
-    """Rows projected onto the principal axes and L2-normalised; themselves without them."""
-    if projection is None:
-        return x
-    projected = x @ projection
-    return normalise(projected, out=projected)
-
-
-def _chunks(unit: np.ndarray, n: int) -> Iterator[np.ndarray]:
-    """Ranges of 0..n, each of PROJECT_VALUES values of `unit`'s rows."""
-    step = max(1, PROJECT_VALUES // unit.shape[1])
-    for start in range(0, n, step):
-        yield np.arange(start, min(n, start + step))
-
-
-def _projected_chunks(
-    unit: np.ndarray, rows: np.ndarray, projection: np.ndarray | None
-) -> Iterator[np.ndarray]:
-    """`rows` of `unit` in the quantizer's space, a chunk of PROJECT_VALUES values at a time."""
-    for chunk in _chunks(unit, len(rows)):
-        yield _projected(take(unit, rows[chunk]), projection)
-
-
-def _principal_axes(unit: np.ndarray, dim: int, rng: np.random.Generator) -> np.ndarray:
-    """The `dim` leading eigenvectors (D x dim, float32) of the rows' uncentred second moment,
-    estimated on IVF_PCA_SAMPLE of them: the subspace that keeps most of their inner products."""
-    n = len(unit)
-    rows = (
-        np.arange(n)
-        if n <= IVF_PCA_SAMPLE
-        else np.sort(rng.choice(n, IVF_PCA_SAMPLE, replace=False))
-    )
-    x = take(unit, rows)
-    moment = (x.T @ x).astype(np.float64)
-    _, axes = np.linalg.eigh(moment)
-    return np.ascontiguousarray(axes[:, ::-1][:, :dim], dtype=np.float32)
 
 
 def _recall_at_k(found_d: np.ndarray, found_i: np.ndarray, exact_d: np.ndarray) -> float:
