@@ -42,6 +42,7 @@ UNITS: dict[str, tuple[int, list[str]]] = {
     "projection": (2, ["pipeline.projection"]),  # the explorer's map and neighbours, kept
     "review": (3, ["pipeline.review"]),  # dedup's review page: pictures' pairs, no search
     **{stage: (4, [f"pipeline.{stage}"]) for stage in STAGES},
+    "dedup": (4, ["pipeline.dedup", "pipeline.dedup_inputs"]),  # the stage, and what it reads
     "entry": (
         5,
         [
