@@ -314,21 +314,21 @@ class SweepRun(Callback):
     def on_multirun_start(self, config: DictConfig, **_: Any) -> None:
         global _sweep_dir
         _sweep_dir = Path(config.hydra.sweep.dir)
-        from pipeline import tracking
+        from pipeline import tracking_sweeps
 
-        tracking.start_sweep(config)
+        tracking_sweeps.start_sweep(config)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **_: Any) -> None:
         if not _in_sweep():
             return  # a single run has no parent run (and MLflow takes seconds to import)
-        from pipeline import tracking
+        from pipeline import tracking_sweeps
 
-        tracking.end_sweep_job(config, job_return)
+        tracking_sweeps.end_sweep_job(config, job_return)
 
     def on_multirun_end(self, config: DictConfig, **_: Any) -> None:
-        from pipeline import tracking
+        from pipeline import tracking_sweeps
 
-        tracking.end_sweep(config)
+        tracking_sweeps.end_sweep(config)
 
 
 # --- resolvers ---------------------------------------------------------------------------------

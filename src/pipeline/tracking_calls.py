@@ -1,5 +1,5 @@
 """How tracking calls its store without holding up the user's run; no MLflow here (tracking.py
-is the one module that imports it).
+and the two modules beneath it, tracking_runs.py and tracking_sweeps.py, import it).
 
 A call to a server gets a deadline (`within`): one that does not answer in time goes on in a
 daemon thread, and if it answers after all, what it made is undone in the background

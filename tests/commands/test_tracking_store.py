@@ -19,7 +19,7 @@ from mlflow.entities import Dataset, DatasetInput
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
-from pipeline import tracking
+from pipeline import tracking, tracking_runs, tracking_sweeps
 from pipeline.config import TrackingConfig
 from pipeline.results import DatasetRef, StageResult
 
@@ -51,7 +51,7 @@ def _failing_first(client: MlflowClient, method: str, message: str) -> list[int]
 
 
 def test_a_collision_with_another_writer_is_tried_again(settings: TrackingConfig) -> None:
-    run = tracking.start_run(settings, "extract", "photos", {})
+    run = tracking_runs.start_run(settings, "extract", "photos", {})
     calls = _failing_first(run.client, "log_inputs", UNIQUE_DATASET)
     run.log_inputs([DatasetRef("photos", "a" * 64, "/data/photos", "images")])
     run.end("FINISHED")
@@ -64,7 +64,7 @@ def test_a_collision_with_another_writer_is_tried_again(settings: TrackingConfig
 def test_any_other_failure_turns_tracking_off_at_once_and_ends_the_run(
     settings: TrackingConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
-    run = tracking.start_run(settings, "extract", "photos", {})
+    run = tracking_runs.start_run(settings, "extract", "photos", {})
     _failing_first(run.client, "set_tag", "RESOURCE_DOES_NOT_EXIST: no such run")
     run.set_tags({"a": "1", "b": "2"})
     run.end("FINISHED")  # a no-op now
@@ -87,7 +87,7 @@ def test_an_experiment_another_run_just_created_is_used(settings: TrackingConfig
         return None if len(looks) == 1 else real(name)
 
     client.get_experiment_by_name = looked_too_early
-    assert tracking._experiment_id(client, settings.experiment) == made
+    assert tracking_runs._experiment_id(client, settings.experiment) == made
     assert len(looks) == 2
 
 
@@ -104,17 +104,17 @@ def test_a_process_opens_its_store_once_and_logs_a_runs_files_in_one_call(
     schema checked) per process however many runs it records, as a sweep's jobs do; a stage's
     metrics and tags in one call, its files, documents and figures in another."""
     opened: list[str] = []
-    real_client, real_call = tracking.MlflowClient, tracking.Run.call
+    real_client, real_call = tracking_runs.MlflowClient, tracking_runs.Run.call
     monkeypatch.setattr(
-        tracking, "MlflowClient", lambda uri: opened.append(uri) or real_client(uri)
+        tracking_runs, "MlflowClient", lambda uri: opened.append(uri) or real_client(uri)
     )
     calls: Counter[str] = Counter()
 
-    def counted(run: tracking.Run, action: str, method: str, *args: Any, **kwargs: Any) -> Any:
+    def counted(run: tracking_runs.Run, action: str, method: str, *args: Any, **kwargs: Any) -> Any:
         calls[method] += 1
         return real_call(run, action, method, *args, **kwargs)
 
-    monkeypatch.setattr(tracking.Run, "call", counted)
+    monkeypatch.setattr(tracking_runs.Run, "call", counted)
     files = [tmp_path / "metrics.json", tmp_path / "sizes.json"]
     for file in files:
         file.write_text(json.dumps({"file": file.name}))
@@ -171,7 +171,7 @@ def _in_two_processes_at_once(target: Callable[..., None], *args: object) -> lis
 
 def _log_the_same_datasets(uri: str, experiment: str, rounds: int, barrier: Any, out: Any) -> None:
     """In a process of its own: each round, the same new dataset logged at the same moment as
-    the other process, once with MLflow alone and once through tracking.Run."""
+    the other process, once with MLflow alone and once through tracking_runs.Run."""
     client = MlflowClient(uri)
     run_id = client.create_run(experiment).info.run_id
     collided = failed = 0
@@ -185,7 +185,7 @@ def _log_the_same_datasets(uri: str, experiment: str, rounds: int, barrier: Any,
                 except MlflowException as err:
                     collided += "UNIQUE constraint failed" in str(err)
             else:
-                run = tracking.Run(client, run_id)
+                run = tracking_runs.Run(client, run_id)
                 run.call("logging the inputs", "log_inputs", run_id, [DatasetInput(dataset)])
                 failed += not run.active
     out.put((run_id, collided, failed))
@@ -195,7 +195,7 @@ def test_two_processes_logging_one_dataset_at_once_both_record_it(
     settings: TrackingConfig,
 ) -> None:
     """The race itself: MLflow checks that a dataset is not stored yet, then inserts it, so two
-    processes logging it at once collide (measured: 37 of 120 here); through tracking.Run the
+    processes logging it at once collide (measured: 37 of 120 here); through tracking_runs.Run the
     loser tries again and finds the winner's row."""
     experiment = MlflowClient(settings.uri).create_experiment(settings.experiment)
     rounds = 60
@@ -211,7 +211,7 @@ def test_two_processes_logging_one_dataset_at_once_both_record_it(
 def _start_a_run(uri: str, barrier: Any, out: Any) -> None:
     """In a process of its own: a run started at the same moment as the other process's."""
     barrier.wait()
-    run = tracking.start_run(TrackingConfig("mlflow", uri, "embeddings", False), "x", "x", {})
+    run = tracking_runs.start_run(TrackingConfig("mlflow", uri, "embeddings", False), "x", "x", {})
     if run.active:
         run.end("FINISHED")
     out.put(None if run.active else str(run.error).splitlines()[0])
@@ -244,9 +244,9 @@ def test_a_new_local_store_slow_to_make_its_tables_is_waited_for(
         time.sleep(1.5)
         make(engine)
 
-    monkeypatch.setattr(tracking, "FIRST_CALL_S", 0.5)  # the server's deadline, made short
+    monkeypatch.setattr(tracking_runs, "FIRST_CALL_S", 0.5)  # the server's deadline, made short
     monkeypatch.setattr(mlflow.store.db.utils, "_initialize_tables", slowly)
-    run = tracking.start_run(settings, "extract", "photos", {})
+    run = tracking_runs.start_run(settings, "extract", "photos", {})
     run.log_params({"model.name": "x"})
     run.end("FINISHED")
     assert run.active
@@ -277,9 +277,9 @@ class SlowServer:
 def test_a_server_call_past_its_deadline_ends_the_run_failed(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(tracking, "CALL_S", 0.2)
+    monkeypatch.setattr(tracking_runs, "CALL_S", 0.2)
     server = SlowServer(late_s=0.6)
-    run = tracking.Run(server, "run1")
+    run = tracking_runs.Run(server, "run1")
     run.log_params({"a": "1"})
     run.end("FINISHED")  # a no-op: tracking is off
     assert not run.active and "tracking failed while logging params" in caplog.text
@@ -297,8 +297,8 @@ def test_a_sweep_parent_is_made_once_by_whoever_needs_it_first(
     """The sweep's start makes it, or else its first job (a server that did not answer the
     start); the others read its id from the sweep folder."""
     folder = tmp_path / "multirun/12-00-00"
-    parent = tracking.sweep_parent(settings, folder)
-    assert parent is not None and tracking.sweep_parent(settings, folder) == parent
+    parent = tracking_sweeps.sweep_parent(settings, folder)
+    assert parent is not None and tracking_sweeps.sweep_parent(settings, folder) == parent
     client = MlflowClient(settings.uri)
     [run] = client.search_runs([client.get_experiment_by_name(settings.experiment).experiment_id])
     assert run.info.run_id == parent and run.data.tags["stage"] == "sweep"
@@ -309,6 +309,6 @@ def test_a_sweep_parent_that_cannot_be_made_is_said(
 ) -> None:
     (tmp_path / "file").write_text("")  # a store under a file: it cannot be made
     settings = TrackingConfig("mlflow", f"sqlite:///{tmp_path}/file/mlflow.db", "e", False)
-    assert tracking.sweep_parent(settings, tmp_path / "sweep") is None
+    assert tracking_sweeps.sweep_parent(settings, tmp_path / "sweep") is None
     assert "tracking failed: no MLflow run 'sweep sweep'" in caplog.text
     assert "each job tries again to make it, and is not tracked without it" in caplog.text

@@ -52,6 +52,8 @@ UNITS: dict[str, tuple[int, list[str]]] = {
             "pipeline.cli",
             "pipeline.api",
             "pipeline.tracking",
+            "pipeline.tracking_runs",
+            "pipeline.tracking_sweeps",
             "pipeline.tracking_calls",
         ],
     ),
