@@ -312,7 +312,10 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"max_failure_rate is a fraction in [0, 1], got {cfg.max_failure_rate}")
     _at_least("calibration.images", cfg.calibration.images, 0)
     _at_least("calibration.copies", cfg.calibration.copies, 1)
-    _at_least("report.cka_sample", cfg.report.cka_sample, 0)
+    if not (cfg.report.cka_sample == 0 or cfg.report.cka_sample >= 4):  # unbiased HSIC: n - 3
+        raise ConfigError(
+            f"report.cka_sample is 0 (no CKA) or 4 images or more, got {cfg.report.cka_sample}"
+        )
     _at_least("explore.neighbours", cfg.explore.neighbours, 1)
     _at_least("explore.thumbnail", cfg.explore.thumbnail, 8)
     _at_least("explore.umap_min_images", cfg.explore.umap_min_images, 3)

@@ -7,9 +7,9 @@ calibration copies: `dedup_on`) and linear-probe accuracy, in one table (`report
 `report.parquet`) and one picture of each against layer depth (`report.png`).
 It reads the layers' Parquet metadata and the stages' JSON files. A result that is not there
 yet is named in the report with the command that makes it; DVC (`dvc repro`) is the one
-orchestrator that runs stages. What it computes itself is how alike the layers are: linear CKA
-between every two of them, and those of the other models extracted for the dataset, on a
-seeded sample of the images they share (`cka.csv`, `cka.png`).
+orchestrator that runs stages. What it computes itself is how alike the layers are: debiased
+linear CKA between every two of them, and those of the other models extracted for the dataset,
+on a seeded sample of the images they share (`cka.csv`, `cka.png`).
 """
 
 from __future__ import annotations
@@ -212,7 +212,8 @@ def run(cfg: PipelineConfig) -> StageResult:
         plots.save(figure(table, title, measured_how(cfg, table)), out / "report.png")
         if similar is not None:
             similar.to_csv(out / "cka.csv", index=False)
-            plots.save(cka_figure(similar, f"Linear CKA, {cfg.extraction_name}"), out / "cka.png")
+            title = f"Debiased linear CKA, {cfg.extraction_name}"
+            plots.save(cka_figure(similar, title), out / "cka.png")
             names += ["cka.csv", "cka.png"]
     summary = f"{len(table)} layers -> {out}" + (
         f" ({len(missing)} results missing)" if missing else ""
@@ -239,17 +240,19 @@ def measured_how(cfg: PipelineConfig, table: pd.DataFrame) -> str:
 # --- how alike the layers are: linear CKA ------------------------------------------------------
 
 GRAM_BLOCK = 1024  # feature columns at a time into a Gram matrix: a float64 copy of n x this
+MIN_CKA_IMAGES = 4  # the unbiased HSIC divides by n - 3
 
 
 @dataclass
 class Centred:
     """One layer's sample (n images x d values) centred column-wise, in float64, kept in the
-    smaller of two forms: the features X (n x d) while d <= n, else the Gram matrix X X^T
-    (n x n). `norm` is ||X^T X||_F, which is ||X X^T||_F."""
+    smaller of two forms: the features X (n x d) while d <= n, else the Gram matrix K = X X^T
+    (n x n). `squares` is each image's squared length (K's diagonal), `alignment` <K, K>_F."""
 
     features: np.ndarray | None
     gram: np.ndarray | None
-    norm: float
+    squares: np.ndarray
+    alignment: float
 
 
 def centred(x: np.ndarray) -> Centred:
@@ -261,35 +264,58 @@ def centred(x: np.ndarray) -> Centred:
     mean = x.mean(axis=0, dtype=np.float64)
     if d <= n:
         features = np.subtract(x, mean, dtype=np.float64)
-        return Centred(features, None, float(np.linalg.norm(features.T @ features)))
+        squares = np.einsum("ij,ij->i", features, features)
+        return Centred(features, None, squares, float(np.square(features.T @ features).sum()))
     gram = np.zeros((n, n))
     for start in range(0, d, GRAM_BLOCK):
         columns = slice(start, start + GRAM_BLOCK)
         block = np.subtract(x[:, columns], mean[columns], dtype=np.float64)
         gram += block @ block.T
-    return Centred(None, gram, float(np.linalg.norm(gram)))
+    return Centred(None, gram, np.diag(gram).copy(), float(np.vdot(gram, gram)))
+
+
+def unbiased_hsic(a: Centred, b: Centred, alignment: float) -> float:
+    """The unbiased HSIC estimator (Song et al. 2012) of two centred layers, times n(n - 3),
+    from their Gram matrices' alignment <K, L>_F: the images' pairs with themselves (the Gram
+    diagonals) are left out. Centred, K 1 = 0, which leaves
+    <K, L> - n/(n-2) k.l + tr K tr L / ((n-1)(n-2)) for the diagonals k and l."""
+    n = len(a.squares)
+    return (
+        alignment
+        - n / (n - 2) * float(a.squares @ b.squares)
+        + a.squares.sum() * b.squares.sum() / ((n - 1) * (n - 2))
+    )
+
+
+def spread(a: Centred) -> float:
+    """HSIC(K, K), times n(n - 3): 0 where a layer is constant on the sample."""
+    return unbiased_hsic(a, a, a.alignment)
 
 
 def cka(a: Centred, b: Centred) -> float:
-    """Linear CKA (Kornblith et al. 2019) of two centred layers on the same images:
-    ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F), the cross term from whichever forms they hold
-    (it is also <X X^T, Y Y^T>_F). NaN where a layer is constant on the sample."""
+    """Debiased linear CKA (Kornblith et al. 2019, with the unbiased HSIC that Nguyen et al.
+    2021 use) of two centred layers on the same images: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)),
+    the alignment <K, L>_F = ||Y^T X||_F^2 from whichever forms they hold. About 0 for unrelated
+    layers however wide; NaN where a layer is constant on the sample or there are under 4
+    images."""
     import numpy as np
 
+    if len(a.squares) < 4:
+        return math.nan
     if a.features is not None and b.features is not None:
-        cross = np.square(b.features.T @ a.features).sum()  # d_b x d_a, both at most n
+        alignment = np.square(b.features.T @ a.features).sum()  # d_b x d_a, both at most n
     elif a.gram is not None and b.gram is not None:
-        cross = np.vdot(a.gram, b.gram)
+        alignment = np.vdot(a.gram, b.gram)
     else:
         gram, features = (a.gram, b.features) if a.gram is not None else (b.gram, a.features)
-        cross = np.einsum("ij,ij->", gram @ features, features)  # tr(Y^T K Y), n x d at most
-    scale = a.norm * b.norm
-    return float(cross / scale) if scale > 0 else math.nan
+        alignment = np.einsum("ij,ij->", gram @ features, features)  # tr(Y^T K Y), n x d at most
+    scale = spread(a) * spread(b)
+    return float(unbiased_hsic(a, b, alignment) / math.sqrt(scale)) if scale > 0 else math.nan
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
-    """Linear CKA between two feature matrices of the same n images (n x d1, n x d2), in
-    float64, without an n x n matrix unless a layer has more values than images."""
+    """Debiased linear CKA between two feature matrices of the same n images (n x d1, n x d2),
+    in float64, without an n x n matrix unless a layer has more values than images."""
     return cka(centred(x), centred(y))
 
 
@@ -359,7 +385,7 @@ def shared_sample(
 ) -> tuple[list[Layer], list[str], list[np.ndarray]]:
     """The images compared: `size` (all, if fewer), drawn with `seed` from those that the first
     model's layers all have and every other model's layers too; another model whose layers
-    share fewer than 2 of them is left out. The layers kept, the ids drawn, and each layer's
+    share fewer than 4 of them is left out. The layers kept, the ids drawn, and each layer's
     rows of them in that order. Only the id columns are read."""
     import numpy as np
     import pyarrow.compute as pc
@@ -383,13 +409,19 @@ def shared_sample(
         for _, _, file in theirs:
             column = ids[file]
             found = column if found is None else found.filter(pc.is_in(found, value_set=column))
-        if len(found) < 2 and model == models[0]:
+        if len(found) < MIN_CKA_IMAGES and model == models[0]:
             raise ConfigError(
-                f"the layers of {model} share {len(found)} image ids: CKA needs 2 or more "
+                f"the layers of {model} share {len(found)} image ids: CKA needs "
+                f"{MIN_CKA_IMAGES} or more "
                 "(report.cka_sample=0: no CKA)"
             )
-        if len(found) < 2:
-            log.warning("CKA: %s left out: its layers share < 2 images with %s's", model, models[0])
+        if len(found) < MIN_CKA_IMAGES:
+            log.warning(
+                "CKA: %s left out: its layers share < %d images with %s's",
+                model,
+                MIN_CKA_IMAGES,
+                models[0],
+            )
             continue
         common, kept = found, kept + theirs
     largest = max(len(ids[file]) for _, _, file in kept)
@@ -427,7 +459,7 @@ def cka_table(cfg: PipelineConfig) -> pd.DataFrame:
             )
         samples.append(centred(embeddings.vectors))
         del embeddings
-    grid = np.diag([1.0 if sample.norm > 0 else np.nan for sample in samples])  # NaN: constant
+    grid = np.diag([1.0 if spread(sample) > 0 else np.nan for sample in samples])  # NaN: constant
     with step(f"linear CKA between {len(layers)} layers on {len(ids)} images"):
         for i, j in zip(*np.tril_indices(len(layers), -1), strict=True):
             grid[i, j] = grid[j, i] = cka(samples[i], samples[j])
@@ -468,12 +500,12 @@ def cka_figure(table: pd.DataFrame, title: str) -> Figure:
     for end in np.cumsum([sum(m == model for m, _ in keys) for model in models])[:-1]:
         ax.axhline(end - 0.5, color="white", linewidth=2)
         ax.axvline(end - 0.5, color="white", linewidth=2)
-    fig.colorbar(image, ax=ax, label="linear CKA", shrink=0.8)
+    fig.colorbar(image, ax=ax, label="linear CKA (below 0 as 0)", shrink=0.8)
     n = table["n"].iat[0]
     ax.set_title(f"{title} (n = {n} images)", fontsize=9)
     fig.supxlabel(
-        "1: the same up to rotation and scale\nunrelated random features of d values "
-        f"score about d/(d+{n})",
+        "debiased linear CKA: 1, the same up to rotation and scale; about 0, unrelated\n"
+        "(however many values a layer has; slightly below 0 by chance)",
         fontsize=7,
     )
     return fig

@@ -19,13 +19,24 @@ from pipeline.report import cka_table, linear_cka, shared_sample
 from conftest import N_PHOTOS, TINY_MODEL, composed, run_cli, write_layer
 
 
+def unbiased_hsic(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
+    """Song et al. 2012, as written there: K and L with their diagonals set to 0,
+    (tr(K L) + 1'K1 1'L1 / ((n-1)(n-2)) - 2/(n-2) 1'K L1) / (n(n-3)); n x n matrices."""
+    n = len(k)
+    k, l = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))  # noqa: E741
+    ones = np.ones(n)
+    return (
+        np.trace(k @ l)
+        + (ones @ k @ ones) * (ones @ l @ ones) / ((n - 1) * (n - 2))
+        - 2 / (n - 2) * ones @ k @ l @ ones
+    ) / (n * (n - 3))
+
+
 def hsic_cka(x: np.ndarray, y: np.ndarray) -> float:
-    """The definition: tr(K H L H) / sqrt(tr(K H K H) tr(L H L H)), K = X X^T, L = Y Y^T,
-    H = I - 11^T / n: n x n matrices, for small n only."""
-    n = len(x)
-    h = np.eye(n) - np.ones((n, n)) / n
+    """The definition, on the features as they are (not centred: the estimator does not change
+    when a layer is shifted): HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), K = X X^T, L = Y Y^T."""
     k, l = x @ x.T, y @ y.T  # noqa: E741
-    return np.trace(k @ h @ l @ h) / np.sqrt(np.trace(k @ h @ k @ h) * np.trace(l @ h @ l @ h))
+    return unbiased_hsic(k, l) / np.sqrt(unbiased_hsic(k, k) * unbiased_hsic(l, l))
 
 
 def related(n: int, d1: int, d2: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -79,18 +90,27 @@ def test_cka_changes_under_a_linear_map_that_is_not_a_rotation() -> None:
     assert abs(linear_cka(x, mixed) - 1) > 0.05
 
 
-def test_cka_of_independent_features_is_small_unless_they_outnumber_the_images() -> None:
+def test_cka_of_independent_features_is_about_zero_however_wide() -> None:
+    """The biased estimator of Kornblith et al. gives unrelated features of d values about
+    d / (d + n): 0.91 for 1000 values on 100 images. The debiased one gives about 0."""
     rng = np.random.default_rng(3)
-    n = 2000
-    assert linear_cka(rng.normal(size=(n, 10)), rng.normal(size=(n, 20))) < 0.03
-    # The known bias of this estimator, as docs/stages/report.md states it: about d/(d+n).
-    wide = linear_cka(rng.normal(size=(100, 1000)), rng.normal(size=(100, 1000)))
-    assert wide == pytest.approx(1000 / 1100, abs=0.03)
+    assert abs(linear_cka(rng.normal(size=(2000, 10)), rng.normal(size=(2000, 20)))) < 0.01
+    for _ in range(5):
+        assert abs(linear_cka(rng.normal(size=(100, 1000)), rng.normal(size=(100, 1000)))) < 0.03
+    narrow_and_wide = linear_cka(rng.normal(size=(100, 5)), rng.normal(size=(100, 1000)))
+    assert abs(narrow_and_wide) < 0.05
+    # A shared signal under wide noise still shows.
+    shared = rng.normal(size=(100, 3))
+    x = np.hstack([shared * 20, rng.normal(size=(100, 1000))])
+    y = np.hstack([shared * 20, rng.normal(size=(100, 1000))])
+    assert linear_cka(x, y) > 0.4
 
 
-def test_a_constant_layer_has_no_cka() -> None:
+def test_a_constant_layer_or_under_four_images_has_no_cka() -> None:
     x = np.random.default_rng(4).normal(size=(30, 4))
     assert np.isnan(linear_cka(x, np.ones((30, 3))))
+    assert np.isnan(linear_cka(x[:3], x[:3, ::-1]))  # the unbiased HSIC divides by n - 3
+    assert linear_cka(x[:4], x[:4, ::-1]) == pytest.approx(1)
 
 
 def test_layers_are_joined_by_image_id_on_a_seeded_sample_of_those_they_share(
@@ -160,7 +180,7 @@ def test_layers_that_share_no_images_are_refused(tmp_path: Path) -> None:
     vectors = np.random.default_rng(6).normal(size=(4, 3))
     a = write_layer(tmp_path / "a.parquet", vectors, ["1", "2", "3", "4"], None)
     b = write_layer(tmp_path / "b.parquet", vectors, ["4", "5", "6", "7"], None)
-    with pytest.raises(ConfigError, match="of m share 1 image ids: CKA needs 2 or more"):
+    with pytest.raises(ConfigError, match="of m share 1 image ids: CKA needs 4 or more"):
         shared_sample([("m", "a", a), ("m", "b", b)], 100, seed=0)
 
 

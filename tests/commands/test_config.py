@@ -31,7 +31,8 @@ CONFIG_ERRORS = [
     (["save_every=0"], "save_every must be at least 1, got 0"),
     (["max_failure_rate=1.5"], "max_failure_rate is a fraction in [0, 1], got 1.5"),
     (["calibration.copies=0"], "calibration.copies must be at least 1, got 0"),
-    (["report.cka_sample=-1"], "report.cka_sample must be at least 0, got -1"),
+    (["report.cka_sample=-1"], "report.cka_sample is 0 (no CKA) or 4 images or more, got -1"),
+    (["report.cka_sample=3"], "report.cka_sample is 0 (no CKA) or 4 images or more, got 3"),
     (
         ["model=module", "model.module._target_=my_package.AutoEncoder"],
         "cannot import my_package.AutoEncoder: is my_package installed or on PYTHONPATH?",

@@ -3,6 +3,8 @@ transformed in place, chunk by chunk, into their own memory."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -32,6 +34,22 @@ def test_shrinkage_pulls_variances_toward_their_mean() -> None:
         normalise(np.array([[2 * np.sqrt(6 / 13), 1 * np.sqrt(6 / 7)]])),
         rtol=1e-6,
     )
+
+
+def test_normalise_scales_in_place_without_a_copy_and_float16_without_overflow() -> None:
+    rows = np.random.default_rng(0).standard_normal((20_000, 256)).astype(np.float32)
+    expected = rows / np.linalg.norm(rows.astype(np.float64), axis=1, keepdims=True)
+    tracemalloc.start()
+    try:
+        scaled = normalise(rows, out=rows)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert scaled is rows and peak < rows.nbytes / 10  # 20 MB of rows; np.linalg.norm takes 20 more
+    np.testing.assert_allclose(rows, expected, atol=1e-6)
+    loud = np.full((2, 1280), 300.0, np.float16)  # each square overflows float16
+    np.testing.assert_allclose(normalise(loud), np.full((2, 1280), 1 / np.sqrt(1280)), rtol=1e-3)
+    np.testing.assert_array_equal(normalise(np.zeros((1, 3), np.float32)), [[0, 0, 0]])
 
 
 def test_dim_keeps_the_components_of_largest_variance() -> None:

@@ -22,8 +22,11 @@ MAP_CHUNK_VALUES = 16 * 2**20
 
 def normalise(vectors: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Rows scaled to unit length, so that dot products are cosine similarities; `out=vectors`
-    scales in place (a large set then needs no second copy)."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    scales in place (a large set then needs no second copy). The lengths come from einsum, which
+    unlike np.linalg.norm makes no squared copy of the rows, summed in float32 at least (float16
+    squares overflow)."""
+    dtype = np.promote_types(vectors.dtype, np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors, dtype=dtype))[:, None]
     return np.divide(vectors, np.maximum(norms, np.finfo(np.float32).tiny), out=out)
 
 
