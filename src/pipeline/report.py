@@ -278,8 +278,11 @@ def unbiased_hsic(a: Centred, b: Centred, alignment: float) -> float:
     """The unbiased HSIC estimator (Song et al. 2012) of two centred layers, times n(n - 3),
     from their Gram matrices' alignment <K, L>_F: the images' pairs with themselves (the Gram
     diagonals) are left out. Centred, K 1 = 0, which leaves
-    <K, L> - n/(n-2) k.l + tr K tr L / ((n-1)(n-2)) for the diagonals k and l."""
+    <K, L> - n/(n-2) k.l + tr K tr L / ((n-1)(n-2)) for the diagonals k and l. NaN under 4
+    images."""
     n = len(a.squares)
+    if n < MIN_CKA_IMAGES:
+        return math.nan
     return (
         alignment
         - n / (n - 2) * float(a.squares @ b.squares)
@@ -288,7 +291,8 @@ def unbiased_hsic(a: Centred, b: Centred, alignment: float) -> float:
 
 
 def spread(a: Centred) -> float:
-    """HSIC(K, K), times n(n - 3): 0 where a layer is constant on the sample."""
+    """HSIC(K, K), times n(n - 3): 0 where a layer is constant on the sample (NaN under 4
+    images)."""
     return unbiased_hsic(a, a, a.alignment)
 
 
@@ -300,8 +304,6 @@ def cka(a: Centred, b: Centred) -> float:
     images."""
     import numpy as np
 
-    if len(a.squares) < 4:
-        return math.nan
     if a.features is not None and b.features is not None:
         alignment = np.square(b.features.T @ a.features).sum()  # d_b x d_a, both at most n
     elif a.gram is not None and b.gram is not None:
