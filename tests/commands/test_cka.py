@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import report
+from pipeline import report_cka
 from pipeline.errors import ConfigError
-from pipeline.report import cka_table, linear_cka, shared_sample
+from pipeline.report_cka import cka_table, linear_cka, shared_sample
 
 from conftest import N_PHOTOS, TINY_MODEL, composed, run_cli, write_layer
 
@@ -56,7 +56,7 @@ def related(n: int, d1: int, d2: int, seed: int = 0) -> tuple[np.ndarray, np.nda
 def test_cka_is_the_hsic_definition_in_either_form(
     n: int, d1: int, d2: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(report, "GRAM_BLOCK", 16)  # a wide layer's Gram summed over blocks
+    monkeypatch.setattr(report_cka, "GRAM_BLOCK", 16)  # a wide layer's Gram summed over blocks
     x, y = related(n, d1, d2)
     expected = hsic_cka(x, y)
     assert 0.05 < expected < 0.95  # neither trivially 0 nor 1

@@ -43,6 +43,7 @@ UNITS: dict[str, tuple[int, list[str]]] = {
     "review": (3, ["pipeline.review"]),  # dedup's review page: pictures' pairs, no search
     **{stage: (4, [f"pipeline.{stage}"]) for stage in STAGES},
     "dedup": (4, ["pipeline.dedup", "pipeline.dedup_inputs"]),  # the stage, and what it reads
+    "report": (4, ["pipeline.report", "pipeline.report_cka"]),  # the table, and the layers' CKA
     "entry": (
         5,
         [

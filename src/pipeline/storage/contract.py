@@ -59,6 +59,16 @@ def calibration_path(layer: Path) -> Path:
     return layer / CALIBRATION_DIR
 
 
+def layer_folders(folder: Path) -> list[Path]:
+    """Every layer folder under an extraction's folder: its own, and those of sweep jobs in
+    sub-folders (pool=gem, ...); not the calibration copies."""
+    return sorted(
+        p
+        for p in folder.rglob("*.parquet")
+        if p.is_dir() and CALIBRATION_DIR not in p.relative_to(folder).parts
+    )
+
+
 def part_name(index: int) -> str:
     return f"part-{index:06d}.parquet"
 
