@@ -142,7 +142,8 @@ def ivf_pairs_above(
         s = np.concatenate(
             [np.einsum("ij,ij->i", unit[a[c]], unit[b[c]]) for c in chunks(unit, len(a))]
         )
-        a, b, s = a[s >= threshold], b[s >= threshold], s[s >= threshold]
+        above = s >= threshold
+        a, b, s = a[above], b[above], s[above]
     a, b, _ = unique_pairs(a, b, s, n)
     return a, b, {"nlist": nlist, "nprobe": nprobe, "known_pairs_probed": history}
 

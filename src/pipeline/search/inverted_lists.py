@@ -183,11 +183,11 @@ class InvertedLists:
         member left out."""
         nlist = len(self.centroids)
         # Projected a chunk at a time: all rows at once would be N x IVF_PCA_DIM floats more.
-        chunks = [xq] if quantized else projected_chunks(xq, np.arange(len(xq)), self.projection)
+        in_space = [xq] if quantized else projected_chunks(xq, np.arange(len(xq)), self.projection)
         probes = np.concatenate(
             [
                 blas_knn(chunk, self.centroids, nprobe, "ivf: rows to the lists they probe")[1]
-                for chunk in chunks
+                for chunk in in_space
             ]
         ).reshape(-1)
         by_list = np.argsort(probes, kind="stable")
